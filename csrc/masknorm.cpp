@@ -1,0 +1,28 @@
+// The masknorm extension module (masknorm._C). Loading it registers the ops:
+// TORCH_LIBRARY claims the `masknorm` namespace here; each op's schemas are
+// added by its own file (ops/<op>.cpp), its kernels by ops/cpu/<op>_kernel.cpp
+// and its autograd by ops/autograd/<op>_autograd.cpp.
+// The Python module itself only reports build information.
+#include <torch/extension.h>
+
+#ifndef MASKNORM_TORCH_VERSION
+#define MASKNORM_TORCH_VERSION "unknown"
+#endif
+
+#ifndef MASKNORM_VERSION
+#define MASKNORM_VERSION "0.0.0"
+#endif
+
+TORCH_LIBRARY(masknorm, m) {}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "masknorm: padding-aware BatchNorm, LayerNorm and RMSNorm ops (torch.ops.masknorm)";
+  module.attr("__version__") = MASKNORM_VERSION;
+  module.def("build_info", [] {
+    pybind11::dict info;
+    info["version"] = MASKNORM_VERSION;
+    info["torch_version"] = MASKNORM_TORCH_VERSION;
+    info["cuda"] = false;
+    return info;
+  }, "How this extension was built.");
+}

@@ -1,0 +1,212 @@
+// Shared pieces of the CPU normalization kernels: vector load/store in the
+// accumulation type, padding-mask helpers, and numerically stable moments.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/bit_cast.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace masknorm::cpu {
+
+using at::vec::Vectorized;
+
+// Loads and stores `scalar_t` data as vectors of its accumulation type
+// (float for float/half/bfloat16, double for double), `size()` lanes at a
+// time, with a partial count for loop tails.
+template <typename scalar_t>
+struct VecIO {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using fVec = Vectorized<opmath_t>;
+  static constexpr int64_t size() { return fVec::size(); }
+
+  static fVec load(const scalar_t* p, int64_t count = size()) {
+    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+      return fVec::loadu(p, count);
+    } else {
+      auto packed = Vectorized<scalar_t>::loadu(p, count);
+      return std::get<0>(at::vec::convert_to_float<scalar_t>(packed));
+    }
+  }
+
+  static void store(scalar_t* p, const fVec& v, int64_t count = size()) {
+    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+      v.store(p, count);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
+    }
+  }
+};
+
+// A lane mask for Vectorized::blendv: all bits set where the element is valid.
+// Selecting (rather than multiplying by 0/1) keeps NaN/inf stored in padded
+// positions out of every sum.
+template <typename opmath_t>
+inline opmath_t keep_bits(bool valid) {
+  using bits_t = std::conditional_t<sizeof(opmath_t) == 8, uint64_t, uint32_t>;
+  return c10::bit_cast<opmath_t>(valid ? ~bits_t(0) : bits_t(0));
+}
+
+// Count, mean and sum of squared deviations (M2) of a set of values.
+template <typename opmath_t>
+struct Moments {
+  int64_t count = 0;
+  opmath_t mean = 0;
+  opmath_t m2 = 0;
+
+  // Chan et al.'s pairwise combination: exact merge of two partial results.
+  void merge(const Moments& other) {
+    if (other.count == 0) return;
+    if (count == 0) { *this = other; return; }
+    const int64_t n = count + other.count;
+    const opmath_t delta = other.mean - mean;
+    const opmath_t w = opmath_t(other.count) / opmath_t(n);
+    mean += delta * w;
+    m2 += other.m2 + delta * delta * opmath_t(count) * w;
+    count = n;
+  }
+};
+
+template <typename opmath_t>
+inline opmath_t sum_lanes(const Vectorized<opmath_t>& v) {
+  return at::vec::vec_reduce_all<opmath_t>(
+      [](Vectorized<opmath_t>& a, Vectorized<opmath_t>& b) { return a + b; }, v);
+}
+
+// Moments of the `count` valid elements of a contiguous row of length `len`.
+// `keep` is a per-element lane mask (see keep_bits), or nullptr when every
+// element is valid. Corrected two-pass: the row is small enough to be re-read
+// from cache, and the second pass subtracts the residual of the first pass's
+// mean, so data with a large offset keeps its variance.
+template <typename scalar_t>
+Moments<at::opmath_type<scalar_t>> row_moments(
+    const scalar_t* x, const at::opmath_type<scalar_t>* keep, int64_t len, int64_t count) {
+  using IO = VecIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using fVec = typename IO::fVec;
+  constexpr int64_t V = IO::size();
+  Moments<opmath_t> m;
+  if (count == 0) return m;
+  const fVec zero(0);
+  auto load_valid = [&](int64_t i, int64_t n) {
+    fVec v = IO::load(x + i, n);
+    return keep ? fVec::blendv(zero, v, fVec::loadu(keep + i, n)) : v;
+  };
+  // Scalar math: mean = sum(x) / count
+  fVec acc0(0), acc1(0);
+  int64_t i = 0;
+  for (; i + 2 * V <= len; i += 2 * V) {
+    acc0 += load_valid(i, V);
+    acc1 += load_valid(i + V, V);
+  }
+  for (; i < len; i += V) acc0 += load_valid(i, std::min(V, len - i));
+  const opmath_t mean = sum_lanes(acc0 + acc1) / opmath_t(count);
+  // Scalar math: d = x - mean; m2 = sum(d * d) - sum(d)^2 / count
+  const fVec mean_vec(mean);
+  fVec dsum(0), d2sum(0);
+  for (i = 0; i < len; i += V) {
+    const int64_t n = std::min(V, len - i);
+    fVec d = IO::load(x + i, n) - mean_vec;
+    if (keep) {
+      d = fVec::blendv(zero, d, fVec::loadu(keep + i, n));  // tail lanes load as 0: dropped
+    } else if (n < V) {
+      d = fVec::set(zero, d, n);  // drop the tail lanes, which hold 0 - mean
+    }
+    dsum += d;
+    d2sum = at::vec::fmadd(d, d, d2sum);
+  }
+  const opmath_t ds = sum_lanes(dsum);
+  m.count = count;
+  m.mean = mean + ds / opmath_t(count);
+  m.m2 = std::max(sum_lanes(d2sum) - ds * ds / opmath_t(count), opmath_t(0));
+  return m;
+}
+
+}  // namespace masknorm::cpu
+
+namespace masknorm::cpu {
+
+// Rows per parallel task so that each task touches about GRAIN_SIZE elements.
+inline int64_t row_grain(int64_t row_width) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, row_width));
+}
+
+// Per-thread accumulators of `width` values each, `arrays` of them per thread,
+// summed at the end. Parameter gradients and per-channel statistics are
+// reduced this way, without atomics and with a fixed summation order per
+// thread count.
+template <typename T>
+class PerThreadBuffers {
+ public:
+  PerThreadBuffers(int64_t width, int64_t arrays)
+      : width_(width), arrays_(arrays), threads_(at::get_num_threads()),
+        data_(static_cast<size_t>(width * arrays * threads_), T(0)) {}
+
+  // Array `which` of the calling thread (call inside at::parallel_for).
+  T* local(int64_t which) {
+    return data_.data() + (at::get_thread_num() * arrays_ + which) * width_;
+  }
+  T* of_thread(int64_t thread, int64_t which) {
+    return data_.data() + (thread * arrays_ + which) * width_;
+  }
+  int64_t threads() const { return threads_; }
+
+  // out[i] = sum over threads of array `which`.
+  void sum_into(T* out, int64_t which) {
+    std::fill(out, out + width_, T(0));
+    for (int64_t t = 0; t < threads_; ++t) {
+      const T* src = of_thread(t, which);
+      for (int64_t i = 0; i < width_; ++i) out[i] += src[i];
+    }
+  }
+
+ private:
+  int64_t width_, arrays_, threads_;
+  std::vector<T> data_;
+};
+
+// The padding mask of an (N, L) batch as blendv lane masks, and the number of
+// valid positions in each of the N rows. Used where masked positions sit
+// inside a contiguous row (channels-first batch norm).
+template <typename opmath_t>
+struct MaskLanes {
+  std::vector<opmath_t> keep;    // N * L lane masks, all bits set where valid
+  std::vector<int64_t> valid;    // N counts of valid positions
+  int64_t total = 0;
+
+  MaskLanes(const bool* pad, int64_t N, int64_t L)
+      : keep(static_cast<size_t>(N * L)), valid(static_cast<size_t>(N)) {
+    for (int64_t n = 0; n < N; ++n) {
+      int64_t v = 0;
+      for (int64_t l = 0; l < L; ++l) {
+        const bool ok = !pad[n * L + l];
+        keep[n * L + l] = keep_bits<opmath_t>(ok);
+        v += ok;
+      }
+      valid[n] = v;
+      total += v;
+    }
+  }
+};
+
+// Number of valid (non-padding) rows.
+inline int64_t count_valid(const bool* pad, int64_t rows) {
+  if (pad == nullptr) return rows;
+  int64_t padded = 0;
+  for (int64_t r = 0; r < rows; ++r) padded += pad[r];
+  return rows - padded;
+}
+
+template <typename scalar_t>
+inline void fill_zero(scalar_t* p, int64_t n) {
+  std::fill(p, p + n, scalar_t(0));
+}
+
+}  // namespace masknorm::cpu

@@ -1,0 +1,139 @@
+// Row-wise normalization shared by layer norm and RMS norm: RMS norm is layer
+// norm with the mean fixed at 0 (`centered = false`) and no bias, so both ops
+// run these two loops. Padded rows are skipped: output 0, statistics 0,
+// gradient 0, and nothing stored in them is read.
+#pragma once
+
+#include "norm_utils.h"
+
+namespace masknorm::cpu {
+
+template <typename scalar_t>
+at::opmath_type<scalar_t> mean_of_squares(const scalar_t* x, int64_t len) {
+  using IO = VecIO<scalar_t>;
+  using fVec = typename IO::fVec;
+  constexpr int64_t V = IO::size();
+  fVec acc0(0), acc1(0);
+  int64_t i = 0;
+  for (; i + 2 * V <= len; i += 2 * V) {
+    const fVec a = IO::load(x + i), b = IO::load(x + i + V);
+    acc0 = at::vec::fmadd(a, a, acc0);
+    acc1 = at::vec::fmadd(b, b, acc1);
+  }
+  for (; i < len; i += V) {
+    const fVec a = IO::load(x + i, std::min(V, len - i));  // tail lanes load as 0
+    acc0 = at::vec::fmadd(a, a, acc0);
+  }
+  return sum_lanes(acc0 + acc1) / at::opmath_type<scalar_t>(len);
+}
+
+// out = (x - mean) * rstd * w + b per valid row; mean/rstd saved per row.
+// w, b and mean_out may be null (no weight, no bias, RMS norm).
+template <typename scalar_t>
+void row_norm_forward(
+    bool centered, const scalar_t* x, const bool* pad, int64_t rows, int64_t D,
+    const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b, double eps,
+    scalar_t* out, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out) {
+  using IO = VecIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using fVec = typename IO::fVec;
+  constexpr int64_t V = IO::size();
+  at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* xr = x + r * D;
+      scalar_t* yr = out + r * D;
+      if (pad && pad[r]) {
+        fill_zero(yr, D);
+        if (mean_out) mean_out[r] = 0;
+        rstd_out[r] = 0;
+        continue;
+      }
+      opmath_t mean = 0, var;
+      if (centered) {
+        const auto m = row_moments<scalar_t>(xr, nullptr, D, D);
+        mean = m.mean;
+        var = m.m2 / opmath_t(D);
+      } else {
+        var = mean_of_squares(xr, D);
+      }
+      const opmath_t rstd = opmath_t(1) / std::sqrt(var + opmath_t(eps));
+      if (mean_out) mean_out[r] = mean;
+      rstd_out[r] = rstd;
+      const fVec mean_v(mean), rstd_v(rstd);
+      for (int64_t d = 0; d < D; d += V) {
+        const int64_t k = std::min(V, D - d);
+        // Scalar math: y = (x - mean) * rstd * w + b
+        fVec y = (IO::load(xr + d, k) - mean_v) * rstd_v;
+        if (w) y = y * fVec::loadu(w + d, k);
+        if (b) y = y + fVec::loadu(b + d, k);
+        IO::store(yr + d, y, k);
+      }
+    }
+  });
+}
+
+// With g = dy * w and xhat = (x - mean) * rstd, per valid row:
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))     (centered)
+//   dx = rstd * (g - xhat * mean(g * xhat))               (RMS)
+// and over valid rows dw = sum(dy * xhat), db = sum(dy).
+// dx, dw, db may each be null (not requested); w and mean may be null.
+template <typename scalar_t>
+void row_norm_backward(
+    bool centered, const scalar_t* dy, const scalar_t* x, const bool* pad, int64_t rows, int64_t D,
+    const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
+    const at::opmath_type<scalar_t>* w, scalar_t* dx, at::opmath_type<scalar_t>* dw,
+    at::opmath_type<scalar_t>* db) {
+  using IO = VecIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using fVec = typename IO::fVec;
+  constexpr int64_t V = IO::size();
+  const bool need_columns = dw || db;
+  PerThreadBuffers<opmath_t> columns(need_columns ? D : 0, 2);
+  const opmath_t inv_D = opmath_t(1) / opmath_t(D);
+  at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
+    opmath_t* dw_local = need_columns ? columns.local(0) : nullptr;
+    opmath_t* db_local = need_columns ? columns.local(1) : nullptr;
+    for (int64_t r = begin; r < end; ++r) {
+      if (pad && pad[r]) {
+        if (dx) fill_zero(dx + r * D, D);
+        continue;
+      }
+      const scalar_t* xr = x + r * D;
+      const scalar_t* dyr = dy + r * D;
+      const fVec mean_v(centered ? mean[r] : opmath_t(0)), rstd_v(rstd[r]);
+      fVec sum_g(0), sum_gx(0);
+      for (int64_t d = 0; d < D; d += V) {
+        const int64_t k = std::min(V, D - d);
+        // Scalar math: xhat = (x - mean) * rstd; g = dy * w;
+        //              sum_g += g; sum_gx += g * xhat; dw += dy * xhat; db += dy
+        const fVec dyv = IO::load(dyr + d, k);
+        const fVec xhat = (IO::load(xr + d, k) - mean_v) * rstd_v;
+        if (need_columns) {
+          at::vec::fmadd(dyv, xhat, fVec::loadu(dw_local + d, k)).store(dw_local + d, k);
+          (fVec::loadu(db_local + d, k) + dyv).store(db_local + d, k);
+        }
+        if (dx) {
+          const fVec g = w ? dyv * fVec::loadu(w + d, k) : dyv;  // tail lanes: 0
+          sum_g += g;
+          sum_gx = at::vec::fmadd(g, xhat, sum_gx);
+        }
+      }
+      if (!dx) continue;
+      const opmath_t c_g = centered ? -sum_lanes(sum_g) * inv_D : opmath_t(0);
+      const fVec c_x(-sum_lanes(sum_gx) * inv_D), c_g_v(c_g);
+      scalar_t* dxr = dx + r * D;
+      for (int64_t d = 0; d < D; d += V) {
+        const int64_t k = std::min(V, D - d);
+        // Scalar math: dx = rstd * (g + c_g + xhat * c_x)
+        const fVec dyv = IO::load(dyr + d, k);
+        const fVec g = w ? dyv * fVec::loadu(w + d, k) : dyv;
+        const fVec xhat = (IO::load(xr + d, k) - mean_v) * rstd_v;
+        IO::store(dxr + d, rstd_v * at::vec::fmadd(xhat, c_x, g + c_g_v), k);
+      }
+    }
+  });
+  if (dw) columns.sum_into(dw, 0);
+  if (db) columns.sum_into(db, 1);
+}
+
+}  // namespace masknorm::cpu

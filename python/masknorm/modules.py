@@ -1,0 +1,94 @@
+"""Drop-in masked versions of nn.BatchNorm1d, nn.LayerNorm and nn.RMSNorm.
+
+Each subclasses the torch module it replaces, so parameters, buffers,
+state_dict keys, initialisation, ``repr`` and ``isinstance`` checks are
+torch's own; only ``forward`` changes, taking an optional ``padding_mask``
+(bool, True marks padding, like ``src_key_padding_mask``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["MaskedBatchNorm1d", "MaskedLayerNorm", "MaskedRMSNorm"]
+
+
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """nn.BatchNorm1d whose statistics skip padding.
+
+    In training, the output at valid positions, the gradients and the running
+    statistics are those of nn.BatchNorm1d applied to the packed valid tokens;
+    padded positions output 0. ``channels_last=True`` takes (N, L, C) input,
+    the transformer layout, without a transpose copy. A batch without valid
+    positions leaves the running statistics untouched (num_batches_tracked
+    still counts it, as torch counts an empty batch).
+
+    Shapes: input (N, C) with padding_mask (N,), (N, C, L) with (N, L), or
+    (N, L, C) with (N, L) when ``channels_last``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.channels_last = channels_last
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        self._check_input_dim(input)
+        # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward.
+        update_stats = self.training and self.track_running_stats
+        if update_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            padding_mask=padding_mask,
+            channels_last=self.channels_last,
+            num_batches_tracked=self.num_batches_tracked if self.momentum is None else None,
+        )
+
+
+class MaskedLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that skips padded rows: they output 0 and get 0 gradient.
+
+    ``padding_mask`` has shape ``input.shape[:-len(normalized_shape)]``.
+    """
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        return F.layer_norm(
+            input, self.normalized_shape, self.weight, self.bias, self.eps, padding_mask=padding_mask
+        )
+
+
+class MaskedRMSNorm(nn.RMSNorm):
+    """nn.RMSNorm that skips padded rows: they output 0 and get 0 gradient.
+
+    ``padding_mask`` has shape ``input.shape[:-len(normalized_shape)]``.
+    """
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, padding_mask=padding_mask)
