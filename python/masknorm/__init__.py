@@ -5,6 +5,8 @@ padding. Padded positions never reach statistics, outputs (exactly 0) or
 gradients (exactly 0). The ops are ``torch.ops.masknorm.*``; this package adds
 modules and a functional API on top.
 """
+import torch  # noqa: F401  (loads libtorch before the extension)
+
 from . import _C  # noqa: F401  (registers torch.ops.masknorm.*)
 from . import _ops  # noqa: F401  (fake kernels for torch.compile / torch.export)
 from . import functional

@@ -1,6 +1,7 @@
 // Autograd for masknorm::batch_norm: the forward op's gradient is the
 // masknorm::batch_norm_backward op. Registered for the Autograd key, so
 // Python and C++ callers of the op get gradients alike.
+#include "first_order_only.h"
 #include "masknorm/ops.h"
 
 #include <torch/autograd.h>
@@ -61,10 +62,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_autograd(
   return {out[0], out[1], out[2], out[3]};
 }
 
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_autograd(
+    const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& padding_mask,
+    const std::optional<Tensor>& weight, const Tensor& save_mean, const Tensor& save_invstd,
+    bool training, bool channels_last, std::array<bool, 3> output_mask) {
+  auto out = apply_first_order_only(
+      "masknorm::batch_norm_backward",
+      [&]() -> variable_list {
+        auto [dx, dw, db] = batch_norm_backward(
+            grad_output, input, padding_mask, weight, save_mean, save_invstd, training,
+            channels_last, output_mask);
+        return {dx, dw, db};
+      },
+      grad_output, input, weight, save_mean, save_invstd);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(masknorm, Autograd, m) {
   m.impl("batch_norm", &batch_norm_autograd);
+  m.impl("batch_norm_backward", &batch_norm_backward_autograd);
 }
 
 }  // namespace masknorm

@@ -1,6 +1,7 @@
 // Autograd for masknorm::layer_norm: the forward op's gradient is the
 // masknorm::layer_norm_backward op. Registered for the Autograd key, so
 // Python and C++ callers of the op get gradients alike.
+#include "first_order_only.h"
 #include "masknorm/ops.h"
 
 #include <torch/autograd.h>
@@ -53,10 +54,26 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(
   return {out[0], out[1], out[2]};
 }
 
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_autograd(
+    const Tensor& grad_output, const Tensor& input, at::IntArrayRef normalized_shape,
+    const std::optional<Tensor>& padding_mask, const Tensor& mean, const Tensor& rstd,
+    const std::optional<Tensor>& weight, std::array<bool, 3> output_mask) {
+  auto out = apply_first_order_only(
+      "masknorm::layer_norm_backward",
+      [&]() -> variable_list {
+        auto [dx, dw, db] = layer_norm_backward(
+            grad_output, input, normalized_shape, padding_mask, mean, rstd, weight, output_mask);
+        return {dx, dw, db};
+      },
+      grad_output, input, mean, rstd, weight);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(masknorm, Autograd, m) {
   m.impl("layer_norm", &layer_norm_autograd);
+  m.impl("layer_norm_backward", &layer_norm_backward_autograd);
 }
 
 }  // namespace masknorm

@@ -1,6 +1,7 @@
 // Autograd for masknorm::rms_norm: the forward op's gradient is the
 // masknorm::rms_norm_backward op. Registered for the Autograd key, so Python
 // and C++ callers of the op get gradients alike.
+#include "first_order_only.h"
 #include "masknorm/ops.h"
 
 #include <torch/autograd.h>
@@ -52,10 +53,26 @@ std::tuple<Tensor, Tensor> rms_norm_autograd(
   return {out[0], out[1]};
 }
 
+std::tuple<Tensor, Tensor> rms_norm_backward_autograd(
+    const Tensor& grad_output, const Tensor& input, at::IntArrayRef normalized_shape,
+    const std::optional<Tensor>& padding_mask, const Tensor& rstd,
+    const std::optional<Tensor>& weight, std::array<bool, 2> output_mask) {
+  auto out = apply_first_order_only(
+      "masknorm::rms_norm_backward",
+      [&]() -> variable_list {
+        auto [dx, dw] = rms_norm_backward(
+            grad_output, input, normalized_shape, padding_mask, rstd, weight, output_mask);
+        return {dx, dw};
+      },
+      grad_output, input, rstd, weight);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(masknorm, Autograd, m) {
   m.impl("rms_norm", &rms_norm_autograd);
+  m.impl("rms_norm_backward", &rms_norm_backward_autograd);
 }
 
 }  // namespace masknorm

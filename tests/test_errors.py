@@ -1,0 +1,315 @@
+"""Bad inputs raise a clear RuntimeError/ValueError naming the argument, through
+the modules, the functional API and the raw ops (torch.ops.masknorm.*)."""
+
+import re
+
+import pytest
+import torch
+
+import masknorm
+import masknorm.functional as MF
+from conftest import lengths_mask
+
+ERR = (RuntimeError, ValueError)
+ops = torch.ops.masknorm
+N, C, L, D = 4, 3, 5, 8
+
+FEATURES = r"(?i)input|num_features|channel|feature|weight|running_mean"
+NDIM = r"(?i)input|dim"
+NS = r"(?i)input|normalized_shape"
+
+
+def _good_bn_mask(layout):
+    return torch.zeros(N, dtype=torch.bool) if layout == "2d" else lengths_mask([5, 3, 2, 5], 5)
+
+
+def _bn_x(layout, c=C):
+    return {"2d": torch.randn(N, c), "3d": torch.randn(N, c, L), "3d_cl": torch.randn(N, L, c)}[layout]
+
+
+# ---------------------------------------------------------------------------
+# modules
+# ---------------------------------------------------------------------------
+
+BAD_BN_MASK_SHAPES = {
+    "2d": [(N, L), (N + 1,), (1,)],
+    "3d": [(N,), (N, L + 1), (N + 1, L), (N, C), (N, L, 1)],
+    "3d_cl": [(N,), (N, L + 1), (N, C), (L, N)],
+}
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "layout,shape", [(lay, s) for lay, shapes in BAD_BN_MASK_SHAPES.items() for s in shapes]
+)
+def test_bn_module_mask_wrong_shape(layout, shape, training):
+    m = masknorm.MaskedBatchNorm1d(C, channels_last=layout == "3d_cl")
+    m.train(training)
+    with pytest.raises(ERR, match="padding_mask"):
+        m(_bn_x(layout), padding_mask=torch.zeros(shape, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("layout", ["2d", "3d", "3d_cl"])
+def test_bn_module_mask_wrong_dtype(layout, dtype):
+    m = masknorm.MaskedBatchNorm1d(C, channels_last=layout == "3d_cl")
+    mask = _good_bn_mask(layout).to(dtype)
+    with pytest.raises(ERR, match="padding_mask"):
+        m(_bn_x(layout), padding_mask=mask)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["2d", "3d", "3d_cl"])
+def test_bn_module_wrong_feature_count(layout, training, masked):
+    m = masknorm.MaskedBatchNorm1d(C, channels_last=layout == "3d_cl")
+    m.train(training)
+    mask = _good_bn_mask(layout) if masked else None
+    with pytest.raises(ERR, match=FEATURES):
+        m(_bn_x(layout, c=C + 1), padding_mask=mask)
+
+
+@pytest.mark.parametrize("shape", [(C,), (N, C, L, 2), ()])
+def test_bn_module_wrong_ndim(shape):
+    m = masknorm.MaskedBatchNorm1d(C)
+    with pytest.raises(ERR, match=NDIM):
+        m(torch.randn(shape))
+
+
+@pytest.mark.parametrize("shape_name", ["2d", "3d"])
+def test_ln_rms_module_mask_wrong_shape_and_dtype(shape_name):
+    x = torch.randn(N, D) if shape_name == "2d" else torch.randn(N, L, D)
+    bs = x.shape[:-1]
+    bad_shapes = [tuple(bs) + (1,), (N + 1,) + tuple(bs[1:]), tuple(x.shape)]
+    if len(bs) == 2:
+        bad_shapes.append((N,))
+    for mod in (masknorm.MaskedLayerNorm(D), masknorm.MaskedRMSNorm(D)):
+        for s in bad_shapes:
+            with pytest.raises(ERR, match="padding_mask"):
+                mod(x, padding_mask=torch.zeros(s, dtype=torch.bool))
+        for dt in (torch.uint8, torch.float32, torch.int64):
+            with pytest.raises(ERR, match="padding_mask"):
+                mod(x, padding_mask=torch.zeros(bs, dtype=dt))
+
+
+def test_ln_rms_module_multi_dim_ns_mask_shape():
+    x = torch.randn(N, L, 3, 4)
+    for mod in (masknorm.MaskedLayerNorm((3, 4)), masknorm.MaskedRMSNorm((3, 4))):
+        mod(x, padding_mask=torch.zeros(N, L, dtype=torch.bool))  # fine
+        for s in [(N, L, 3), (N,), (N, L, 3, 4)]:
+            with pytest.raises(ERR, match="padding_mask"):
+                mod(x, padding_mask=torch.zeros(s, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_ln_rms_module_wrong_feature_count(masked):
+    x = torch.randn(N, L, D + 1)
+    mask = lengths_mask([5, 3, 2, 5], 5) if masked else None
+    for mod in (masknorm.MaskedLayerNorm(D), masknorm.MaskedRMSNorm(D)):
+        with pytest.raises(ERR, match=NS):
+            mod(x, padding_mask=mask)
+    # multi-dim normalized_shape (3, 4) vs trailing (5, 9); the mask would be ambiguous here
+    for mod in (masknorm.MaskedLayerNorm((3, 4)), masknorm.MaskedRMSNorm((3, 4))):
+        with pytest.raises(ERR, match=NS):
+            mod(x)
+
+
+# ---------------------------------------------------------------------------
+# functional API: parameter / buffer sizes
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["2d", "3d", "3d_cl"])
+@pytest.mark.parametrize("bad", ["weight", "bias", "running_mean", "running_var"])
+def test_bn_functional_wrong_param_size(bad, layout, training):
+    args = dict(running_mean=torch.zeros(C), running_var=torch.ones(C), weight=torch.ones(C), bias=torch.zeros(C))
+    args[bad] = torch.ones(C + 1)
+    x = _bn_x(layout)
+    with pytest.raises(ERR, match=bad):
+        MF.batch_norm(x, args["running_mean"], args["running_var"], args["weight"], args["bias"],
+                      training=training, padding_mask=_good_bn_mask(layout), channels_last=layout == "3d_cl")
+
+
+@pytest.mark.parametrize("fn,bad", [("layer_norm", "weight"), ("layer_norm", "bias"), ("rms_norm", "weight")])
+def test_ln_rms_functional_wrong_param_size(fn, bad):
+    x = torch.randn(N, L, D)
+    mask = lengths_mask([5, 3, 2, 5], 5)
+    for wrong in (torch.ones(D + 1), torch.ones(1, D)):
+        with pytest.raises(ERR, match=bad):
+            if fn == "rms_norm":
+                MF.rms_norm(x, (D,), wrong, None, padding_mask=mask)
+            else:
+                kw = dict(weight=torch.ones(D), bias=torch.zeros(D))
+                kw[bad] = wrong
+                MF.layer_norm(x, (D,), kw["weight"], kw["bias"], 1e-5, padding_mask=mask)
+
+
+# ---------------------------------------------------------------------------
+# raw ops
+# ---------------------------------------------------------------------------
+
+
+def _bn_op(x=None, mask="default", w=None, b=None, rm=None, rv=None, training=True, cl=False):
+    x = torch.randn(N, C, L) if x is None else x
+    mask = lengths_mask([5, 3, 2, 5], 5) if isinstance(mask, str) else mask
+    return ops.batch_norm(x, mask, w, b, rm, rv, training, 1e-5, cl)
+
+
+def test_op_batch_norm_bad_inputs():
+    _bn_op()  # sanity: the good call works
+    with pytest.raises(ERR, match="padding_mask"):
+        _bn_op(mask=torch.zeros(N, L + 1, dtype=torch.bool))
+    with pytest.raises(ERR, match="padding_mask"):
+        _bn_op(mask=torch.zeros(N, dtype=torch.bool))
+    with pytest.raises(ERR, match="padding_mask"):
+        _bn_op(mask=torch.zeros(N, L, dtype=torch.uint8))
+    with pytest.raises(ERR, match="padding_mask"):
+        _bn_op(mask=torch.zeros(N, L, dtype=torch.float32))
+    with pytest.raises(ERR, match="padding_mask"):  # channels_last expects (N, L) = x.shape[:2]
+        _bn_op(x=torch.randn(N, L, C), mask=torch.zeros(N, C, dtype=torch.bool), cl=True)
+    with pytest.raises(ERR, match="weight"):
+        _bn_op(w=torch.ones(C + 1))
+    with pytest.raises(ERR, match="bias"):
+        _bn_op(b=torch.zeros(C - 1))
+    with pytest.raises(ERR, match="running_mean"):
+        _bn_op(rm=torch.zeros(C + 1), rv=torch.ones(C), training=False)
+    with pytest.raises(ERR, match="running_var"):
+        _bn_op(rm=torch.zeros(C), rv=torch.ones(C + 1), training=False)
+    with pytest.raises(ERR, match="running_mean|running_var"):
+        _bn_op(training=False)  # eval needs running stats
+    with pytest.raises(ERR, match=NDIM):
+        _bn_op(x=torch.randn(N, C, L, 2), mask=None)
+    with pytest.raises(ERR, match=NDIM):
+        _bn_op(x=torch.randn(C), mask=None)
+
+
+def test_op_batch_norm_backward_bad_inputs():
+    x = torch.randn(N, C, L)
+    mask = lengths_mask([5, 3, 2, 5], 5)
+    w = torch.ones(C)
+    _, sm, si, _ = ops.batch_norm(x, mask, w, None, None, None, True, 1e-5, False)
+    g = torch.randn_like(x)
+    om = [True, True, True]
+    ops.batch_norm_backward(g, x, mask, w, sm, si, True, False, om)  # sanity
+    with pytest.raises(ERR, match="grad_output"):
+        ops.batch_norm_backward(torch.randn(N, C, L + 1), x, mask, w, sm, si, True, False, om)
+    with pytest.raises(ERR, match="padding_mask"):
+        ops.batch_norm_backward(g, x, mask.float(), w, sm, si, True, False, om)
+    with pytest.raises(ERR, match="padding_mask"):
+        ops.batch_norm_backward(g, x, mask[:, :-1], w, sm, si, True, False, om)
+    with pytest.raises(ERR, match="weight"):
+        ops.batch_norm_backward(g, x, mask, torch.ones(C + 1), sm, si, True, False, om)
+    with pytest.raises(ERR, match="save_mean"):
+        ops.batch_norm_backward(g, x, mask, w, torch.zeros(C + 1), si, True, False, om)
+    with pytest.raises(ERR, match="save_invstd"):
+        ops.batch_norm_backward(g, x, mask, w, sm, torch.ones(C + 1), True, False, om)
+
+
+def test_op_batch_norm_update_running_stats_bad_inputs():
+    x = torch.randn(N, C, L)
+    _, sm, si, cnt = ops.batch_norm(x, None, None, None, None, None, True, 1e-5, False)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    ops.batch_norm_update_running_stats(rm, rv, sm, si, cnt, 1e-5, 0.1, None)  # sanity
+    with pytest.raises(ERR, match="running_mean"):
+        ops.batch_norm_update_running_stats(torch.zeros(C + 1), rv, sm, si, cnt, 1e-5, 0.1, None)
+    with pytest.raises(ERR, match="running_var"):
+        ops.batch_norm_update_running_stats(rm, torch.ones(C + 1), sm, si, cnt, 1e-5, 0.1, None)
+    with pytest.raises(ERR, match="save_mean"):
+        ops.batch_norm_update_running_stats(rm, rv, torch.zeros(C + 1), si, cnt, 1e-5, 0.1, None)
+    with pytest.raises(ERR, match="save_invstd"):
+        ops.batch_norm_update_running_stats(rm, rv, sm, torch.ones(C - 1), cnt, 1e-5, 0.1, None)
+    with pytest.raises(ERR, match="num_batches_tracked|momentum"):
+        ops.batch_norm_update_running_stats(rm, rv, sm, si, cnt, 1e-5, None, None)
+
+
+def test_op_layer_norm_bad_inputs():
+    x = torch.randn(N, L, D)
+    mask = lengths_mask([5, 3, 2, 5], 5)
+    w, b = torch.ones(D), torch.zeros(D)
+    ops.layer_norm(x, [D], mask, w, b, 1e-5)  # sanity
+    with pytest.raises(ERR, match="padding_mask"):
+        ops.layer_norm(x, [D], mask[:, :-1], w, b, 1e-5)
+    with pytest.raises(ERR, match="padding_mask"):
+        ops.layer_norm(x, [D], mask.to(torch.uint8), w, b, 1e-5)
+    with pytest.raises(ERR, match="padding_mask"):
+        ops.layer_norm(x, [L, D], mask, None, None, 1e-5)  # mask must then be (N,)
+    with pytest.raises(ERR, match=NS):
+        ops.layer_norm(x, [D + 1], mask, None, None, 1e-5)
+    with pytest.raises(ERR, match="weight"):
+        ops.layer_norm(x, [D], mask, torch.ones(D + 1), b, 1e-5)
+    with pytest.raises(ERR, match="bias"):
+        ops.layer_norm(x, [D], mask, w, torch.zeros(D - 1), 1e-5)
+    _, mean, rstd = ops.layer_norm(x, [D], mask, w, b, 1e-5)
+    g = torch.randn_like(x)
+    om = [True, True, True]
+    ops.layer_norm_backward(g, x, [D], mask, mean, rstd, w, om)  # sanity
+    with pytest.raises(ERR, match="grad_output"):
+        ops.layer_norm_backward(torch.randn(N, L + 1, D), x, [D], mask, mean, rstd, w, om)
+    with pytest.raises(ERR, match="mean"):
+        ops.layer_norm_backward(g, x, [D], mask, mean[:, :-1], rstd, w, om)
+    with pytest.raises(ERR, match="rstd"):
+        ops.layer_norm_backward(g, x, [D], mask, mean, rstd[:-1], w, om)
+    with pytest.raises(ERR, match="weight"):
+        ops.layer_norm_backward(g, x, [D], mask, mean, rstd, torch.ones(D + 1), om)
+
+
+def test_op_rms_norm_bad_inputs():
+    x = torch.randn(N, L, D)
+    mask = lengths_mask([5, 3, 2, 5], 5)
+    w = torch.ones(D)
+    ops.rms_norm(x, [D], mask, w, None)  # sanity
+    with pytest.raises(ERR, match="padding_mask"):
+        ops.rms_norm(x, [D], mask[:-1], w, None)
+    with pytest.raises(ERR, match="padding_mask"):
+        ops.rms_norm(x, [D], mask.float(), w, None)
+    with pytest.raises(ERR, match=NS):
+        ops.rms_norm(x, [2, D], mask, None, None)
+    with pytest.raises(ERR, match="weight"):
+        ops.rms_norm(x, [D], mask, torch.ones(2 * D), None)
+    _, rstd = ops.rms_norm(x, [D], mask, w, None)
+    g = torch.randn_like(x)
+    ops.rms_norm_backward(g, x, [D], mask, rstd, w, [True, True])  # sanity
+    with pytest.raises(ERR, match="grad_output"):
+        ops.rms_norm_backward(torch.randn(N, L, D + 1), x, [D], mask, rstd, w, [True, True])
+    with pytest.raises(ERR, match="rstd"):
+        ops.rms_norm_backward(g, x, [D], mask, rstd[:, :-1], w, [True, True])
+    with pytest.raises(ERR, match="weight"):
+        ops.rms_norm_backward(g, x, [D], mask, rstd, torch.ones(D - 1), [True, True])
+
+
+# ---------------------------------------------------------------------------
+# padding_mask_from_lengths
+# ---------------------------------------------------------------------------
+
+
+def test_padding_mask_from_lengths_values():
+    m = masknorm.padding_mask_from_lengths(torch.tensor([3, 1, 0, 2]), 4)
+    assert m.dtype == torch.bool and m.shape == (4, 4)
+    expected = torch.tensor([
+        [False, False, False, True],
+        [False, True, True, True],
+        [True, True, True, True],
+        [False, False, True, True],
+    ])
+    assert torch.equal(m, expected)
+    # max_len defaults to the longest length
+    m2 = masknorm.padding_mask_from_lengths(torch.tensor([3, 1, 2]))
+    assert m2.shape == (3, 3)
+    assert torch.equal(m2, torch.tensor([[False, False, False], [False, True, True], [False, False, True]]))
+
+
+def test_padding_mask_from_lengths_too_long():
+    """A length above max_len is either rejected clearly or means 'no padding'."""
+    try:
+        m = masknorm.padding_mask_from_lengths(torch.tensor([5, 2]), 3)
+    except ERR as e:
+        assert re.search(r"(?i)max_len|length", str(e)), str(e)
+    else:
+        assert m.shape == (2, 3)
+        assert torch.equal(m, torch.tensor([[False, False, False], [False, False, True]]))
+
+
+def test_padding_mask_from_lengths_negative_length():
+    with pytest.raises(ERR, match="length"):
+        masknorm.padding_mask_from_lengths(torch.tensor([3, -1]), 4)
