@@ -288,3 +288,10 @@ def noncontig_copy(t):
     if t.numel() > 1:
         assert not v.is_contiguous()
     return v
+
+
+def zip_strict(a, b):
+    """zip(a, b, strict=True) for Python < 3.10."""
+    a, b = list(a), list(b)
+    assert len(a) == len(b), f"length mismatch: {len(a)} != {len(b)}"
+    return zip(a, b)

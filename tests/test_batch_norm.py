@@ -1,7 +1,5 @@
 """MaskedBatchNorm1d / masknorm.functional.batch_norm / BN ops vs nn.BatchNorm1d."""
 
-import math
-
 import pytest
 import torch
 import torch.nn as nn
@@ -27,9 +25,9 @@ from conftest import (
     param_grads,
     poison,
     random_lengths_mask,
-    random_row_mask,
     ref_bn,
     zero_param_grads,
+    zip_strict,
 )
 
 N, C, L = 5, 3, 4
@@ -161,7 +159,7 @@ def test_nan_inf_in_padding_never_leak(layout, mode):
         assert (y[full] == 0).all() and (gx[full] == 0).all()
         assert_close(y, yr)
         assert_close(gx, gxr)
-        for a, b in zip(param_grads(m), param_grads(r), strict=True):
+        for a, b in zip_strict(param_grads(m), param_grads(r)):
             assert torch.isfinite(a).all(), "NaN/inf leaked into parameter grads"
             assert_close(a, b)
         if m.running_mean is not None:
@@ -300,7 +298,7 @@ def test_dtypes(dtype, layout, training):
         assert m.weight.grad.dtype == dtype and m.bias.grad.dtype == dtype
         assert_close(y, yr)
         assert_close(gx, gxr)
-        for a, b in zip(param_grads(m), param_grads(r), strict=True):
+        for a, b in zip_strict(param_grads(m), param_grads(r)):
             assert_close(a, b)
         full = bn_full_mask(mask, x, cl)
         assert (y[full] == 0).all()
@@ -342,7 +340,7 @@ def test_non_contiguous_input(layout, training, masked):
     yr, gxr = fwd_bwd(lambda t: ref_bn(r, t, mask, cl), x.detach().contiguous(), g)
     assert_close(y, yr)
     assert_close(gx, gxr)
-    for a, b in zip(param_grads(m), param_grads(r), strict=True):
+    for a, b in zip_strict(param_grads(m), param_grads(r)):
         assert_close(a, b)
     _assert_buffers_match(m, r)
 
@@ -534,3 +532,146 @@ def test_batch_norm_backward_op_output_mask(training):
     assert gi3 is None
     assert_close(gw3, gw)
     assert_close(gb3, gb)
+
+
+# ---------------------------------------------------------------------------
+# bigger shapes (vectorised tails, multi-threaded reductions) and numerics
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_large_shapes(layout, training, dtype):
+    """Odd channel counts (SIMD tails) and > GRAIN_SIZE elements (several threads)."""
+    n, c, l = (700, 67, 1) if layout == "2d" else (16, 67, 129)
+    cl = layout == "3d_cl"
+    ref_dtype = torch.float32 if dtype in LOW_PRECISION else dtype
+    m, r = make_bn_pair(c, channels_last=cl, dtype=dtype, ref_dtype=ref_dtype)
+    m.train(training)
+    r.train(training)
+    for _ in range(2):
+        x = (torch.randn(bn_input_shape(layout, n, c, l)) * 2 + 0.7).to(dtype)
+        g = torch.randn(x.shape).to(dtype)
+        if layout == "2d":
+            mask = torch.rand(n) < 0.3
+        else:
+            mask = random_lengths_mask(n, l)
+        zero_param_grads(m, r)
+        y, gx = fwd_bwd(lambda t: m(t, padding_mask=mask), x, g)
+        yr, gxr = fwd_bwd(lambda t: ref_bn(r, t, mask, cl), x.to(ref_dtype), g.to(ref_dtype))
+        assert_close(y, yr)
+        # the reference reduces ~1500 terms in a different order: loosen a bit for float32
+        extra = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+        assert_close(gx, gxr, **extra)
+        for a, b in zip_strict(param_grads(m), param_grads(r)):
+            assert_close(a, b, **({"rtol": 1e-4, "atol": 1e-3} if dtype == torch.float32 else {}))
+        full = bn_full_mask(mask, x, cl)
+        assert (y[full] == 0).all() and (gx[full] == 0).all()
+    assert_close(m.running_mean, r.running_mean)
+    assert_close(m.running_var, r.running_var)
+
+
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
+def test_large_offset_is_numerically_stable(layout):
+    """float32 input around 1000 with unit spread: a naive E[x^2]-E[x]^2 variance
+    loses all precision; the result must match a float64 computation."""
+    cl = layout == "3d_cl"
+    n, c, l = (300, 5, 1) if layout == "2d" else (8, 5, 40)
+    m, _ = make_bn_pair(c, channels_last=cl)
+    r64 = nn.BatchNorm1d(c, dtype=torch.float64)
+    copy_state(r64, m)
+    x = torch.randn(bn_input_shape(layout, n, c, l)) + 1000.0
+    mask = (torch.rand(n) < 0.3) if layout == "2d" else random_lengths_mask(n, l)
+    y = m(x, padding_mask=mask)
+    yr = ref_bn(r64, x.double(), mask, cl)
+    assert_close(y, yr, rtol=1e-3, atol=1e-3)
+    assert_close(m.running_var, r64.running_var, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# misc usage
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_channels_last_module_accepts_2d_input(training):
+    """channels_last only concerns 3-D input; (N, C) works the same either way."""
+    m, r = make_bn_pair(C, channels_last=True)
+    m.train(training)
+    r.train(training)
+    x = torch.randn(7, C)
+    _check_step(m, r, x, make_mask("random", (7,)), cl=False)
+    _assert_buffers_match(m, r)
+
+
+@pytest.mark.parametrize("ctx", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
+def test_no_grad_and_inference_mode(layout, ctx):
+    cl = layout == "3d_cl"
+    m, r = make_bn_pair(C, channels_last=cl)
+    x = torch.randn(bn_input_shape(layout, N, C, L))
+    mask = make_mask("random", bn_mask_shape(layout, N, L))
+    manager = torch.no_grad() if ctx == "no_grad" else torch.inference_mode()
+    with manager:
+        y = m(x, padding_mask=mask)
+        yr = ref_bn(r, x, mask, cl)
+    assert not y.requires_grad
+    assert_close(y, yr)
+    _assert_buffers_match(m, r)
+    m.eval()
+    r.eval()
+    with manager:
+        assert_close(m(x, padding_mask=mask), ref_bn(r, x, mask, cl))
+
+
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_param_grads_without_input_grad(layout, training):
+    cl = layout == "3d_cl"
+    m, r = make_bn_pair(C, channels_last=cl)
+    m.train(training)
+    r.train(training)
+    x = torch.randn(bn_input_shape(layout, N, C, L))  # does not require grad
+    mask = make_mask("random", bn_mask_shape(layout, N, L))
+    g = torch.randn_like(x)
+    m(x, padding_mask=mask).backward(g)
+    ref_bn(r, x, mask, cl).backward(g)
+    assert_close(m.weight.grad, r.weight.grad)
+    assert_close(m.bias.grad, r.bias.grad)
+
+
+def test_functional_non_contiguous_params():
+    x = torch.randn(N, C, L)
+    mask = random_lengths_mask(N, L)
+    w, b = (torch.rand(2 * C) + 0.5)[::2], torch.randn(2 * C)[::2]
+    rm, rv = torch.randn(C, 2)[:, 0], (torch.rand(C, 2) + 0.5)[:, 0]
+    assert not w.is_contiguous() and not rm.is_contiguous()
+    y = MF.batch_norm(x, rm, rv, w, b, training=False, padding_mask=mask)
+    yr = ref_bn(lambda t: F.batch_norm(t, rm, rv, w.contiguous(), b.contiguous(), False), x, mask)
+    assert_close(y, yr)
+    y = MF.batch_norm(x, None, None, w, b, training=True, padding_mask=mask)
+    yr = ref_bn(lambda t: F.batch_norm(t, None, None, w.contiguous(), b.contiguous(), True), x, mask)
+    assert_close(y, yr)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_low_precision_input_with_float32_module(dtype, training):
+    """bf16/fp16 activations through a float32 module (autocast-style), as nn.BatchNorm1d allows."""
+    m, r = make_bn_pair(C)
+    m.train(training)
+    r.train(training)
+    x = torch.randn(N, C, L).to(dtype)
+    mask = random_lengths_mask(N, L)
+    g = torch.randn(x.shape).to(dtype)
+    y, gx = fwd_bwd(lambda t: m(t, padding_mask=mask), x, g)
+    yr, gxr = fwd_bwd(lambda t: ref_bn(r, t, mask), x.float(), g.float())
+    assert y.dtype == dtype and gx.dtype == dtype
+    assert m.weight.grad.dtype == torch.float32 and m.running_mean.dtype == torch.float32
+    assert_close(y, yr)
+    assert_close(gx, gxr)
+    for a, b in zip_strict(param_grads(m), param_grads(r)):
+        assert_close(a, b, rtol=2e-2, atol=2e-2)
+    assert_close(m.running_mean, r.running_mean, rtol=1e-2, atol=1e-2)
+    assert_close(m.running_var, r.running_var, rtol=1e-2, atol=1e-2)

@@ -135,3 +135,33 @@ def test_compile_rms_norm(masked):
     mask = make_mask("random", (N, L)) if masked else None
     _compare_step(eager, compiled, m_comp, x, mask)
     assert cnt.frame_count >= 1
+
+
+@pytest.mark.parametrize("kind", ["bn", "bn_cl", "ln", "rms"])
+def test_compile_changing_shapes(kind):
+    """Recompiles for new (N, L) (dynamic shapes through the fake kernels) and stays exact."""
+    if kind.startswith("bn"):
+        eager = masknorm.MaskedBatchNorm1d(C, channels_last=kind == "bn_cl")
+        init_bn_state(eager)
+        make_x = (lambda n, l: torch.randn(n, l, C)) if kind == "bn_cl" else (lambda n, l: torch.randn(n, C, l))
+    else:
+        eager = masknorm.MaskedLayerNorm(8) if kind == "ln" else masknorm.MaskedRMSNorm(8)
+        init_affine(eager)
+        make_x = lambda n, l: torch.randn(n, l, 8)  # noqa: E731
+    m_comp = copy.deepcopy(eager)
+    compiled, cnt = _compile(m_comp)
+    for n, l in [(4, 5), (6, 7), (3, 9)]:
+        _compare_step(eager, compiled, m_comp, make_x(n, l), make_mask("random", (n, l)))
+        if kind.startswith("bn"):
+            _compare_buffers(m_comp, eager)
+    assert cnt.frame_count >= 1
+
+
+def test_compile_batch_norm_one_valid_value_raises():
+    m = masknorm.MaskedBatchNorm1d(C)
+    compiled, _ = _compile(m)
+    x = torch.randn(2, C, 3)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[0, 0] = False
+    with pytest.raises(ValueError):
+        compiled(x, padding_mask=mask)

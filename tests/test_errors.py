@@ -314,3 +314,64 @@ def test_padding_mask_from_lengths_too_long():
 def test_padding_mask_from_lengths_negative_length():
     with pytest.raises(ERR, match="length"):
         masknorm.padding_mask_from_lengths(torch.tensor([3, -1]), 4)
+
+
+# ---------------------------------------------------------------------------
+# wrong device (the only other device on a CPU-only machine is "meta")
+# ---------------------------------------------------------------------------
+
+
+def _meta_bool(*shape):
+    return torch.zeros(shape, dtype=torch.bool, device="meta")
+
+
+@pytest.mark.parametrize("layout", ["2d", "3d", "3d_cl"])
+def test_bn_mask_wrong_device(layout):
+    m = masknorm.MaskedBatchNorm1d(C, channels_last=layout == "3d_cl")
+    mask = _meta_bool(N) if layout == "2d" else _meta_bool(N, L)
+    with pytest.raises(ERR, match="padding_mask"):
+        m(_bn_x(layout), padding_mask=mask)
+    assert int(m.num_batches_tracked) in (0, 1)
+    assert torch.equal(m.running_mean, torch.zeros(C))  # no garbage written
+
+
+def test_ln_rms_mask_wrong_device():
+    x = torch.randn(N, L, D)
+    for mod in (masknorm.MaskedLayerNorm(D), masknorm.MaskedRMSNorm(D)):
+        with pytest.raises(ERR, match="padding_mask"):
+            mod(x, padding_mask=_meta_bool(N, L))
+
+
+def test_ops_wrong_device():
+    x3 = torch.randn(N, C, L)
+    x = torch.randn(N, L, D)
+    meta_w = torch.ones(C, device="meta")
+    with pytest.raises(ERR, match="padding_mask"):
+        ops.batch_norm(x3, _meta_bool(N, L), None, None, None, None, True, 1e-5, False)
+    with pytest.raises(ERR, match="weight"):
+        ops.batch_norm(x3, None, meta_w, None, None, None, True, 1e-5, False)
+    with pytest.raises(ERR, match="running_mean"):
+        ops.batch_norm(x3, None, None, None, torch.zeros(C, device="meta"), torch.ones(C), False, 1e-5, False)
+    with pytest.raises(ERR, match="padding_mask"):
+        ops.layer_norm(x, [D], _meta_bool(N, L), None, None, 1e-5)
+    with pytest.raises(ERR, match="weight"):
+        ops.layer_norm(x, [D], None, torch.ones(D, device="meta"), None, 1e-5)
+    with pytest.raises(ERR, match="padding_mask"):
+        ops.rms_norm(x, [D], _meta_bool(N, L), None, None)
+    with pytest.raises(ERR, match="weight"):
+        ops.rms_norm(x, [D], None, torch.ones(D, device="meta"), None)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+def test_bn_training_needs_positive_eps_like_torch(eps):
+    # nn.BatchNorm1d raises ValueError for eps <= 0 in training: a constant
+    # channel would otherwise divide by zero
+    with pytest.raises(ValueError, match="eps"):
+        torch.nn.BatchNorm1d(C, eps=eps)(torch.randn(N, C))
+    with pytest.raises(ValueError, match="eps"):
+        masknorm.MaskedBatchNorm1d(C, eps=eps)(torch.randn(N, C))
+    with pytest.raises(ValueError, match="eps"):
+        ops.batch_norm(torch.randn(N, C, L), None, None, None, None, None, True, eps, False)
+    # eval normalizes with the running variance and accepts it, as torch does
+    m = masknorm.MaskedBatchNorm1d(C, eps=eps).eval()
+    assert torch.isfinite(m(torch.randn(N, C))).all()

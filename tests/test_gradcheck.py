@@ -91,3 +91,21 @@ def test_gradcheck_rms_norm(ns, eps, masked):
         return torch.ops.masknorm.rms_norm(x, list(ns), mask, None, eps)[0]
 
     assert gradcheck(f_noaffine, (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["batch_norm", "layer_norm", "rms_norm"])
+def test_double_backward_raises_clear_error(op):
+    # Second derivatives are not implemented yet: asking for one must fail
+    # loudly, naming the op, rather than return wrong numbers.
+    x = torch.randn(4, 3, dtype=DT, requires_grad=True)
+    ops = torch.ops.masknorm
+    if op == "batch_norm":
+        y = ops.batch_norm(x, None, None, None, None, None, True, 1e-5, False)[0]
+    elif op == "layer_norm":
+        y = ops.layer_norm(x, [3], None, None, None, 1e-5)[0]
+    else:
+        y = ops.rms_norm(x, [3], None, None, None)[0]
+    (gx,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x, create_graph=True)
+    assert torch.isfinite(gx).all()  # first derivative with create_graph still works
+    with pytest.raises(RuntimeError, match=f"masknorm::{op}_backward: double backward"):
+        torch.autograd.grad(gx.pow(2).sum(), x)

@@ -9,3 +9,11 @@ def test_import_masknorm_standalone():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ok" in proc.stdout
+
+
+def test_build_info_and_version():
+    import masknorm
+
+    info = masknorm._C.build_info()
+    assert info["version"] == masknorm.__version__
+    assert info["torch_version"] == __import__("torch").__version__

@@ -21,6 +21,7 @@ from conftest import (
     ref_rows,
     row_full_mask,
     zero_param_grads,
+    zip_strict,
 )
 
 # name -> (input shape, normalized_shape)
@@ -128,7 +129,7 @@ def test_nan_inf_in_padding_never_leak(shape_name, affine):
     assert torch.equal(gx[full], torch.zeros_like(gx[full]))
     assert_close(y, yr)
     assert_close(gx, gxr)
-    for a, b in zip(param_grads(m), param_grads(r), strict=True):
+    for a, b in zip_strict(param_grads(m), param_grads(r)):
         assert torch.isfinite(a).all()
         assert_close(a, b)
 
@@ -191,7 +192,7 @@ def test_non_contiguous_input(kind, masked):
     yr, gxr = fwd_bwd(lambda t: ref_rows(r, t, mask), x.detach().contiguous(), g)
     assert_close(y, yr)
     assert_close(view(leaf.grad), gxr)
-    for a, b in zip(param_grads(m), param_grads(r), strict=True):
+    for a, b in zip_strict(param_grads(m), param_grads(r)):
         assert_close(a, b)
 
 
@@ -246,3 +247,82 @@ def test_layer_norm_backward_op_output_mask():
     assert gi3 is None
     assert_close(gw3, gw)
     assert_close(gb3, gb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("D", [131, 1000])
+def test_large_shapes(D, dtype):
+    """Odd row widths (SIMD tails) and > GRAIN_SIZE elements (several threads)."""
+    n, l = (16, 50) if D == 131 else (8, 9)
+    ref_dtype = torch.float32 if dtype in LOW_PRECISION else dtype
+    m, r = make_ln_pair((D,), dtype=dtype, ref_dtype=ref_dtype)
+    x = (torch.randn(n, l, D) * 2 + 0.5).to(dtype)
+    mask = make_mask("random", (n, l))
+    extra = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    zero_param_grads(m, r)
+    g = torch.randn(x.shape).to(dtype)
+    y, gx = fwd_bwd(lambda t: m(t, padding_mask=mask), x, g)
+    yr, gxr = fwd_bwd(lambda t: ref_rows(r, t, mask), x.to(ref_dtype), g.to(ref_dtype))
+    assert_close(y, yr, **extra)
+    assert_close(gx, gxr, **extra)
+    for a, b in zip_strict(param_grads(m), param_grads(r)):
+        assert_close(a, b, **({"rtol": 1e-4, "atol": 1e-3} if dtype == torch.float32 else {}))
+    full = row_full_mask(mask, x)
+    assert (y[full] == 0).all() and (gx[full] == 0).all()
+
+
+def test_large_offset_is_numerically_stable():
+    m, _ = make_ln_pair((64,))
+    r64 = nn.LayerNorm((64,), dtype=torch.float64)
+    copy_affine(r64, m)
+    x = torch.randn(6, 7, 64) + 1000.0
+    mask = make_mask("random", (6, 7))
+    y = m(x, padding_mask=mask)
+    assert_close(y, ref_rows(r64, x.double(), mask), rtol=1e-3, atol=1e-3)
+
+
+def test_param_grads_without_input_grad():
+    m, r = make_ln_pair((8,))
+    x = torch.randn(4, 5, 8)
+    mask = make_mask("random", (4, 5))
+    g = torch.randn_like(x)
+    m(x, padding_mask=mask).backward(g)
+    ref_rows(r, x, mask).backward(g)
+    assert_close(m.weight.grad, r.weight.grad)
+    assert_close(m.bias.grad, r.bias.grad)
+
+
+@pytest.mark.parametrize("ctx", ["no_grad", "inference_mode"])
+def test_no_grad_and_inference_mode(ctx):
+    m, r = make_ln_pair((8,))
+    x = torch.randn(4, 5, 8)
+    mask = make_mask("random", (4, 5))
+    with torch.no_grad() if ctx == "no_grad" else torch.inference_mode():
+        y = m(x, padding_mask=mask)
+        assert not y.requires_grad
+        assert_close(y, ref_rows(r, x, mask))
+
+
+def test_functional_non_contiguous_params():
+    x = torch.randn(4, 5, 8)
+    mask = make_mask("random", (4, 5))
+    w, b = (torch.rand(16) + 0.5)[::2], torch.randn(16)[::2]
+    y = MF.layer_norm(x, (8,), w, b, padding_mask=mask)
+    assert_close(y, ref_rows(lambda t: F.layer_norm(t, (8,), w.contiguous(), b.contiguous()), x, mask))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_low_precision_input_with_float32_module(dtype):
+    """bf16/fp16 activations through a float32 module (autocast-style), as nn allows."""
+    m, r = make_ln_pair((8,))
+    x = torch.randn(4, 5, 8).to(dtype)
+    mask = make_mask("random", (4, 5))
+    g = torch.randn(x.shape).to(dtype)
+    y, gx = fwd_bwd(lambda t: m(t, padding_mask=mask), x, g)
+    yr, gxr = fwd_bwd(lambda t: ref_rows(r, t, mask), x.float(), g.float())
+    assert y.dtype == dtype and gx.dtype == dtype
+    assert m.weight.grad.dtype == torch.float32
+    assert_close(y, yr)
+    assert_close(gx, gxr)
+    for a, b in zip_strict(param_grads(m), param_grads(r)):
+        assert_close(a, b, rtol=2e-2, atol=2e-2)

@@ -20,6 +20,7 @@ from conftest import (
     ref_bn,
     ref_rows,
     row_full_mask,
+    zip_strict,
 )
 
 SETTINGS = settings(
@@ -38,11 +39,11 @@ def bn_cases(draw):
     c = draw(st.integers(1, 4))
     L = 1 if layout == "2d" else draw(st.integers(1, 6))
     lengths = draw(st.lists(st.integers(0, L), min_size=n, max_size=n))
-    if sum(lengths) < 2:  # training needs >= 2 valid values per channel
-        lengths[0] = L
-        if sum(lengths) < 2:
-            lengths = lengths + [L, L]
-            n += 2
+    # training needs >= 2 valid values per channel; with exactly 2 the input
+    # gradient is pure cancellation (ill-conditioned), so ask for >= 3
+    while sum(lengths) < 3:
+        lengths = lengths + [L]
+        n += 1
     seed = draw(st.integers(0, 2**31 - 1))
     return layout, n, c, L, lengths, seed
 
@@ -75,7 +76,7 @@ def test_masked_bn_equals_packed_reference(case, training):
     yr, gxr = fwd_bwd(lambda t: ref_bn(r, t, mask, cl), x, g)
     assert_close(y, yr)
     assert_close(gx, gxr)
-    for a, b in zip(param_grads(m), param_grads(r), strict=True):
+    for a, b in zip_strict(param_grads(m), param_grads(r)):
         assert_close(a, b)
     assert_close(m.running_mean, r.running_mean)
     assert_close(m.running_var, r.running_var)
@@ -131,7 +132,7 @@ def test_bn_padded_values_never_change_outputs(case, training, fill):
 def row_cases(draw):
     n = draw(st.integers(1, 4))
     L = draw(st.integers(1, 5))
-    ns = tuple(draw(st.lists(st.integers(2, 5), min_size=1, max_size=2)))  # D=1 LN is degenerate
+    ns = tuple(draw(st.lists(st.integers(3, 5), min_size=1, max_size=2)))  # D<=2: LN grad is pure cancellation
     lengths = draw(st.lists(st.integers(0, L), min_size=n, max_size=n))
     seed = draw(st.integers(0, 2**31 - 1))
     kind = draw(st.sampled_from(["layer", "rms"]))
@@ -158,7 +159,7 @@ def test_ln_rms_masked_equals_rowwise_reference(case, fill):
     yr, gxr = fwd_bwd(lambda t: ref_rows(r, t, mask), x, g)
     assert_close(y, yr)
     assert_close(gx, gxr)
-    for a, b in zip(param_grads(m), param_grads(r), strict=True):
+    for a, b in zip_strict(param_grads(m), param_grads(r)):
         assert_close(a, b)
     # permuting the batch permutes the output
     perm = torch.randperm(n)

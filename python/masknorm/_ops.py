@@ -12,6 +12,16 @@ import torch
 from torch import Tensor
 
 
+def _check_devices(op: str, input: Tensor, **tensors: Optional[Tensor]) -> None:
+    # The C++ kernels check devices, but a tensor on the meta device routes the
+    # whole call here, so the same check must run here too.
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                f"masknorm::{op}: expected {name} on input's device {input.device}, but got {t.device}"
+            )
+
+
 def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -33,6 +43,7 @@ def _param_grad(weight: Optional[Tensor], input: Tensor, shape, wanted: bool) ->
 
 @torch.library.register_fake("masknorm::batch_norm")
 def _batch_norm_fake(input, padding_mask, weight, bias, running_mean, running_var, training, eps, channels_last):
+    _check_devices("batch_norm", input, padding_mask=padding_mask, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     C = _channels(input, channels_last)
     stat = input.new_empty((C,), dtype=_opmath_dtype(input.dtype))
     return (
@@ -47,6 +58,7 @@ def _batch_norm_fake(input, padding_mask, weight, bias, running_mean, running_va
 def _batch_norm_backward_fake(
     grad_output, input, padding_mask, weight, save_mean, save_invstd, training, channels_last, output_mask
 ):
+    _check_devices("batch_norm_backward", input, grad_output=grad_output, padding_mask=padding_mask, weight=weight, save_mean=save_mean, save_invstd=save_invstd)
     C = _channels(input, channels_last)
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None,
@@ -59,17 +71,20 @@ def _batch_norm_backward_fake(
 def _batch_norm_update_running_stats_fake(
     running_mean, running_var, save_mean, save_invstd, count, eps, momentum, num_batches_tracked
 ):
+    _check_devices("batch_norm_update_running_stats", save_mean, running_mean=running_mean, running_var=running_var, save_invstd=save_invstd)
     return None
 
 
 @torch.library.register_fake("masknorm::layer_norm")
 def _layer_norm_fake(input, normalized_shape, padding_mask, weight, bias, eps):
+    _check_devices("layer_norm", input, padding_mask=padding_mask, weight=weight, bias=bias)
     stat = input.new_empty(_leading(input, normalized_shape), dtype=_opmath_dtype(input.dtype))
     return torch.empty_like(input, memory_format=torch.contiguous_format), stat, torch.empty_like(stat)
 
 
 @torch.library.register_fake("masknorm::layer_norm_backward")
 def _layer_norm_backward_fake(grad_output, input, normalized_shape, padding_mask, mean, rstd, weight, output_mask):
+    _check_devices("layer_norm_backward", input, grad_output=grad_output, padding_mask=padding_mask, mean=mean, rstd=rstd, weight=weight)
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None,
         _param_grad(weight, input, tuple(normalized_shape), output_mask[1]),
@@ -79,12 +94,14 @@ def _layer_norm_backward_fake(grad_output, input, normalized_shape, padding_mask
 
 @torch.library.register_fake("masknorm::rms_norm")
 def _rms_norm_fake(input, normalized_shape, padding_mask, weight, eps):
+    _check_devices("rms_norm", input, padding_mask=padding_mask, weight=weight)
     rstd = input.new_empty(_leading(input, normalized_shape), dtype=_opmath_dtype(input.dtype))
     return torch.empty_like(input, memory_format=torch.contiguous_format), rstd
 
 
 @torch.library.register_fake("masknorm::rms_norm_backward")
 def _rms_norm_backward_fake(grad_output, input, normalized_shape, padding_mask, rstd, weight, output_mask):
+    _check_devices("rms_norm_backward", input, grad_output=grad_output, padding_mask=padding_mask, rstd=rstd, weight=weight)
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None,
         _param_grad(weight, input, tuple(normalized_shape), output_mask[1]),

@@ -8,7 +8,7 @@
 //    inside each contiguous row of L.
 // Statistics come from Welford updates (rows) or corrected two-pass row
 // moments merged with Chan's formula (planes); padded positions are skipped
-// or dropped with blendv, never multiplied by zero, so NaN/inf there cannot
+// or cleared with a bit mask, never multiplied by zero, so NaN/inf there cannot
 // leak.
 #include "../batch_norm.h"
 #include "../checks.h"
@@ -48,8 +48,7 @@ void moments_channels_inner(
       ++n;
       const fVec inv_n(opmath_t(1) / opmath_t(n));
       const scalar_t* xr = x + r * C;
-      for (int64_t c = 0; c < C; c += V) {
-        const int64_t k = std::min(V, C - c);
+      vec_loop<V>(C, [&](int64_t c, int64_t k) {
         // Scalar math: d = x - mean; mean += d / n; m2 += d * (x - mean)
         const fVec xv = IO::load(xr + c, k);
         fVec mv = fVec::loadu(mean + c, k);
@@ -58,7 +57,7 @@ void moments_channels_inner(
         const fVec sv = at::vec::fmadd(d, xv - mv, fVec::loadu(m2 + c, k));
         mv.store(mean + c, k);
         sv.store(m2 + c, k);
-      }
+      });
     }
   });
   int64_t total = 0;
@@ -110,20 +109,18 @@ void normalize(
     at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         if (pad && pad[r]) { fill_zero(out + r * C, C); continue; }
-        for (int64_t c = 0; c < C; c += V) {
-          const int64_t k = std::min(V, C - c);
+        vec_loop<V>(C, [&](int64_t c, int64_t k) {
           // Scalar math: out = (x - mean) * alpha + beta
           const fVec y = at::vec::fmadd(
               IO::load(x + r * C + c, k) - fVec::loadu(mean + c, k), fVec::loadu(alpha + c, k),
               fVec::loadu(beta + c, k));
           IO::store(out + r * C + c, y, k);
-        }
+        });
       }
     });
     return;
   }
   const int64_t L = g.L;
-  const fVec zero(0);
   at::parallel_for(0, g.N * C, row_grain(L), [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / C, c = plane % C;
@@ -132,13 +129,12 @@ void normalize(
       if (lanes && lanes->valid[n] == 0) { fill_zero(yr, L); continue; }
       const auto* keep = lanes ? lanes->keep.data() + n * L : nullptr;
       const fVec m(mean[c]), a(alpha[c]), b(beta[c]);
-      for (int64_t l = 0; l < L; l += V) {
-        const int64_t k = std::min(V, L - l);
+      vec_loop<V>(L, [&](int64_t l, int64_t k) {
         // Scalar math: out = valid ? (x - mean) * alpha + beta : 0
         fVec y = at::vec::fmadd(IO::load(xr + l, k) - m, a, b);
-        if (keep) y = fVec::blendv(zero, y, fVec::loadu(keep + l, k));
+        if (keep) y = y & fVec::loadu(keep + l, k);
         IO::store(yr + l, y, k);
-      }
+      });
     }
   });
 }
@@ -153,6 +149,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cpu(
   const BatchNormLayout g = check_batch_norm_args(
       "masknorm::batch_norm", input_, padding_mask, weight, bias, running_mean, running_var,
       channels_last);
+  TORCH_CHECK_VALUE(
+      !training || eps > 0,
+      "masknorm::batch_norm: expected eps > 0 when training (as torch.nn.BatchNorm1d), but got ", eps);
   TORCH_CHECK(
       training || (running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
                    running_var->defined()),
@@ -234,14 +233,13 @@ void grad_sums(
       opmath_t* s2 = partial.local(1);
       for (int64_t r = begin; r < end; ++r) {
         if (pad && pad[r]) continue;
-        for (int64_t c = 0; c < C; c += V) {
-          const int64_t k = std::min(V, C - c);
+        vec_loop<V>(C, [&](int64_t c, int64_t k) {
           // Scalar math: s1 += dy; s2 += dy * (x - mean)
           const fVec d = IO::load(dy + r * C + c, k);
           const fVec xm = IO::load(x + r * C + c, k) - fVec::loadu(mean + c, k);
           (fVec::loadu(s1 + c, k) + d).store(s1 + c, k);
           at::vec::fmadd(d, xm, fVec::loadu(s2 + c, k)).store(s2 + c, k);
-        }
+        });
       }
     });
     partial.sum_into(sum_dy, 0);
@@ -259,21 +257,20 @@ void grad_sums(
         const auto* keep = lanes ? lanes->keep.data() + n * L : nullptr;
         const scalar_t* dyr = dy + (n * C + c) * L;
         const scalar_t* xr = x + (n * C + c) * L;
-        for (int64_t l = 0; l < L; l += V) {
-          const int64_t k = std::min(V, L - l);
+        vec_loop<V>(L, [&](int64_t l, int64_t k) {
           // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
           fVec d = IO::load(dyr + l, k);
           fVec dxm = d * (IO::load(xr + l, k) - m);
           if (keep) {
             const fVec kv = fVec::loadu(keep + l, k);
-            d = fVec::blendv(zero, d, kv);
-            dxm = fVec::blendv(zero, dxm, kv);
+            d = d & kv;
+            dxm = dxm & kv;
           } else if (k < V) {
             dxm = fVec::set(zero, dxm, k);  // tail lanes hold 0 * (0 - mean)
           }
           s1 += d;
           s2 += dxm;
-        }
+        });
       }
       sum_dy[c] = sum_lanes(s1);
       sum_dy_xmu[c] = sum_lanes(s2);
@@ -296,36 +293,33 @@ void grad_input(
     at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         if (pad && pad[r]) { fill_zero(dx + r * C, C); continue; }
-        for (int64_t c = 0; c < C; c += V) {
-          const int64_t k = std::min(V, C - c);
+        vec_loop<V>(C, [&](int64_t c, int64_t k) {
           // Scalar math: dx = dy * a + (x - mean) * b + k0
           const fVec xm = IO::load(x + r * C + c, k) - fVec::loadu(mean + c, k);
           const fVec v = at::vec::fmadd(
               IO::load(dy + r * C + c, k), fVec::loadu(a + c, k),
               at::vec::fmadd(xm, fVec::loadu(b + c, k), fVec::loadu(k0 + c, k)));
           IO::store(dx + r * C + c, v, k);
-        }
+        });
       }
     });
     return;
   }
   const int64_t L = g.L;
-  const fVec zero(0);
   at::parallel_for(0, g.N * C, row_grain(L), [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / C, c = plane % C;
       if (lanes && lanes->valid[n] == 0) { fill_zero(dx + plane * L, L); continue; }
       const auto* keep = lanes ? lanes->keep.data() + n * L : nullptr;
       const fVec m(mean[c]), av(a[c]), bv(b[c]), kv(k0[c]);
-      for (int64_t l = 0; l < L; l += V) {
-        const int64_t k = std::min(V, L - l);
+      vec_loop<V>(L, [&](int64_t l, int64_t k) {
         // Scalar math: dx = valid ? dy * a + (x - mean) * b + k0 : 0
         fVec v = at::vec::fmadd(
             IO::load(dy + plane * L + l, k), av,
             at::vec::fmadd(IO::load(x + plane * L + l, k) - m, bv, kv));
-        if (keep) v = fVec::blendv(zero, v, fVec::loadu(keep + l, k));
+        if (keep) v = v & fVec::loadu(keep + l, k);
         IO::store(dx + plane * L + l, v, k);
-      }
+      });
     }
   });
 }

@@ -45,9 +45,9 @@ struct VecIO {
   }
 };
 
-// A lane mask for Vectorized::blendv: all bits set where the element is valid.
-// Selecting (rather than multiplying by 0/1) keeps NaN/inf stored in padded
-// positions out of every sum.
+// A lane mask: all bits set where the element is valid, none where it is
+// padding. `v & mask` clears padded lanes to +0.0 bit by bit, so NaN/inf
+// stored there stays out of every sum (multiplying by 0 would not).
 template <typename opmath_t>
 inline opmath_t keep_bits(bool valid) {
   using bits_t = std::conditional_t<sizeof(opmath_t) == 8, uint64_t, uint32_t>;
@@ -74,10 +74,23 @@ struct Moments {
   }
 };
 
+// Runs body(offset, count) over [0, len) in steps of V: full steps with
+// count == V, which the compiler sees as a constant once body is inlined (so
+// loads and stores are plain vector moves), then one partial tail step.
+template <int64_t V, typename Body>
+C10_ALWAYS_INLINE void vec_loop(int64_t len, const Body& body) {
+  int64_t i = 0;
+  for (; i + V <= len; i += V) body(i, V);
+  if (i < len) body(i, len - i);
+}
+
 template <typename opmath_t>
 inline opmath_t sum_lanes(const Vectorized<opmath_t>& v) {
-  return at::vec::vec_reduce_all<opmath_t>(
-      [](Vectorized<opmath_t>& a, Vectorized<opmath_t>& b) { return a + b; }, v);
+  __at_align__ opmath_t lanes[Vectorized<opmath_t>::size()];
+  v.store(lanes);
+  opmath_t sum = 0;
+  for (const opmath_t lane : lanes) sum += lane;
+  return sum;
 }
 
 // Moments of the `count` valid elements of a contiguous row of length `len`.
@@ -97,7 +110,7 @@ Moments<at::opmath_type<scalar_t>> row_moments(
   const fVec zero(0);
   auto load_valid = [&](int64_t i, int64_t n) {
     fVec v = IO::load(x + i, n);
-    return keep ? fVec::blendv(zero, v, fVec::loadu(keep + i, n)) : v;
+    return keep ? v & fVec::loadu(keep + i, n) : v;
   };
   // Scalar math: mean = sum(x) / count
   fVec acc0(0), acc1(0);
@@ -106,22 +119,21 @@ Moments<at::opmath_type<scalar_t>> row_moments(
     acc0 += load_valid(i, V);
     acc1 += load_valid(i + V, V);
   }
-  for (; i < len; i += V) acc0 += load_valid(i, std::min(V, len - i));
+  vec_loop<V>(len - i, [&](int64_t j, int64_t n) { acc0 += load_valid(i + j, n); });
   const opmath_t mean = sum_lanes(acc0 + acc1) / opmath_t(count);
   // Scalar math: d = x - mean; m2 = sum(d * d) - sum(d)^2 / count
   const fVec mean_vec(mean);
   fVec dsum(0), d2sum(0);
-  for (i = 0; i < len; i += V) {
-    const int64_t n = std::min(V, len - i);
+  vec_loop<V>(len, [&](int64_t i, int64_t n) {
     fVec d = IO::load(x + i, n) - mean_vec;
     if (keep) {
-      d = fVec::blendv(zero, d, fVec::loadu(keep + i, n));  // tail lanes load as 0: dropped
+      d = d & fVec::loadu(keep + i, n);  // tail lanes load as 0: dropped
     } else if (n < V) {
       d = fVec::set(zero, d, n);  // drop the tail lanes, which hold 0 - mean
     }
     dsum += d;
     d2sum = at::vec::fmadd(d, d, d2sum);
-  }
+  });
   const opmath_t ds = sum_lanes(dsum);
   m.count = count;
   m.mean = mean + ds / opmath_t(count);
@@ -172,7 +184,7 @@ class PerThreadBuffers {
   std::vector<T> data_;
 };
 
-// The padding mask of an (N, L) batch as blendv lane masks, and the number of
+// The padding mask of an (N, L) batch as lane masks (keep_bits), and the number of
 // valid positions in each of the N rows. Used where masked positions sit
 // inside a contiguous row (channels-first batch norm).
 template <typename opmath_t>

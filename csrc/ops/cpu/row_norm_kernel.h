@@ -20,10 +20,10 @@ at::opmath_type<scalar_t> mean_of_squares(const scalar_t* x, int64_t len) {
     acc0 = at::vec::fmadd(a, a, acc0);
     acc1 = at::vec::fmadd(b, b, acc1);
   }
-  for (; i < len; i += V) {
-    const fVec a = IO::load(x + i, std::min(V, len - i));  // tail lanes load as 0
+  vec_loop<V>(len - i, [&](int64_t j, int64_t n) {
+    const fVec a = IO::load(x + i + j, n);  // tail lanes load as 0
     acc0 = at::vec::fmadd(a, a, acc0);
-  }
+  });
   return sum_lanes(acc0 + acc1) / at::opmath_type<scalar_t>(len);
 }
 
@@ -60,14 +60,13 @@ void row_norm_forward(
       if (mean_out) mean_out[r] = mean;
       rstd_out[r] = rstd;
       const fVec mean_v(mean), rstd_v(rstd);
-      for (int64_t d = 0; d < D; d += V) {
-        const int64_t k = std::min(V, D - d);
+      vec_loop<V>(D, [&](int64_t d, int64_t k) {
         // Scalar math: y = (x - mean) * rstd * w + b
         fVec y = (IO::load(xr + d, k) - mean_v) * rstd_v;
         if (w) y = y * fVec::loadu(w + d, k);
         if (b) y = y + fVec::loadu(b + d, k);
         IO::store(yr + d, y, k);
-      }
+      });
     }
   });
 }
@@ -102,8 +101,7 @@ void row_norm_backward(
       const scalar_t* dyr = dy + r * D;
       const fVec mean_v(centered ? mean[r] : opmath_t(0)), rstd_v(rstd[r]);
       fVec sum_g(0), sum_gx(0);
-      for (int64_t d = 0; d < D; d += V) {
-        const int64_t k = std::min(V, D - d);
+      vec_loop<V>(D, [&](int64_t d, int64_t k) {
         // Scalar math: xhat = (x - mean) * rstd; g = dy * w;
         //              sum_g += g; sum_gx += g * xhat; dw += dy * xhat; db += dy
         const fVec dyv = IO::load(dyr + d, k);
@@ -117,19 +115,18 @@ void row_norm_backward(
           sum_g += g;
           sum_gx = at::vec::fmadd(g, xhat, sum_gx);
         }
-      }
+      });
       if (!dx) continue;
       const opmath_t c_g = centered ? -sum_lanes(sum_g) * inv_D : opmath_t(0);
       const fVec c_x(-sum_lanes(sum_gx) * inv_D), c_g_v(c_g);
       scalar_t* dxr = dx + r * D;
-      for (int64_t d = 0; d < D; d += V) {
-        const int64_t k = std::min(V, D - d);
+      vec_loop<V>(D, [&](int64_t d, int64_t k) {
         // Scalar math: dx = rstd * (g + c_g + xhat * c_x)
         const fVec dyv = IO::load(dyr + d, k);
         const fVec g = w ? dyv * fVec::loadu(w + d, k) : dyv;
         const fVec xhat = (IO::load(xr + d, k) - mean_v) * rstd_v;
         IO::store(dxr + d, rstd_v * at::vec::fmadd(xhat, c_x, g + c_g_v), k);
-      }
+      });
     }
   });
   if (dw) columns.sum_into(dw, 0);
