@@ -21,18 +21,12 @@ namespace {
 
 using at::Tensor;
 
-struct Stats {
-  Tensor mean;    // (C,) opmath
-  Tensor invstd;  // (C,) opmath
-  int64_t count;  // valid positions per channel
-};
-
 // ---------------------------------------------------------------- statistics
 
 template <typename scalar_t>
 void moments_channels_inner(
     const scalar_t* x, const bool* pad, int64_t rows, int64_t C,
-    at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* var_out, int64_t* count_out) {
+    at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* var_out) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
@@ -60,8 +54,6 @@ void moments_channels_inner(
       });
     }
   });
-  int64_t total = 0;
-  for (int64_t t = 0; t < partial.threads(); ++t) total += seen[t];
   for (int64_t c = 0; c < C; ++c) {
     Moments<opmath_t> acc;
     for (int64_t t = 0; t < partial.threads(); ++t) {
@@ -70,7 +62,6 @@ void moments_channels_inner(
     mean_out[c] = acc.mean;
     var_out[c] = acc.count > 0 ? acc.m2 / opmath_t(acc.count) : opmath_t(0);
   }
-  *count_out = total;
 }
 
 template <typename scalar_t>
@@ -180,8 +171,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cpu(
           "training, got 1 (input shape ", input.sizes(), ")");
       std::vector<opmath_t> var(g.C);
       if (g.channels_inner) {
-        int64_t seen = 0;
-        moments_channels_inner<scalar_t>(x, pad, g.rows(), g.C, mean, var.data(), &seen);
+        moments_channels_inner<scalar_t>(x, pad, g.rows(), g.C, mean, var.data());
       } else {
         moments_channels_outer<scalar_t>(x, lanes ? &*lanes : nullptr, g.N, g.C, g.L, mean, var.data());
       }
