@@ -90,8 +90,8 @@ void row_norm_backward(
   PerThreadBuffers<opmath_t> columns(need_columns ? D : 0, 2);
   const opmath_t inv_D = opmath_t(1) / opmath_t(D);
   at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
-    opmath_t* dw_local = need_columns ? columns.local(0) : nullptr;
-    opmath_t* db_local = need_columns ? columns.local(1) : nullptr;
+    opmath_t* dw_local = dw ? columns.local(0) : nullptr;
+    opmath_t* db_local = db ? columns.local(1) : nullptr;
     for (int64_t r = begin; r < end; ++r) {
       if (pad && pad[r]) {
         if (dx) fill_zero(dx + r * D, D);
@@ -106,10 +106,8 @@ void row_norm_backward(
         //              sum_g += g; sum_gx += g * xhat; dw += dy * xhat; db += dy
         const fVec dyv = IO::load(dyr + d, k);
         const fVec xhat = (IO::load(xr + d, k) - mean_v) * rstd_v;
-        if (need_columns) {
-          at::vec::fmadd(dyv, xhat, fVec::loadu(dw_local + d, k)).store(dw_local + d, k);
-          (fVec::loadu(db_local + d, k) + dyv).store(db_local + d, k);
-        }
+        if (dw_local) at::vec::fmadd(dyv, xhat, fVec::loadu(dw_local + d, k)).store(dw_local + d, k);
+        if (db_local) (fVec::loadu(db_local + d, k) + dyv).store(db_local + d, k);
         if (dx) {
           const fVec g = w ? dyv * fVec::loadu(w + d, k) : dyv;  // tail lanes: 0
           sum_g += g;
