@@ -262,6 +262,45 @@ def copy_affine(dst, src):
             d.copy_(s.to(d.dtype))
 
 
+# name -> (input shape, normalized_shape)
+ROW_SHAPES = {
+    "2d": ((6, 8), (8,)),
+    "3d": ((4, 5, 8), (8,)),
+    "multi_dim_ns": ((3, 4, 3, 4), (3, 4)),
+    "3d_ns2": ((6, 3, 4), (3, 4)),
+}
+
+# MaskedLayerNorm / nn.LayerNorm affine variants: name -> constructor kwargs
+LN_AFFINE = {
+    "affine": dict(elementwise_affine=True, bias=True),
+    "no_affine": dict(elementwise_affine=False),
+    "no_bias": dict(elementwise_affine=True, bias=False),
+}
+
+
+def row_batch_shape(shape, ns):
+    """The leading (mask) dims of an LN/RMS input ``shape`` normalized over ``ns``."""
+    return shape[: len(shape) - len(ns)]
+
+
+def _make_row_pair(masked_cls, ref_cls, ns, dtype, ref_dtype, **kw):
+    m = masked_cls(ns, dtype=dtype, **kw)
+    init_affine(m)
+    r = ref_cls(ns, dtype=ref_dtype or dtype, **kw)
+    copy_affine(r, m)
+    return m, r
+
+
+def make_ln_pair(ns, dtype=torch.float32, ref_dtype=None, **kw):
+    """(MaskedLayerNorm, nn.LayerNorm) with identical random affine params."""
+    return _make_row_pair(masknorm.MaskedLayerNorm, nn.LayerNorm, ns, dtype, ref_dtype, **kw)
+
+
+def make_rms_pair(ns, dtype=torch.float32, ref_dtype=None, **kw):
+    """(MaskedRMSNorm, nn.RMSNorm) with identical random affine params."""
+    return _make_row_pair(masknorm.MaskedRMSNorm, nn.RMSNorm, ns, dtype, ref_dtype, **kw)
+
+
 def fwd_bwd(fn, x, g):
     """Run y = fn(x_leaf); y.backward(g); return (y, x_leaf.grad)."""
     x = x.detach().clone().requires_grad_(True)
