@@ -2,7 +2,10 @@
 // TORCH_LIBRARY claims the `masknorm` namespace here; each op's schemas are
 // added by its own file (ops/<op>.cpp), its kernels by ops/cpu/<op>_kernel.cpp
 // and its autograd by ops/autograd/<op>_autograd.cpp.
-// The Python module itself only reports build information.
+// The Python module itself only reports build information. The CPU kernels
+// are chosen per instruction set at run time: ops/cpu/dispatch.cpp.
+#include "ops/cpu/dispatch.h"
+
 #include <torch/extension.h>
 
 #ifndef MASKNORM_TORCH_VERSION
@@ -23,6 +26,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     info["version"] = MASKNORM_VERSION;
     info["torch_version"] = MASKNORM_TORCH_VERSION;
     info["cuda"] = false;
+    // Which build of the CPU kernels runs here, and why a faster one did not.
+    info["cpu_kernels"] = masknorm::cpu::kernels().isa;
+    info["cpu_kernels_note"] = masknorm::cpu::kernels_note();
     return info;
   }, "How this extension was built.");
 }

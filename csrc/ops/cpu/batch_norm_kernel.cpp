@@ -10,11 +10,9 @@
 // moments merged with Chan's formula (planes); padded positions are skipped
 // or cleared with a bit mask, never multiplied by zero, so NaN/inf there cannot
 // leak.
-#include "../batch_norm.h"
 #include "../checks.h"
+#include "kernels.h"
 #include "norm_utils.h"
-
-#include <torch/library.h>
 
 namespace masknorm::cpu {
 namespace {
@@ -405,12 +403,6 @@ void batch_norm_update_running_stats_cpu(
   const Tensor unbiased = n > 1 ? var * (double(n) / double(n - 1)) : var;
   running_mean.copy_(running_mean.to(at::kDouble) * (1.0 - factor) + save_mean.to(stat_options) * factor);
   running_var.copy_(running_var.to(at::kDouble) * (1.0 - factor) + unbiased * factor);
-}
-
-TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
-  m.impl("batch_norm", &batch_norm_forward_cpu);
-  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
-  m.impl("batch_norm_update_running_stats", &batch_norm_update_running_stats_cpu);
 }
 
 }  // namespace masknorm::cpu

@@ -1,9 +1,8 @@
 // CPU kernels of masknorm::layer_norm and layer_norm_backward (loops shared
 // with RMS norm in row_norm_kernel.h).
 #include "../checks.h"
+#include "kernels.h"
 #include "row_norm_kernel.h"
-
-#include <torch/library.h>
 
 namespace masknorm::cpu {
 
@@ -71,11 +70,6 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(
   if (dw.defined()) dw = dw.view(normalized_shape).to(param_dtype);
   if (db.defined()) db = db.view(normalized_shape).to(param_dtype);
   return {dx, dw, db};
-}
-
-TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
-  m.impl("layer_norm", &layer_norm_forward_cpu);
-  m.impl("layer_norm_backward", &layer_norm_backward_cpu);
 }
 
 }  // namespace masknorm::cpu

@@ -1,9 +1,8 @@
 // CPU kernels of masknorm::rms_norm and rms_norm_backward (loops shared with
 // layer norm in row_norm_kernel.h).
 #include "../checks.h"
+#include "kernels.h"
 #include "row_norm_kernel.h"
-
-#include <torch/library.h>
 
 namespace masknorm::cpu {
 
@@ -63,11 +62,6 @@ std::tuple<Tensor, Tensor> rms_norm_backward_cpu(
   });
   if (dw.defined()) dw = dw.view(normalized_shape).to(has_w ? weight->scalar_type() : input.scalar_type());
   return {dx, dw};
-}
-
-TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
-  m.impl("rms_norm", &rms_norm_forward_cpu);
-  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
 }
 
 }  // namespace masknorm::cpu

@@ -1,0 +1,1 @@
+"""masknorm's benchmark suite: `python -m benchmarks` (see run.py)."""
