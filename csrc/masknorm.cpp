@@ -1,9 +1,7 @@
-// The masknorm extension module (masknorm._C). Loading it registers the ops:
-// TORCH_LIBRARY claims the `masknorm` namespace here; each op's schemas are
-// added by its own file (ops/<op>.cpp), its kernels by ops/cpu/<op>_kernel.cpp
-// and its autograd by ops/autograd/<op>_autograd.cpp.
-// The Python module itself only reports build information. The CPU kernels
-// are chosen per instruction set at run time: ops/cpu/dispatch.cpp.
+// The Python extension module masknorm._C: the ops (everything under ops/,
+// registered when the module loads; see ops/library.cpp) plus this module,
+// which only reports build information. The CPU kernels are chosen per
+// instruction set at run time: ops/cpu/dispatch.cpp.
 #include "ops/cpu/dispatch.h"
 
 #include <torch/extension.h>
@@ -15,8 +13,6 @@
 #ifndef MASKNORM_VERSION
 #define MASKNORM_VERSION "0.0.0"
 #endif
-
-TORCH_LIBRARY(masknorm, m) {}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "masknorm: padding-aware BatchNorm, LayerNorm and RMSNorm ops (torch.ops.masknorm)";

@@ -7,6 +7,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace masknorm {
@@ -81,5 +82,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
     const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight,
     std::array<bool, 2> output_mask);
+
+// The CPU kernel build in use: "default" (portable), "avx2" or "avx512".
+std::string cpu_kernels_isa();
 
 }  // namespace masknorm

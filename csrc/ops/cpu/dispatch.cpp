@@ -6,6 +6,8 @@
 // can never be picked up by anything running on a CPU without them.
 #include "dispatch.h"
 
+#include "masknorm/ops.h"
+
 #include <ATen/Version.h>
 #include <torch/library.h>
 
@@ -114,3 +116,5 @@ TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
 }
 
 }  // namespace masknorm::cpu
+
+std::string masknorm::cpu_kernels_isa() { return masknorm::cpu::kernels().isa; }
