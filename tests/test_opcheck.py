@@ -4,10 +4,11 @@ All four default sub-tests (test_schema, test_autograd_registration,
 test_faketensor, test_aot_dispatch_dynamic) are run for every sample: none of
 them is skipped.  The forward ops (batch_norm, layer_norm, rms_norm) get
 samples with requires_grad inputs so that the autograd registration and the
-backward under AOT dispatch are exercised.  The backward ops and
-batch_norm_update_running_stats are not differentiable in the contract, so
-their samples do not require grad (test_autograd_registration then checks
-nothing needs an autograd kernel, the other three sub-tests still run fully).
+backward under AOT dispatch are exercised.  The backward ops get samples
+without grad (their fast kernel) and, as variant "double", samples whose
+grad_output, input and weight require grad (their differentiable composite,
+which double backward runs).  batch_norm_update_running_stats is not
+differentiable, so its samples do not require grad.
 """
 
 import pytest
@@ -28,6 +29,14 @@ def _check(op, args):
 
 def _rg(t, flag=True):
     return t.detach().clone().requires_grad_(flag) if t is not None else None
+
+
+def _double(sample, w_at):
+    """The backward-op sample with grad_output, input and weight (positions 0,
+    1 and w_at) requiring grad, as in double backward."""
+    s = list(sample)
+    s[0], s[1], s[w_at] = _rg(s[0]), _rg(s[1]), _rg(s[w_at])
+    return tuple(s)
 
 
 # ---------------------------------------------------------------------------
@@ -80,13 +89,15 @@ def bn_backward_sample(name, variant):
         "all": [True, w is not None, b is not None],
         "input_only": [True, False, False],
         "params_only": [False, True, True],
+        "double": [True, w is not None, b is not None],
     }[variant]
-    return (g, x, mask, w, sm, si, training, cl, om)
+    sample = (g, x, mask, w, sm, si, training, cl, om)
+    return _double(sample, 3) if variant == "double" else sample
 
 
 @pytest.mark.parametrize(
     "name,variant",
-    [(n, v) for n in BN_FLOAT for v in ("all", "input_only")] + [(n, "params_only") for n in BN_AFFINE],
+    [(n, v) for n in BN_FLOAT for v in ("all", "input_only", "double")] + [(n, "params_only") for n in BN_AFFINE],
 )
 def test_opcheck_batch_norm_backward(name, variant):
     _check(ops.batch_norm_backward.default, bn_backward_sample(name, variant))
@@ -158,8 +169,10 @@ def ln_backward_sample(name, variant):
         "all": [True, w is not None, b is not None],
         "input_only": [True, False, False],
         "params_only": [False, True, True],
+        "double": [True, w is not None, b is not None],
     }[variant]
-    return (g, x, ns, mask, mean, rstd, w, om)
+    sample = (g, x, ns, mask, mean, rstd, w, om)
+    return _double(sample, 6) if variant == "double" else sample
 
 
 LN_AFFINE = ["masked_affine_grad", "nomask_affine_grad", "multi_ns_masked_grad", "masked_no_grad"]
@@ -167,7 +180,7 @@ LN_AFFINE = ["masked_affine_grad", "nomask_affine_grad", "multi_ns_masked_grad",
 
 @pytest.mark.parametrize(
     "name,variant",
-    [(n, v) for n in LN_NAMES if "bf16" not in n for v in ("all", "input_only")]
+    [(n, v) for n in LN_NAMES if "bf16" not in n for v in ("all", "input_only", "double")]
     + [(n, "params_only") for n in LN_AFFINE],
 )
 def test_opcheck_layer_norm_backward(name, variant):
@@ -208,13 +221,16 @@ def rms_backward_sample(name, variant):
     w = w.detach() if w is not None else None
     _, rstd = ops.rms_norm(x, ns, mask, w, eps)
     g = torch.randn_like(x)
-    om = [True, w is not None] if variant == "all" else ([True, False] if variant == "input_only" else [False, True])
-    return (g, x, ns, mask, rstd, w, om)
+    om = {"all": [True, w is not None], "double": [True, w is not None], "input_only": [True, False]}.get(
+        variant, [False, True]
+    )
+    sample = (g, x, ns, mask, rstd, w, om)
+    return _double(sample, 5) if variant == "double" else sample
 
 
 @pytest.mark.parametrize(
     "name,variant",
-    [(n, v) for n in RMS_NAMES if "bf16" not in n for v in ("all", "input_only")]
+    [(n, v) for n in RMS_NAMES if "bf16" not in n for v in ("all", "input_only", "double")]
     + [(n, "weight_only") for n in RMS_NAMES if "bf16" not in n and "noaffine" not in n],
 )
 def test_opcheck_rms_norm_backward(name, variant):

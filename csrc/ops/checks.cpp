@@ -164,6 +164,39 @@ BatchNormLayout check_batch_norm_args(
   return g;
 }
 
+BatchNormLayout check_batch_norm_backward_args(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& padding_mask,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    bool channels_last) {
+  constexpr const char* op = "masknorm::batch_norm_backward";
+  const BatchNormLayout g = check_batch_norm_args(
+      op, input, padding_mask, weight, std::nullopt, std::nullopt, std::nullopt, channels_last);
+  check_grad_output(grad_output, input, op);
+  check_feature_tensor(save_mean, "save_mean", {g.C}, input, op);
+  check_feature_tensor(save_invstd, "save_invstd", {g.C}, input, op);
+  return g;
+}
+
+RowNormShape check_row_norm_backward_args(
+    const char* op,
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& padding_mask,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& mean,
+    const at::Tensor& rstd) {
+  const RowNormShape s = check_row_norm_args(op, input, normalized_shape, padding_mask, weight, std::nullopt);
+  check_grad_output(grad_output, input, op);
+  check_feature_tensor(mean, "mean", s.leading, input, op);
+  check_feature_tensor(rstd, "rstd", s.leading, input, op);
+  return s;
+}
+
 void check_running_stats_update_args(
     const at::Tensor& running_mean,
     const at::Tensor& running_var,

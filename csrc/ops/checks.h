@@ -93,6 +93,29 @@ BatchNormLayout check_batch_norm_args(
     const std::optional<at::Tensor>& running_var,
     bool channels_last);
 
+// For the backward ops (their kernels and the differentiable composite):
+// the forward op's checks plus grad_output (input's shape) and the saved
+// statistics, (C,) for batch norm, one per row for layer norm (mean, when
+// given) and RMS norm (rstd).
+BatchNormLayout check_batch_norm_backward_args(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& padding_mask,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    bool channels_last);
+
+RowNormShape check_row_norm_backward_args(
+    const char* op,
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& padding_mask,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& mean,
+    const at::Tensor& rstd);
+
 void check_running_stats_update_args(
     const at::Tensor& running_mean,
     const at::Tensor& running_var,

@@ -1,7 +1,9 @@
 // Autograd for masknorm::batch_norm: the forward op's gradient is the
-// masknorm::batch_norm_backward op. Registered for the Autograd key, so
-// Python and C++ callers of the op get gradients alike.
-#include "first_order_only.h"
+// masknorm::batch_norm_backward op, whose own gradient (double backward)
+// comes from differentiable_backward.h. Registered for the Autograd key, so
+// Python and C++ callers of the ops get gradients alike.
+#include "differentiable_backward.h"
+#include "../checks.h"
 #include "masknorm/ops.h"
 
 #include <torch/autograd.h>
@@ -66,16 +68,19 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_autograd(
     const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, const Tensor& save_mean, const Tensor& save_invstd,
     bool training, bool channels_last, std::array<bool, 3> output_mask) {
-  auto out = apply_first_order_only(
-      "masknorm::batch_norm_backward",
-      [&]() -> variable_list {
-        auto [dx, dw, db] = batch_norm_backward(
-            grad_output, input, padding_mask, weight, save_mean, save_invstd, training,
-            channels_last, output_mask);
-        return {dx, dw, db};
-      },
-      grad_output, input, weight, save_mean, save_invstd);
-  return {out[0], out[1], out[2]};
+  if (!records_graph({grad_output, input, weight.value_or(Tensor()), save_mean, save_invstd})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return batch_norm_backward(
+        grad_output, input, padding_mask, weight, save_mean, save_invstd, training, channels_last,
+        output_mask);
+  }
+  check_batch_norm_backward_args(grad_output, input, padding_mask, weight, save_mean, save_invstd, channels_last);
+  // In training the saved statistics are those of input; in eval they are
+  // the running statistics, constants of a formula linear in grad_output.
+  return differentiable_norm_backward(
+      "masknorm::batch_norm_backward", batch_norm_axes(input, padding_mask, channels_last),
+      grad_output, input, weight, save_mean, save_invstd, /*stats_from_input=*/training,
+      /*centered=*/true, output_mask);
 }
 
 }  // namespace

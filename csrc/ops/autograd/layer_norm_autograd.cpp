@@ -1,7 +1,9 @@
 // Autograd for masknorm::layer_norm: the forward op's gradient is the
-// masknorm::layer_norm_backward op. Registered for the Autograd key, so
-// Python and C++ callers of the op get gradients alike.
-#include "first_order_only.h"
+// masknorm::layer_norm_backward op, whose own gradient (double backward)
+// comes from differentiable_backward.h. Registered for the Autograd key, so
+// Python and C++ callers of the ops get gradients alike.
+#include "differentiable_backward.h"
+#include "../checks.h"
 #include "masknorm/ops.h"
 
 #include <torch/autograd.h>
@@ -58,15 +60,16 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_autograd(
     const Tensor& grad_output, const Tensor& input, at::IntArrayRef normalized_shape,
     const std::optional<Tensor>& padding_mask, const Tensor& mean, const Tensor& rstd,
     const std::optional<Tensor>& weight, std::array<bool, 3> output_mask) {
-  auto out = apply_first_order_only(
-      "masknorm::layer_norm_backward",
-      [&]() -> variable_list {
-        auto [dx, dw, db] = layer_norm_backward(
-            grad_output, input, normalized_shape, padding_mask, mean, rstd, weight, output_mask);
-        return {dx, dw, db};
-      },
-      grad_output, input, mean, rstd, weight);
-  return {out[0], out[1], out[2]};
+  if (!records_graph({grad_output, input, mean, rstd, weight.value_or(Tensor())})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return layer_norm_backward(
+        grad_output, input, normalized_shape, padding_mask, mean, rstd, weight, output_mask);
+  }
+  constexpr const char* op = "masknorm::layer_norm_backward";
+  check_row_norm_backward_args(op, grad_output, input, normalized_shape, padding_mask, weight, mean, rstd);
+  return differentiable_norm_backward(
+      op, row_norm_axes(input, normalized_shape, padding_mask), grad_output, input, weight, mean,
+      rstd, /*stats_from_input=*/true, /*centered=*/true, output_mask);
 }
 
 }  // namespace

@@ -1,7 +1,9 @@
 // Autograd for masknorm::rms_norm: the forward op's gradient is the
-// masknorm::rms_norm_backward op. Registered for the Autograd key, so Python
-// and C++ callers of the op get gradients alike.
-#include "first_order_only.h"
+// masknorm::rms_norm_backward op, whose own gradient (double backward) comes
+// from differentiable_backward.h. Registered for the Autograd key, so Python
+// and C++ callers of the ops get gradients alike.
+#include "differentiable_backward.h"
+#include "../checks.h"
 #include "masknorm/ops.h"
 
 #include <torch/autograd.h>
@@ -57,15 +59,17 @@ std::tuple<Tensor, Tensor> rms_norm_backward_autograd(
     const Tensor& grad_output, const Tensor& input, at::IntArrayRef normalized_shape,
     const std::optional<Tensor>& padding_mask, const Tensor& rstd,
     const std::optional<Tensor>& weight, std::array<bool, 2> output_mask) {
-  auto out = apply_first_order_only(
-      "masknorm::rms_norm_backward",
-      [&]() -> variable_list {
-        auto [dx, dw] = rms_norm_backward(
-            grad_output, input, normalized_shape, padding_mask, rstd, weight, output_mask);
-        return {dx, dw};
-      },
-      grad_output, input, rstd, weight);
-  return {out[0], out[1]};
+  if (!records_graph({grad_output, input, rstd, weight.value_or(Tensor())})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return rms_norm_backward(grad_output, input, normalized_shape, padding_mask, rstd, weight, output_mask);
+  }
+  constexpr const char* op = "masknorm::rms_norm_backward";
+  check_row_norm_backward_args(op, grad_output, input, normalized_shape, padding_mask, weight, std::nullopt, rstd);
+  auto [dx, dw, db] = differentiable_norm_backward(
+      op, row_norm_axes(input, normalized_shape, padding_mask), grad_output, input, weight,
+      /*save_mean=*/Tensor(), rstd, /*stats_from_input=*/true, /*centered=*/false,
+      {output_mask[0], output_mask[1], false});
+  return {dx, dw};
 }
 
 }  // namespace

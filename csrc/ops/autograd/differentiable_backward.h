@@ -1,0 +1,73 @@
+// Double backward for the three norms. The backward ops (batch_norm_backward,
+// layer_norm_backward, rms_norm_backward) run their fast kernel unless an
+// autograd graph must be recorded through them (grad mode on and an input
+// that requires grad: create_graph=True, gradient penalties, meta-learning).
+// Then they compute the same gradients with the composite of at:: ops below,
+// and torch's autograd differentiates that composite: second and higher
+// derivatives, from Python and C++ alike.
+//
+// The three norms share one formula. With valid positions V (padding
+// excluded), statistics taken over `stat_dims`, g = dy * w and
+// xhat = (x - mean) * rstd:
+//   dx = rstd * (g - mean_V(g) - xhat * mean_V(g * xhat))   statistics of the input
+//   dx = rstd * g                                            given statistics (BN eval)
+//   dw = sum(dy * xhat), db = sum(dy)                        over `param_dims`, valid only
+// RMS norm is the uncentered case (mean 0, no mean_V(g) term).
+//
+// Padding is selected out with at::where (never multiplied by 0) before any
+// arithmetic, so NaN/inf stored at padded positions reaches neither the
+// gradients nor their derivatives.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <vector>
+
+namespace masknorm {
+
+// True when a backward op called now must record an autograd graph: grad mode
+// is enabled and one of `tensors` (undefined ones are skipped) requires grad.
+bool records_graph(at::ArrayRef<at::Tensor> tensors);
+
+// How a norm's tensors line up with its input.
+struct NormAxes {
+  at::Tensor valid;                    // bool, broadcasts against input; undefined: all valid
+  std::vector<int64_t> stat_dims;      // dims each statistic is taken over
+  std::vector<int64_t> param_dims;     // dims weight/bias gradients are summed over
+  std::vector<int64_t> param_view;     // weight viewed to broadcast against input
+  std::vector<int64_t> stat_view;      // saved statistics viewed to broadcast against input
+};
+
+// Batch norm: statistics per channel over (N[, L]) valid positions.
+NormAxes batch_norm_axes(
+    const at::Tensor& input, const std::optional<at::Tensor>& padding_mask, bool channels_last);
+
+// Layer / RMS norm: statistics per row over the trailing normalized_shape
+// dims, parameter gradients summed over the leading (row) dims.
+NormAxes row_norm_axes(
+    const at::Tensor& input, at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& padding_mask);
+
+// The gradients (grad_input, grad_weight, grad_bias) of a norm as a
+// differentiable composite. `stats_from_input`: the saved statistics are
+// those of `input` (BN training, LN, RMS); they are then recomputed from
+// input so that derivatives see their dependence on it, and only their values
+// (which carry eps) are read from save_rstd. Otherwise (BN eval) save_mean and
+// save_rstd are constants of the formula, differentiable like any input.
+// save_mean is undefined for RMS norm (`centered` false). Entries not in
+// output_mask come back undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_norm_backward(
+    const char* op,
+    const NormAxes& axes,
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_rstd,
+    bool stats_from_input,
+    bool centered,
+    std::array<bool, 3> output_mask);
+
+}  // namespace masknorm
