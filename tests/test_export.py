@@ -1,0 +1,140 @@
+"""torch.export.export of small models using each masked module: the exported
+program gives the eager results (outputs, input gradients, running statistics
+in training), with static and dynamic batch / sequence sizes, before and after
+run_decompositions (functionalized, the running-statistics update becomes an
+auto_functionalized op and a buffer mutation), and after torch.export.save/load.
+
+Note: the exported program's state_dict holds the exported module's own
+parameter and buffer tensors, so running ep.module() in training mode updates
+the original module's running statistics too; each test keeps an eager deep
+copy made before the export.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+
+import masknorm
+from conftest import assert_close, init_affine, init_bn_state, random_lengths_mask
+
+C_IN, C, N, L = 4, 6, 3, 5
+KINDS = ["bn", "bn_cl", "ln", "rms"]
+
+
+class Net(nn.Module):
+    """Linear -> masked norm -> Linear on (N, L, C_IN) tokens with an (N, L) padding mask."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.inp = nn.Linear(C_IN, C)
+        if kind.startswith("bn"):
+            self.norm = masknorm.MaskedBatchNorm1d(C, channels_last=kind == "bn_cl")
+            init_bn_state(self.norm)
+        else:
+            self.norm = masknorm.MaskedLayerNorm(C) if kind == "ln" else masknorm.MaskedRMSNorm(C)
+            init_affine(self.norm)
+        self.out = nn.Linear(C, 2)
+
+    def forward(self, x, padding_mask):
+        h = self.inp(x)
+        if self.kind == "bn":  # channels-first BatchNorm takes (N, C, L)
+            return self.out(self.norm(h.transpose(1, 2), padding_mask).transpose(1, 2))
+        return self.out(self.norm(h, padding_mask))
+
+
+def _inputs(n=N, l=L):
+    return torch.randn(n, l, C_IN), random_lengths_mask(n, l)
+
+
+def _export(model, dynamic, strict=False):
+    x, mask = _inputs()
+    shapes = None
+    if dynamic:
+        batch, seq = Dim("batch", min=2), Dim("seq", min=2)
+        shapes = {"x": {0: batch, 1: seq}, "padding_mask": {0: batch, 1: seq}}
+    return torch.export.export(model, (x, mask), dynamic_shapes=shapes, strict=strict)
+
+
+def _assert_same_buffers(exported_module, eager):
+    for name, buf in eager.named_buffers():
+        assert torch.equal(exported_module.get_buffer(name), buf), name
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize(
+    # train/eval only changes batch norm
+    "kind,training", [(k, t) for k in KINDS for t in ((False, True) if k.startswith("bn") else (True,))]
+)
+def test_export_matches_eager(kind, training, dynamic):
+    model = Net(kind).train(training)
+    eager = copy.deepcopy(model)
+    ep = _export(model, dynamic)
+    exported = ep.module()
+    sizes = [(N, L), (5, 7), (2, 3)] if dynamic else [(N, L), (N, L)]
+    for n, l in sizes:
+        x, mask = _inputs(n, l)
+        # same ops on the same values: bit-identical
+        assert torch.equal(exported(x, mask), eager(x, mask))
+        _assert_same_buffers(exported, eager)
+    if kind.startswith("bn") and training:
+        assert int(exported.get_buffer("norm.num_batches_tracked")) == len(sizes)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_gradients_match_eager(kind):
+    model = Net(kind).train()
+    eager = copy.deepcopy(model)
+    exported = _export(model, dynamic=True).module()
+    x, mask = _inputs(4, 6)
+    xe, xx = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    g = torch.randn(4, 6, 2)
+    eager(xe, mask).backward(g)
+    exported(xx, mask).backward(g)
+    assert torch.equal(xx.grad, xe.grad)
+    for (name, p), pe in zip(exported.named_parameters(), eager.parameters()):
+        assert torch.equal(p.grad, pe.grad), name
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_export_run_decompositions_functionalizes_running_stats(training):
+    model = Net("bn_cl").train(training)
+    eager = copy.deepcopy(model)
+    ep = _export(model, dynamic=True).run_decompositions()
+    mutated = set(ep.graph_signature.buffers_to_mutate.values())
+    if training:
+        assert mutated == {"norm.running_mean", "norm.running_var", "norm.num_batches_tracked"}
+    else:
+        assert mutated == set()
+    exported = ep.module()
+    for n, l in [(N, L), (4, 8)]:
+        x, mask = _inputs(n, l)
+        # decomposed Linear (addmm) may round differently from eager linear
+        assert_close(exported(x, mask), eager(x, mask))
+        for name, buf in eager.named_buffers():
+            assert_close(exported.get_buffer(name), buf)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_strict(kind):
+    model = Net(kind).eval()
+    eager = copy.deepcopy(model)
+    exported = _export(model, dynamic=False, strict=True).module()
+    x, mask = _inputs()
+    assert torch.equal(exported(x, mask), eager(x, mask))
+
+
+@pytest.mark.parametrize("kind", ["bn_cl", "ln"])
+def test_export_save_load_round_trip(kind):
+    model = Net(kind).eval()
+    eager = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.export.save(_export(model, dynamic=True), buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    x, mask = _inputs(4, 9)
+    assert torch.equal(loaded(x, mask), eager(x, mask))
