@@ -185,6 +185,7 @@ def init_bn_state(module, dtype=None):
     with torch.no_grad():
         if getattr(module, "weight", None) is not None:
             module.weight.copy_(torch.empty(module.weight.shape).uniform_(0.5, 1.5))
+        if getattr(module, "bias", None) is not None:
             module.bias.copy_(torch.empty(module.bias.shape).uniform_(-0.5, 0.5))
         if getattr(module, "running_mean", None) is not None:
             module.running_mean.copy_(torch.empty(module.running_mean.shape).uniform_(-0.5, 0.5))

@@ -7,7 +7,7 @@ torch's own; only ``forward`` changes, taking an optional ``padding_mask``
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,10 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
 
     Shapes: input (N, C) with padding_mask (N,), (N, C, L) with (N, L), or
     (N, L, C) with (N, L) when ``channels_last``.
+
+    Arguments are nn.BatchNorm1d's (``bias=False``, a weight without bias,
+    needs a torch whose nn.BatchNorm1d takes it), plus keyword-only
+    ``channels_last``.
     """
 
     def __init__(
@@ -38,18 +42,26 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         momentum: Optional[float] = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        device=None,
-        dtype=None,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
         *,
         channels_last: bool = False,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        # bias is passed only when False: older torch versions have no such argument
+        kwargs = {} if bias else {"bias": False}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.channels_last = channels_last
 
     def extra_repr(self) -> str:
+        """torch's BatchNorm1d ``extra_repr``, plus ``channels_last=True`` when set."""
         return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Normalizes ``input``; ``padding_mask`` (bool, True at padding) is
+        (N,) for (N, C) input and (N, L) for 3-D input. Without a mask, the
+        result is nn.BatchNorm1d's. In training mode the running statistics are
+        updated from the valid positions."""
         self._check_input_dim(input)
         # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward.
         update_stats = self.training and self.track_running_stats
@@ -79,6 +91,8 @@ class MaskedLayerNorm(nn.LayerNorm):
     """
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Normalizes each valid row of ``input`` over ``normalized_shape``;
+        padded rows (True in ``padding_mask``) output 0."""
         return F.layer_norm(
             input, self.normalized_shape, self.weight, self.bias, self.eps, padding_mask=padding_mask
         )
@@ -91,4 +105,6 @@ class MaskedRMSNorm(nn.RMSNorm):
     """
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """RMS-normalizes each valid row of ``input`` over ``normalized_shape``;
+        padded rows (True in ``padding_mask``) output 0."""
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, padding_mask=padding_mask)

@@ -1,0 +1,136 @@
+"""Switching an existing model to the masked norms in one line."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .modules import MaskedBatchNorm1d, MaskedLayerNorm, MaskedRMSNorm
+
+__all__ = ["convert_model"]
+
+# Per-module hook dictionaries, moved to the replacement (the same dict
+# objects, so handles from register_*_hook keep working).
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _uses_torch_forward(module: nn.Module, base: type) -> bool:
+    # A subclass with its own forward (a masked module, or any custom one) is
+    # left alone: replacing it would drop that forward. So is a parametrized
+    # module, whose class parametrize made.
+    return (
+        isinstance(module, base)
+        and type(module).forward is base.forward
+        and not parametrize.is_parametrized(module)
+    )
+
+
+def _masked_counterpart(
+    module: nn.Module, batch_norm: bool, layer_norm: bool, rms_norm: bool
+) -> Optional[nn.Module]:
+    """A masked module with module's hyperparameters, or None to keep module."""
+    if batch_norm and _uses_torch_forward(module, nn.BatchNorm1d):
+        kwargs = {} if module.bias is not None or not module.affine else {"bias": False}
+        return MaskedBatchNorm1d(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            channels_last=False,
+            **kwargs,
+        )
+    if layer_norm and _uses_torch_forward(module, nn.LayerNorm):
+        return MaskedLayerNorm(
+            module.normalized_shape, module.eps, module.elementwise_affine, bias=module.bias is not None
+        )
+    if rms_norm and _uses_torch_forward(module, nn.RMSNorm):
+        return MaskedRMSNorm(module.normalized_shape, module.eps, module.elementwise_affine)
+    return None
+
+
+def _take_over(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Gives ``new`` the state of ``old``: the same Parameter and buffer
+    objects, mode, hooks and any other instance attributes."""
+    new._parameters.clear()
+    new._parameters.update(old._parameters)
+    new._buffers.clear()
+    new._buffers.update(old._buffers)
+    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
+    new.training = old.training
+    for name in _HOOK_DICTS:
+        if name in vars(old):
+            setattr(new, name, getattr(old, name))
+    for name, value in vars(old).items():
+        if name not in vars(new):  # e.g. qconfig, user attributes
+            vars(new)[name] = value
+    return new
+
+
+def _convert(
+    module: nn.Module, done: Dict[int, nn.Module], batch_norm: bool, layer_norm: bool, rms_norm: bool
+) -> nn.Module:
+    if id(module) in done:  # a module shared by several parents stays shared
+        return done[id(module)]
+    new = _masked_counterpart(module, batch_norm, layer_norm, rms_norm)
+    result = module if new is None else _take_over(new, module)
+    done[id(module)] = result
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            result._modules[name] = _convert(child, done, batch_norm, layer_norm, rms_norm)
+    return result
+
+
+def convert_model(
+    module: nn.Module, *, batch_norm: bool = True, layer_norm: bool = True, rms_norm: bool = True
+) -> nn.Module:
+    """Replaces every ``nn.BatchNorm1d``, ``nn.LayerNorm`` and ``nn.RMSNorm`` in
+    ``module`` with its masked counterpart, as
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` does for SyncBatchNorm.
+
+    Args:
+        module: a model, or a single norm module.
+        batch_norm: convert ``nn.BatchNorm1d`` to :class:`MaskedBatchNorm1d`
+            (``channels_last=False``: the same ``(N, C)`` / ``(N, C, L)`` input
+            as before).
+        layer_norm: convert ``nn.LayerNorm`` to :class:`MaskedLayerNorm`.
+        rms_norm: convert ``nn.RMSNorm`` to :class:`MaskedRMSNorm`.
+
+    Returns:
+        ``module``, converted in place; when ``module`` itself is a norm that
+        gets converted, the new masked module instead.
+
+    The masked modules take over the original modules' state: the same
+    ``Parameter`` objects (so an optimizer built before the conversion keeps
+    training them) and buffer tensors (running statistics,
+    ``num_batches_tracked``), hence the same device, dtype and
+    ``requires_grad``; also the train/eval mode, hooks and other instance
+    attributes. ``state_dict`` keys do not change. Subclasses with their own
+    ``forward`` (masked modules among them) and modules parametrized with
+    ``torch.nn.utils.parametrize`` are left as they are, and a module shared
+    by several parents stays shared.
+
+    Without a mask the converted modules compute what the originals computed.
+    They skip padding only when given ``padding_mask`` (bool, True marks
+    padding), so the model's ``forward`` must pass it on, e.g.
+    ``self.norm(x, padding_mask=src_key_padding_mask)``.
+
+    Example::
+
+        >>> model = masknorm.convert_model(model)
+        >>> optimizer = torch.optim.AdamW(model.parameters())
+    """
+    return _convert(module, {}, batch_norm, layer_norm, rms_norm)
