@@ -14,6 +14,7 @@ def test_import_masknorm_standalone():
 def test_build_info_and_version():
     import masknorm
 
-    info = masknorm._C.build_info()
+    info = masknorm.build_info()
+    assert info == masknorm._C.build_info()
     assert info["version"] == masknorm.__version__
     assert info["torch_version"] == __import__("torch").__version__

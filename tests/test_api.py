@@ -1,0 +1,95 @@
+"""The public API: docstrings on every public name, type hints, py.typed, and
+module reprs in torch's format."""
+
+import inspect
+import pathlib
+import typing
+
+import pytest
+import torch
+from torch import nn
+
+import masknorm
+import masknorm.functional
+
+
+def _public_names():
+    for name in masknorm.__all__:
+        yield name, getattr(masknorm, name)
+    for name in masknorm.functional.__all__:
+        yield f"functional.{name}", getattr(masknorm.functional, name)
+
+
+PUBLIC = dict(_public_names())
+FUNCTIONS = {n: f for n, f in PUBLIC.items() if inspect.isfunction(f)}
+CLASSES = {n: c for n, c in PUBLIC.items() if inspect.isclass(c)}
+
+
+def test_all_names_exist():
+    assert set(masknorm.__all__) >= {
+        "MaskedBatchNorm1d", "MaskedLayerNorm", "MaskedRMSNorm", "functional",
+        "padding_mask_from_lengths", "convert_model", "build_info",
+    }
+    assert set(masknorm.functional.__all__) == {"batch_norm", "layer_norm", "rms_norm"}
+
+
+@pytest.mark.parametrize("name", list(PUBLIC))
+def test_public_name_has_a_docstring(name):
+    doc = PUBLIC[name].__doc__
+    assert doc and doc.strip(), f"masknorm.{name} has no docstring"
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_module_methods_have_docstrings(name):
+    cls = CLASSES[name]
+    for method in ("forward", "extra_repr"):
+        if method in vars(cls):  # defined by masknorm, not inherited from torch
+            assert (getattr(cls, method).__doc__ or "").strip(), f"{name}.{method} has no docstring"
+
+
+# public functions, and the methods masknorm's modules define (not inherited from torch)
+ANNOTATED = dict(FUNCTIONS)
+ANNOTATED.update(
+    {f"{c}.{m}": vars(cls)[m] for c, cls in CLASSES.items() for m in ("__init__", "forward") if m in vars(cls)}
+)
+
+
+@pytest.mark.parametrize("name", list(ANNOTATED))
+def test_public_functions_are_fully_annotated(name):
+    fn = ANNOTATED[name]
+    hints = typing.get_type_hints(fn)
+    params = [p for p in inspect.signature(fn).parameters if p != "self"]
+    missing = [p for p in params if p not in hints]
+    assert not missing, f"{name}: no type hint for {missing}"
+    assert "return" in hints, f"{name}: no return type hint"
+
+
+def test_py_typed_ships_with_the_package():
+    assert (pathlib.Path(masknorm.__file__).parent / "py.typed").is_file()
+
+
+@pytest.mark.parametrize(
+    "masked,torch_module",
+    [
+        (masknorm.MaskedBatchNorm1d(512), nn.BatchNorm1d(512)),
+        (masknorm.MaskedBatchNorm1d(8, eps=1e-3, momentum=None, affine=False, track_running_stats=False),
+         nn.BatchNorm1d(8, eps=1e-3, momentum=None, affine=False, track_running_stats=False)),
+        (masknorm.MaskedBatchNorm1d(8, bias=False), nn.BatchNorm1d(8, bias=False)),
+        (masknorm.MaskedLayerNorm(512), nn.LayerNorm(512)),
+        (masknorm.MaskedLayerNorm((2, 4), eps=1e-6, bias=False), nn.LayerNorm((2, 4), eps=1e-6, bias=False)),
+        (masknorm.MaskedLayerNorm(4, elementwise_affine=False), nn.LayerNorm(4, elementwise_affine=False)),
+        (masknorm.MaskedRMSNorm(512), nn.RMSNorm(512)),
+        (masknorm.MaskedRMSNorm(4, eps=1e-6, elementwise_affine=False), nn.RMSNorm(4, eps=1e-6, elementwise_affine=False)),
+    ],
+    ids=lambda m: repr(m) if isinstance(m, nn.Module) else None,
+)
+def test_repr_is_torchs(masked, torch_module):
+    assert repr(masked) == "Masked" + repr(torch_module)
+
+
+def test_repr_batch_norm_channels_last():
+    expected = repr(nn.BatchNorm1d(512))[:-1] + ", channels_last=True)"
+    assert repr(masknorm.MaskedBatchNorm1d(512, channels_last=True)) == "Masked" + expected
+    assert repr(masknorm.MaskedBatchNorm1d(512)).startswith(
+        "MaskedBatchNorm1d(512, eps=1e-05, momentum=0.1, affine=True, "
+    )
