@@ -1,14 +1,18 @@
-// masknorm from C++ with LibTorch only (no Python in the process): forward and
-// backward through torch's C++ autograd, checked against torch::nn::BatchNorm1d,
-// torch::nn::LayerNorm and at::rms_norm. Built and run by CTest (CMakeLists.txt).
+// masknorm from C++ with LibTorch only (no Python in the process): forward,
+// backward and double backward through torch's C++ autograd, checked against
+// torch::nn::BatchNorm1d, torch::nn::LayerNorm and at::rms_norm (at::batch_norm
+// and at::layer_norm for double backward). Built and run by CTest (CMakeLists.txt).
 #include <masknorm/ops.h>
 
 #include <torch/torch.h>
 
 #include <cctype>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <string>
+#include <tuple>
+#include <vector>
 
 namespace {
 
@@ -150,6 +154,49 @@ void masked_row_norms_match_torch() {
   expect_close(w_rms.grad(), w_ref.grad(), "masked rms_norm grad_weight");
 }
 
+// Double backward through C++ autograd: the gradient of a gradient penalty
+// ||d<y, g>/d(x, w)||^2 matches torch's norms (which support double backward).
+void double_backward_matches_torch() {
+  const int64_t N = 4, L = 5, C = 6;
+  const auto x = torch::randn({N, L, C}, torch::kDouble) * 2 + 1;
+  const auto g = torch::randn({N, L, C}, torch::kDouble);
+  const auto w = torch::empty({C}, torch::kDouble).uniform_(0.5, 1.5);
+  const auto b = torch::randn({C}, torch::kDouble);
+  using Norm = std::function<at::Tensor(const at::Tensor&, const at::Tensor&)>;
+  const std::vector<std::tuple<std::string, Norm, Norm>> cases = {
+      {"batch_norm",
+       [&](const at::Tensor& x, const at::Tensor& w) {
+         return std::get<0>(masknorm::batch_norm(x, std::nullopt, w, b, std::nullopt, std::nullopt, true, 1e-5, true));
+       },
+       [&](const at::Tensor& x, const at::Tensor& w) {
+         return at::batch_norm(x.transpose(1, 2), w, b, {}, {}, true, 0.1, 1e-5, false).transpose(1, 2);
+       }},
+      {"layer_norm",
+       [&](const at::Tensor& x, const at::Tensor& w) {
+         return std::get<0>(masknorm::layer_norm(x, {C}, std::nullopt, w, b, 1e-5));
+       },
+       [&](const at::Tensor& x, const at::Tensor& w) { return at::layer_norm(x, {C}, w, b, 1e-5); }},
+      {"rms_norm",
+       [&](const at::Tensor& x, const at::Tensor& w) {
+         return std::get<0>(masknorm::rms_norm(x, {C}, std::nullopt, w, 1e-6));
+       },
+       [&](const at::Tensor& x, const at::Tensor& w) { return at::rms_norm(x, {C}, w, 1e-6); }},
+  };
+  for (const auto& [name, ours, ref] : cases) {
+    std::vector<at::Tensor> second;  // d penalty / dx, d penalty / dw: ours, then torch's
+    for (const Norm& norm : {ours, ref}) {
+      const auto xi = x.clone().requires_grad_(), wi = w.clone().requires_grad_();
+      const auto first = torch::autograd::grad(
+          {(norm(xi, wi) * g).sum()}, {xi, wi}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+      const auto penalty = first[0].pow(2).sum() + first[1].pow(2).sum();
+      const auto d = torch::autograd::grad({penalty}, {xi, wi});
+      second.insert(second.end(), d.begin(), d.end());
+    }
+    expect_close(second[0], second[2], name + " double backward, input");
+    expect_close(second[1], second[3], name + " double backward, weight");
+  }
+}
+
 // Bad input raises a c10::Error naming the argument, as from Python.
 void bad_input_raises() {
   const auto x = torch::randn({2, 3, 4});
@@ -181,6 +228,7 @@ int main() {
   batch_norm_matches_torch();
   masked_batch_norm_matches_packed_torch();
   masked_row_norms_match_torch();
+  double_backward_matches_torch();
   bad_input_raises();
   kernel_build_is_the_best_one();
   expect(!python_in_process(), "no Python library in the process");
