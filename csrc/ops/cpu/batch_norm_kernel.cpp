@@ -318,12 +318,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const Tensor& grad_output_, const Tensor& input_, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, const Tensor& save_mean, const Tensor& save_invstd,
     bool training, bool channels_last, std::array<bool, 3> output_mask) {
-  constexpr const char* op = "masknorm::batch_norm_backward";
-  const BatchNormLayout g = check_batch_norm_args(
-      op, input_, padding_mask, weight, std::nullopt, std::nullopt, std::nullopt, channels_last);
-  check_grad_output(grad_output_, input_, op);
-  check_feature_tensor(save_mean, "save_mean", {g.C}, input_, op);
-  check_feature_tensor(save_invstd, "save_invstd", {g.C}, input_, op);
+  const BatchNormLayout g = check_batch_norm_backward_args(
+      grad_output_, input_, padding_mask, weight, save_mean, save_invstd, channels_last);
   const Tensor input = input_.contiguous();
   const Tensor grad_output = grad_output_.to(input.scalar_type()).contiguous();
   const Tensor mask = contiguous_mask(padding_mask);

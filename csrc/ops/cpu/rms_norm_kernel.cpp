@@ -38,9 +38,8 @@ std::tuple<Tensor, Tensor> rms_norm_backward_cpu(
     const std::optional<Tensor>& padding_mask, const Tensor& rstd_,
     const std::optional<Tensor>& weight, std::array<bool, 2> output_mask) {
   constexpr const char* op = "masknorm::rms_norm_backward";
-  const RowNormShape s = check_row_norm_args(op, input_, normalized_shape, padding_mask, weight, std::nullopt);
-  check_grad_output(grad_output_, input_, op);
-  check_feature_tensor(rstd_, "rstd", s.leading, input_, op);
+  const RowNormShape s = check_row_norm_backward_args(
+      op, grad_output_, input_, normalized_shape, padding_mask, weight, std::nullopt, rstd_);
   const Tensor input = input_.contiguous();
   const Tensor grad_output = grad_output_.to(input.scalar_type()).contiguous();
   const Tensor mask = contiguous_mask(padding_mask);
