@@ -4,6 +4,7 @@ instead, on synthetic padded batches."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from torch import nn
@@ -70,7 +71,20 @@ def padding_drift(batches: int, seed: int) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--study" in argv:
+        from . import study  # needs matplotlib and tqdm
+
+        argv.remove("--study")
+        study.main(argv, prog="python -m masknorm.demo --study")
+        return
     parser = argparse.ArgumentParser(prog="python -m masknorm.demo", description=__doc__)
+    parser.add_argument(
+        "--study",
+        action="store_true",
+        help="run the padding training study instead (minutes); the other options then go to it, "
+        "see python -m masknorm.study --help",
+    )
     parser.add_argument("--batches", type=int, default=200, help="training batches for the drift table")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
