@@ -67,19 +67,23 @@ void moments_channels_outer(
     const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C,
     int64_t L, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* var_out) {
   using opmath_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, C, std::max<int64_t>(1, row_grain(N * L)), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      Moments<opmath_t> acc;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t valid = lanes ? lanes->valid[n] : L;
-        if (valid == 0) continue;
-        acc.merge(row_moments<scalar_t>(
-            x + (n * C + c) * L, lanes ? lanes->keep.data() + n * L : nullptr, L, valid));
-      }
-      mean_out[c] = acc.mean;
-      var_out[c] = acc.count > 0 ? acc.m2 / opmath_t(acc.count) : opmath_t(0);
+  // Moments of every (n, c) row, visited in memory order (prefetch-friendly),
+  // then merged per channel in order of n: the same result for any thread count.
+  std::vector<Moments<opmath_t>> rows(static_cast<size_t>(N * C));
+  at::parallel_for(0, N * C, row_grain(L), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / C;
+      const int64_t valid = lanes ? lanes->valid[n] : L;
+      if (valid == 0) continue;
+      rows[row] = row_moments<scalar_t>(x + row * L, lanes ? lanes->keep.data() + n * L : nullptr, L, valid);
     }
   });
+  for (int64_t c = 0; c < C; ++c) {
+    Moments<opmath_t> acc;
+    for (int64_t n = 0; n < N; ++n) acc.merge(rows[n * C + c]);
+    mean_out[c] = acc.mean;
+    var_out[c] = acc.count > 0 ? acc.m2 / opmath_t(acc.count) : opmath_t(0);
+  }
 }
 
 // ------------------------------------------------------------------- forward

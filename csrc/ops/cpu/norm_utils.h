@@ -84,13 +84,19 @@ C10_ALWAYS_INLINE void vec_loop(int64_t len, const Body& body) {
   if (i < len) body(i, len - i);
 }
 
+// Sum of a vector's lanes. Rows are short, so this runs once or more per row:
+// for float, at::vec's shuffle tree (log2(lanes) steps, not a serial chain).
 template <typename opmath_t>
 inline opmath_t sum_lanes(const Vectorized<opmath_t>& v) {
-  __at_align__ opmath_t lanes[Vectorized<opmath_t>::size()];
-  v.store(lanes);
-  opmath_t sum = 0;
-  for (const opmath_t lane : lanes) sum += lane;
-  return sum;
+  if constexpr (std::is_same_v<opmath_t, float>) {
+    return at::vec::vec_reduce_all<float>([](const auto& a, const auto& b) { return a + b; }, v);
+  } else {
+    __at_align__ opmath_t lanes[Vectorized<opmath_t>::size()];
+    v.store(lanes);
+    opmath_t sum = 0;
+    for (const opmath_t lane : lanes) sum += lane;
+    return sum;
+  }
 }
 
 // Moments of the `count` valid elements of a contiguous row of length `len`.
@@ -123,21 +129,30 @@ Moments<at::opmath_type<scalar_t>> row_moments(
   const opmath_t mean = sum_lanes(acc0 + acc1) / opmath_t(count);
   // Scalar math: d = x - mean; m2 = sum(d * d) - sum(d)^2 / count
   const fVec mean_vec(mean);
-  fVec dsum(0), d2sum(0);
-  vec_loop<V>(len, [&](int64_t i, int64_t n) {
+  auto deviation = [&](int64_t i, int64_t n) {
     fVec d = IO::load(x + i, n) - mean_vec;
-    if (keep) {
-      d = d & fVec::loadu(keep + i, n);  // tail lanes load as 0: dropped
-    } else if (n < V) {
-      d = fVec::set(zero, d, n);  // drop the tail lanes, which hold 0 - mean
-    }
-    dsum += d;
-    d2sum = at::vec::fmadd(d, d, d2sum);
+    if (keep) return d & fVec::loadu(keep + i, n);  // tail lanes load as 0: dropped
+    return n < V ? fVec::set(zero, d, n) : d;       // drop tail lanes, which hold 0 - mean
+  };
+  // Two accumulator pairs: independent add chains.
+  fVec dsum0(0), dsum1(0), d2sum0(0), d2sum1(0);
+  i = 0;
+  for (; i + 2 * V <= len; i += 2 * V) {
+    const fVec d0 = deviation(i, V), d1 = deviation(i + V, V);
+    dsum0 += d0;
+    dsum1 += d1;
+    d2sum0 = at::vec::fmadd(d0, d0, d2sum0);
+    d2sum1 = at::vec::fmadd(d1, d1, d2sum1);
+  }
+  vec_loop<V>(len - i, [&](int64_t j, int64_t n) {
+    const fVec d = deviation(i + j, n);
+    dsum0 += d;
+    d2sum0 = at::vec::fmadd(d, d, d2sum0);
   });
-  const opmath_t ds = sum_lanes(dsum);
+  const opmath_t ds = sum_lanes(dsum0 + dsum1);
   m.count = count;
   m.mean = mean + ds / opmath_t(count);
-  m.m2 = std::max(sum_lanes(d2sum) - ds * ds / opmath_t(count), opmath_t(0));
+  m.m2 = std::max(sum_lanes(d2sum0 + d2sum1) - ds * ds / opmath_t(count), opmath_t(0));
   return m;
 }
 
