@@ -18,6 +18,14 @@ touched. Effective GB/s = passes * valid elements * element size / time, and
 "% copy" compares it with the machine's copy bandwidth, measured as
 torch.clone of the same whole tensor (read + write, all threads).
 
+Allocator. Every implementation allocates its outputs and gradients on each
+call. glibc returns large blocks (above 32 MB at most) to the OS on free, so
+without help each call would pay the OS's page faults for them, a cost of the
+system allocator rather than of any kernel, and a noisy one. The benchmark
+therefore re-runs itself with glibc told to keep freed memory
+(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), as a caching allocator
+(jemalloc, tcmalloc) would; --system-malloc measures with the defaults.
+
 Memory. "saved MB" is what forward keeps for backward beyond the input itself
 (saved_tensors_hooks, unique storages); "peak MB" is the peak of bytes
 allocated during forward+backward (torch.profiler memory events) above what
@@ -39,6 +47,8 @@ import masknorm
 from . import cases
 
 PASSES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
+# glibc: serve every size from the heap and never give freed memory back (see "Allocator").
+CACHING_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", str(2**32), "MALLOC_TRIM_THRESHOLD_", str(2**40))
 MODES = tuple(PASSES)
 
 
@@ -122,6 +132,12 @@ def run_case(norm, impl, x, mask, min_run_time):
 def run(shapes, min_run_time, compile_composites, only=None):
     from tqdm import tqdm
 
+    # Timing backward alone replays one recorded graph (retain_graph=True), which
+    # compiled backwards refuse while they donate (reuse) their saved buffers.
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
+
     jobs = []
     for shape in shapes:
         for norm in shape.norms:
@@ -201,7 +217,32 @@ def environment():
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "masknorm": info["version"],
         "masknorm_cpu_kernels": info["cpu_kernels"],
+        "allocator": "glibc, freed memory kept" if "MALLOC_MMAP_THRESHOLD_" in os.environ else "glibc defaults",
     }
+
+
+def summary(results):
+    """One row per shape and norm: masknorm's fwd+bwd time and how much faster it is than each alternative."""
+    impls = [i for i in ("stock", "masked-sums", "gather", "compiled") if any(r["impl"] == i for r in results)]
+    lines = [
+        "| shape | norm | masknorm fwd+bwd ms | " + " | ".join(f"vs {i}" for i in impls)
+        + " | fwd % copy | bwd % copy | peak MB (stock) |",
+        "|---|---|---:|" + "---:|" * len(impls) + "---:|---:|---:|",
+    ]
+    for r in results:
+        if r["impl"] != "masknorm":
+            continue
+        cells = []
+        for impl in impls:
+            other = lookup(results, r["shape"], r["norm"], impl)
+            cells.append(f"{other['fwd+bwd'] / r['fwd+bwd']:.2f}x" if other else "")
+        stock = lookup(results, r["shape"], r["norm"], "stock")
+        stock_peak = f" ({stock['peak_bytes'] / 2**20:.0f})" if stock else ""
+        lines.append(
+            f"| {r['shape']} | {cases.NORM_TITLES[r['norm']]} | {1e3 * r['fwd+bwd']:.2f} | " + " | ".join(cells)
+            + f" | {r['fwd_pct_copy']:.0f}% | {r['bwd_pct_copy']:.0f}% | {r['peak_bytes'] / 2**20:.0f}{stock_peak} |"
+        )
+    return lines
 
 
 def markdown(results, copy_gbps, bars, env, command):
@@ -209,9 +250,14 @@ def markdown(results, copy_gbps, bars, env, command):
         "# masknorm benchmark",
         "",
         f"`{command}` on {env['date']}: {env['cpu']}, {env['threads']} threads, torch {env['torch']} "
-        f"({env['torch_cpu_capability']}), masknorm {env['masknorm']} ({env['masknorm_cpu_kernels']} kernels).",
+        f"({env['torch_cpu_capability']}), masknorm {env['masknorm']} ({env['masknorm_cpu_kernels']} kernels), "
+        f"allocator: {env.get('allocator', 'glibc defaults')}.",
         "Times are medians (ms). GB/s counts valid tokens only (fwd 2 passes, bwd 3); "
         "% copy is against torch.clone of the same tensor. Speedup: the implementation's fwd+bwd time over masknorm's.",
+        "",
+        "## Summary",
+        "",
+        *summary(results),
         "",
     ]
     for shape in dict.fromkeys(r["shape"] for r in results):
@@ -283,24 +329,38 @@ def main(argv=None):
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile composites")
     parser.add_argument("--only", default=None, help="run the cases whose 'shape norm impl' contains this")
+    parser.add_argument("--from-json", default=None, help="write the report of a saved results.json, run nothing")
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default allocation policy")
     args = parser.parse_args(argv)
+    if not args.system_malloc and not args.from_json and CACHING_MALLOC_ENV[0] not in os.environ:
+        env = dict(os.environ, **dict(zip(CACHING_MALLOC_ENV[::2], CACHING_MALLOC_ENV[1::2])))
+        cmd = [sys.executable, "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]
+        sys.stdout.flush()
+        os.execve(sys.executable, cmd, env)  # does not return
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        write_report(saved["results"], saved["copy_gbps"], saved["environment"], saved["command"], args.out)
+        return
     shapes = cases.QUICK_SHAPES if args.quick else cases.SHAPES
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
     compile_composites = not (args.quick or args.no_compile)
     command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
 
     results, copy_gbps = run(shapes, min_run_time, compile_composites, args.only)
-    bars = check_bars(results)
-    env = environment()
-    os.makedirs(args.out, exist_ok=True)
-    report = markdown(results, copy_gbps, bars, env, command)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    write_report(results, copy_gbps, environment(), command, args.out)
+
+
+def write_report(results, copy_gbps, env, command, out):
+    os.makedirs(out, exist_ok=True)
+    report = markdown(results, copy_gbps, check_bars(results), env, command)
+    with open(os.path.join(out, "results.md"), "w") as f:
         f.write(report)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"environment": env, "copy_gbps": copy_gbps, "results": results}, f, indent=1)
-    plot(results, os.path.join(args.out, "results.png"))
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"environment": env, "command": command, "copy_gbps": copy_gbps, "results": results}, f, indent=1)
+    plot(results, os.path.join(out, "results.png"))
     print(report)
-    print(f"wrote {args.out}/results.md, results.json, results.png")
+    print(f"wrote {out}/results.md, results.json, results.png")
 
 
 if __name__ == "__main__":

@@ -223,12 +223,15 @@ struct MaskLanes {
   }
 };
 
-// Number of valid (non-padding) rows.
-inline int64_t count_valid(const bool* pad, int64_t rows) {
-  if (pad == nullptr) return rows;
+inline int64_t count_padded(const bool* pad, int64_t rows) {
   int64_t padded = 0;
   for (int64_t r = 0; r < rows; ++r) padded += pad[r];
-  return rows - padded;
+  return padded;
+}
+
+// Number of valid (non-padding) rows.
+inline int64_t count_valid(const bool* pad, int64_t rows) {
+  return pad == nullptr ? rows : rows - count_padded(pad, rows);
 }
 
 template <typename scalar_t>
