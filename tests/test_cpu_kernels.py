@@ -116,3 +116,14 @@ def test_missing_build_falls_back_to_portable_kernels(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"{RUNNABLE[-1]} kernels not used" in proc.stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_one_openmp_runtime_is_loaded():
+    # The kernels are built with -fopenmp (at::parallel_for's loop is OpenMP code
+    # compiled into them); they must share torch's OpenMP runtime, not load a second.
+    x = torch.randn(64, 32, 16)
+    masknorm.MaskedLayerNorm(16)(x, torch.zeros(64, 32, dtype=torch.bool))
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
