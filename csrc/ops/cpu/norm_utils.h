@@ -30,6 +30,12 @@ struct VecIO {
   static fVec load(const scalar_t* p, int64_t count = size()) {
     if constexpr (std::is_same_v<scalar_t, opmath_t>) {
       return fVec::loadu(p, count);
+    } else if (count == size()) {
+      // A half-width load converted once (a full Vectorized<scalar_t> holds
+      // twice the lanes and would convert both halves).
+      fVec out;
+      at::vec::load_to_float<scalar_t>(p, out);
+      return out;
     } else {
       auto packed = Vectorized<scalar_t>::loadu(p, count);
       return std::get<0>(at::vec::convert_to_float<scalar_t>(packed));
