@@ -6,8 +6,9 @@
 //    2-D (N, C) input, and 3-D (N, L, C) input with channels_last=True.
 //  - "channels outer": (N, C, L) planes; the mask (N, L) selects positions
 //    inside each contiguous row of L.
-// Statistics come from Welford updates (rows) or corrected two-pass row
-// moments merged with Chan's formula (planes); padded positions are skipped
+// Statistics come from two-pass moments of L2-sized chunks of rows, or
+// corrected two-pass moments of each plane row, merged with Chan's formula;
+// padded positions are skipped
 // or cleared with a bit mask, never multiplied by zero, so NaN/inf there cannot
 // leak.
 #include "../checks.h"
