@@ -8,9 +8,8 @@
 //    inside each contiguous row of L.
 // Statistics come from two-pass moments of L2-sized chunks of rows, or
 // corrected two-pass moments of each plane row, merged with Chan's formula;
-// padded positions are skipped
-// or cleared with a bit mask, never multiplied by zero, so NaN/inf there cannot
-// leak.
+// padded positions are skipped or cleared with a bit mask, never multiplied
+// by zero, so NaN/inf there cannot leak.
 #include "../checks.h"
 #include "kernels.h"
 #include "norm_utils.h"
