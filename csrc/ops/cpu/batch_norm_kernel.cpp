@@ -46,7 +46,7 @@ void moments_channels_inner(
     int64_t& n = seen[at::get_thread_num()];
     for (int64_t first = begin; first < end; first += chunk_rows) {
       const int64_t last = std::min(end, first + chunk_rows);
-      const int64_t k = pad ? (last - first) - count_padded(pad + first, last - first) : last - first;
+      const int64_t k = pad ? count_valid(pad + first, last - first) : last - first;
       if (k == 0) continue;
       std::fill(chunk_mean, chunk_mean + C, opmath_t(0));
       std::fill(chunk_m2, chunk_m2 + C, opmath_t(0));

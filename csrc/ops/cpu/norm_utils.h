@@ -229,15 +229,12 @@ struct MaskLanes {
   }
 };
 
-inline int64_t count_padded(const bool* pad, int64_t rows) {
-  int64_t padded = 0;
-  for (int64_t r = 0; r < rows; ++r) padded += pad[r];
-  return padded;
-}
-
 // Number of valid (non-padding) rows.
 inline int64_t count_valid(const bool* pad, int64_t rows) {
-  return pad == nullptr ? rows : rows - count_padded(pad, rows);
+  if (pad == nullptr) return rows;
+  int64_t padded = 0;
+  for (int64_t r = 0; r < rows; ++r) padded += pad[r];
+  return rows - padded;
 }
 
 template <typename scalar_t>
