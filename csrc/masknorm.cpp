@@ -1,8 +1,9 @@
 // The Python extension module masknorm._C: the ops (everything under ops/,
-// registered when the module loads; see ops/library.cpp) plus this module,
-// which only reports build information. The CPU kernels are chosen per
-// instruction set at run time: ops/cpu/dispatch.cpp.
-#include "ops/cpu/dispatch.h"
+// registered when the module loads; ops/library.h says where each part of an
+// op lives) plus this module: build information and the kernel switches of
+// ops/kernel_registry.h.
+#include "ops/cpu/isa_select.h"
+#include "ops/kernel_registry.h"
 
 #include <torch/extension.h>
 
@@ -21,10 +22,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     pybind11::dict info;
     info["version"] = MASKNORM_VERSION;
     info["torch_version"] = MASKNORM_TORCH_VERSION;
-    info["cuda"] = false;
+    info["cuda"] = masknorm::cuda_kernels_built();
     // Which build of the CPU kernels runs here, and why a faster one did not.
-    info["cpu_kernels"] = masknorm::cpu::kernels().isa;
+    info["cpu_kernels"] = masknorm::cpu::kernels().name;
     info["cpu_kernels_note"] = masknorm::cpu::kernels_note();
     return info;
   }, "How this extension was built.");
+  module.def(
+      "_force_generic_kernels", &masknorm::force_generic_kernels,
+      "Test switch: serve every device, CPU included, from the ATen-op kernels.");
+  module.def("_generic_kernels_forced", &masknorm::generic_kernels_forced);
+  module.def(
+      "_use_fused_cuda_kernels", &masknorm::use_fused_cuda_kernels,
+      "Serve CUDA tensors from the fused CUDA kernels (True) or the ATen-op kernels (False).");
+  module.def("_fused_cuda_kernels_enabled", &masknorm::fused_cuda_kernels_enabled);
+  module.def(
+      "_kernels_for", [](const std::string& device) { return masknorm::kernels_name(at::Device(device)); },
+      "The name of the kernels serving tensors on `device`.");
 }

@@ -42,18 +42,16 @@ def batch_norm(
     ``input`` is (N, C) or (N, C, L), or (N, L, C) with ``channels_last=True``;
     ``padding_mask`` is (N,) or (N, L). In training, statistics come from the
     valid positions only and, when given, ``running_mean``/``running_var`` are
-    updated in place (unbiased variance) unless no position is valid.
-    ``momentum=None`` is the cumulative average, factor ``1 / num_batches_tracked``.
-    Padded positions of the output are 0.
+    updated in place (unbiased variance) unless no position is valid;
+    ``num_batches_tracked``, when given, is incremented (as
+    nn.BatchNorm1d.forward does), and ``momentum=None`` takes the cumulative
+    average, factor ``1 / num_batches_tracked``. Padded positions of the
+    output are 0. One op call: ``torch.ops.masknorm.batch_norm``.
     """
-    output, save_mean, save_invstd, count = torch.ops.masknorm.batch_norm(
-        input, padding_mask, weight, bias, running_mean, running_var, training, eps, channels_last
-    )
-    if training and running_mean is not None and running_var is not None:
-        torch.ops.masknorm.batch_norm_update_running_stats(
-            running_mean, running_var, save_mean, save_invstd, count, eps, momentum, num_batches_tracked
-        )
-    return output
+    return torch.ops.masknorm.batch_norm(
+        input, padding_mask, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+        channels_last,
+    )[0]
 
 
 def layer_norm(

@@ -63,10 +63,9 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         result is nn.BatchNorm1d's. In training mode the running statistics are
         updated from the valid positions."""
         self._check_input_dim(input)
-        # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward.
-        update_stats = self.training and self.track_running_stats
-        if update_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward; the op
+        # increments num_batches_tracked and updates the running statistics.
+        track = self.training and self.track_running_stats
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
         return F.batch_norm(
@@ -80,7 +79,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             self.eps,
             padding_mask=padding_mask,
             channels_last=self.channels_last,
-            num_batches_tracked=self.num_batches_tracked if self.momentum is None else None,
+            num_batches_tracked=self.num_batches_tracked if track else None,
         )
 
 

@@ -69,12 +69,13 @@ void batch_norm_matches_torch() {
   const auto x = torch::randn({N, C, L}, torch::kDouble) * 3 + 2;
   const auto x_ref = x.clone().requires_grad_(), x_ours = x.clone().requires_grad_();
   auto running_mean = torch::zeros({C}, torch::kDouble), running_var = torch::ones({C}, torch::kDouble);
+  auto num_batches_tracked = torch::zeros({}, torch::kLong);
 
   const auto y_ref = ref->forward(x_ref);
-  auto [y, save_mean, save_invstd, count] = masknorm::batch_norm(
-      x_ours, std::nullopt, w, b, running_mean, running_var, /*training=*/true, 1e-5, /*channels_last=*/false);
-  masknorm::batch_norm_update_running_stats(
-      running_mean, running_var, save_mean, save_invstd, count, 1e-5, /*momentum=*/0.1, std::nullopt);
+  // One call: statistics, normalization and the running-statistics update.
+  auto [y, save_mean, save_invstd] = masknorm::batch_norm(
+      x_ours, std::nullopt, w, b, running_mean, running_var, num_batches_tracked, /*training=*/true,
+      /*momentum=*/0.1, 1e-5, /*channels_last=*/false);
   expect_close(y, y_ref, "batch_norm output");
 
   const auto grad = torch::randn_like(y);
@@ -85,11 +86,12 @@ void batch_norm_matches_torch() {
   expect_close(b.grad(), ref->bias.grad(), "batch_norm grad_bias");
   expect_close(running_mean, ref->running_mean, "batch_norm running_mean");
   expect_close(running_var, ref->running_var, "batch_norm running_var");
+  expect(num_batches_tracked.item<int64_t>() == 1, "batch_norm counts the batch in num_batches_tracked");
 
   // Eval mode normalizes with the running statistics.
   ref->eval();
   const auto y_eval = std::get<0>(masknorm::batch_norm(
-      x, std::nullopt, w, b, running_mean, running_var, /*training=*/false, 1e-5, false));
+      x, std::nullopt, w, b, running_mean, running_var, std::nullopt, /*training=*/false, 0.1, 1e-5, false));
   expect_close(y_eval, ref->forward(x), "batch_norm eval output");
 }
 
@@ -106,7 +108,8 @@ void masked_batch_norm_matches_packed_torch() {
 
   const auto y_ref = ref->forward(x_ref.index({valid}));
   const auto y = std::get<0>(masknorm::batch_norm(
-      x_ours, mask, std::nullopt, std::nullopt, std::nullopt, std::nullopt, true, 1e-5, /*channels_last=*/true));
+      x_ours, mask, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt, true, 0.1, 1e-5,
+      /*channels_last=*/true));
   expect_close(y.index({valid}), y_ref, "masked batch_norm output (valid tokens)");
   expect(y.index({mask}).eq(0).all().item<bool>(), "masked batch_norm output is 0 at padding");
 
@@ -166,7 +169,8 @@ void double_backward_matches_torch() {
   const std::vector<std::tuple<std::string, Norm, Norm>> cases = {
       {"batch_norm",
        [&](const at::Tensor& x, const at::Tensor& w) {
-         return std::get<0>(masknorm::batch_norm(x, std::nullopt, w, b, std::nullopt, std::nullopt, true, 1e-5, true));
+         return std::get<0>(masknorm::batch_norm(
+             x, std::nullopt, w, b, std::nullopt, std::nullopt, std::nullopt, true, 0.1, 1e-5, true));
        },
        [&](const at::Tensor& x, const at::Tensor& w) {
          return at::batch_norm(x.transpose(1, 2), w, b, {}, {}, true, 0.1, 1e-5, false).transpose(1, 2);

@@ -1,6 +1,7 @@
 // masknorm's C++ API: each function calls the registered op through the
 // dispatcher (autograd, every backend, torch.compile tracing apply).
-// Schemas and semantics: README.md, section "Ops".
+// Schemas and semantics: README.md, section "Ops". Defined in
+// csrc/ops/batch_norm.cpp and csrc/ops/row_norm.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,15 +13,25 @@
 
 namespace masknorm {
 
-// Returns (output, save_mean, save_invstd, count).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm(
+// ------------------------------------------------------------------ batch norm
+
+// nn.BatchNorm1d's forward over the valid positions. Returns (output,
+// save_mean, save_invstd). In training, statistics come from the valid
+// positions; running_mean/running_var, when given, are updated in place
+// (unbiased variance; factor momentum, or 1 / num_batches_tracked when
+// momentum is nullopt) unless the batch has no valid position, and
+// num_batches_tracked, when given, is incremented. In eval, the running
+// statistics normalize.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(
     const at::Tensor& input,
     const std::optional<at::Tensor>& padding_mask,
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked,
     bool training,
+    std::optional<double> momentum,
     double eps,
     bool channels_last);
 
@@ -36,16 +47,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     bool channels_last,
     std::array<bool, 3> output_mask);
 
-// In place: running = (1 - f) * running + f * batch, f = momentum or 1 / num_batches_tracked.
-void batch_norm_update_running_stats(
-    at::Tensor& running_mean,
-    at::Tensor& running_var,
-    const at::Tensor& save_mean,
-    const at::Tensor& save_invstd,
+// The stages batch_norm is made of, for synchronized batch norm across
+// processes (masknorm.MaskedSyncBatchNorm) and other compositions.
+
+// Per-channel (mean, m2, count) of the valid positions: m2 is the sum of
+// squared deviations, count an int64 scalar.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(
+    const at::Tensor& input, const std::optional<at::Tensor>& padding_mask, bool channels_last);
+
+// Merges the statistics of P parts (mean and m2 (P, C), count (P,); parts
+// with count 0 are skipped) into (mean, invstd, count) and updates the
+// running statistics as batch_norm does.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_merge_stats(
+    const at::Tensor& mean,
+    const at::Tensor& m2,
     const at::Tensor& count,
-    double eps,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked,
     std::optional<double> momentum,
-    const std::optional<at::Tensor>& num_batches_tracked);
+    double eps);
+
+// (x - mean) * invstd * weight + bias at valid positions, 0 at padding.
+at::Tensor batch_norm_elemt(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& padding_mask,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    bool channels_last);
+
+// Per channel over the valid positions: (sum(dy), sum(dy * xhat)), the bias
+// and weight gradients.
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& padding_mask,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    bool channels_last);
+
+// The input gradient from (possibly all-reduced) sums over `count` valid
+// positions; without sums, the statistics are taken as constants (eval).
+at::Tensor batch_norm_backward_elemt(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& padding_mask,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const std::optional<at::Tensor>& sum_dy,
+    const std::optional<at::Tensor>& sum_dy_xhat,
+    const std::optional<at::Tensor>& count,
+    bool channels_last);
+
+// ------------------------------------------------------------ layer / RMS norm
 
 // Returns (output, mean, rstd).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(
@@ -83,7 +140,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
     const std::optional<at::Tensor>& weight,
     std::array<bool, 2> output_mask);
 
+// ----------------------------------------------------------------- kernels
+
 // The CPU kernel build in use: "default" (portable), "avx2" or "avx512".
 std::string cpu_kernels_isa();
+
+// The kernels serving tensors on `device`: a CPU build's name, "cuda" or "generic".
+std::string kernels_for_device(const at::Device& device);
 
 }  // namespace masknorm

@@ -1,6 +1,5 @@
+// The differentiable backward composite (see differentiable_backward.h).
 #include "differentiable_backward.h"
-
-#include "../checks.h"
 
 #include <ATen/core/grad_mode.h>
 
@@ -15,31 +14,6 @@ bool records_graph(at::ArrayRef<Tensor> tensors) {
   }
   return false;
 }
-
-namespace {
-
-// at::sum over an empty list of dims would reduce every dim.
-Tensor sum_over(const Tensor& t, at::IntArrayRef dims, bool keepdim) {
-  return dims.empty() ? t : t.sum(dims, keepdim);
-}
-
-// t at valid positions, 0 at padding (selected, so NaN/inf there cannot leak,
-// and the derivative of the result is 0 at padding).
-Tensor where_valid(const Tensor& t, const Tensor& valid) {
-  return valid.defined() ? at::where(valid, t, 0) : t;
-}
-
-// Number of valid positions in each statistic's group (keepdim shape).
-Tensor valid_count(const NormAxes& axes, const Tensor& input, at::ScalarType dtype) {
-  if (axes.valid.defined()) {
-    return axes.valid.expand(input.sizes()).sum(axes.stat_dims, /*keepdim=*/true, dtype);
-  }
-  double n = 1;
-  for (const int64_t d : axes.stat_dims) n *= static_cast<double>(input.size(d));
-  return at::scalar_tensor(n, input.options().dtype(dtype));
-}
-
-}  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> differentiable_norm_backward(
     const char* op,
@@ -96,51 +70,6 @@ std::tuple<Tensor, Tensor, Tensor> differentiable_norm_backward(
   if (output_mask[1]) dw = sum_over(dy * xhat, axes.param_dims, /*keepdim=*/false).to(param_dtype);
   if (output_mask[2]) db = sum_over(dy, axes.param_dims, /*keepdim=*/false).to(param_dtype);
   return {dx, dw, db};
-}
-
-NormAxes batch_norm_axes(const Tensor& input, const std::optional<Tensor>& padding_mask, bool channels_last) {
-  NormAxes axes;
-  std::vector<int64_t> mask_view;
-  const int64_t N = input.size(0);
-  if (input.dim() == 2) {
-    axes.stat_dims = {0};
-    axes.param_view = {1, input.size(1)};
-    mask_view = {N, 1};
-  } else if (channels_last) {
-    axes.stat_dims = {0, 1};
-    axes.param_view = {1, 1, input.size(2)};
-    mask_view = {N, input.size(1), 1};
-  } else {
-    axes.stat_dims = {0, 2};
-    axes.param_view = {1, input.size(1), 1};
-    mask_view = {N, 1, input.size(2)};
-  }
-  axes.param_dims = axes.stat_dims;
-  axes.stat_view = axes.param_view;
-  if (padding_mask.has_value() && padding_mask->defined()) {
-    axes.valid = padding_mask->logical_not().reshape(mask_view);
-  }
-  return axes;
-}
-
-NormAxes row_norm_axes(
-    const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask) {
-  NormAxes axes;
-  const int64_t lead = input.dim() - static_cast<int64_t>(normalized_shape.size());
-  axes.stat_view = leading_shape(input, normalized_shape);
-  for (int64_t d = 0; d < input.dim(); ++d) {
-    if (d < lead) {
-      axes.param_dims.push_back(d);
-    } else {
-      axes.stat_dims.push_back(d);
-      axes.stat_view.push_back(1);
-    }
-  }
-  axes.param_view = normalized_shape.vec();
-  if (padding_mask.has_value() && padding_mask->defined()) {
-    axes.valid = padding_mask->logical_not().reshape(axes.stat_view);
-  }
-  return axes;
 }
 
 }  // namespace masknorm

@@ -1,10 +1,11 @@
 // Double backward for the three norms. The backward ops (batch_norm_backward,
-// layer_norm_backward, rms_norm_backward) run their fast kernel unless an
+// layer_norm_backward, rms_norm_backward) run their kernels unless an
 // autograd graph must be recorded through them (grad mode on and an input
 // that requires grad: create_graph=True, gradient penalties, meta-learning).
 // Then they compute the same gradients with the composite of at:: ops below,
 // and torch's autograd differentiates that composite: second and higher
-// derivatives, from Python and C++ alike.
+// derivatives, from Python and C++ alike. The generic row-norm kernels
+// (generic/row_norm_kernel.cpp) run the same composite as their backward.
 //
 // The three norms share one formula. With valid positions V (padding
 // excluded), statistics taken over `stat_dims`, g = dy * w and
@@ -19,36 +20,16 @@
 // gradients nor their derivatives.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "../tensor_utils.h"
 
 #include <array>
 #include <optional>
-#include <vector>
 
 namespace masknorm {
 
 // True when a backward op called now must record an autograd graph: grad mode
 // is enabled and one of `tensors` (undefined ones are skipped) requires grad.
 bool records_graph(at::ArrayRef<at::Tensor> tensors);
-
-// How a norm's tensors line up with its input.
-struct NormAxes {
-  at::Tensor valid;                    // bool, broadcasts against input; undefined: all valid
-  std::vector<int64_t> stat_dims;      // dims each statistic is taken over
-  std::vector<int64_t> param_dims;     // dims weight/bias gradients are summed over
-  std::vector<int64_t> param_view;     // weight viewed to broadcast against input
-  std::vector<int64_t> stat_view;      // saved statistics viewed to broadcast against input
-};
-
-// Batch norm: statistics per channel over (N[, L]) valid positions.
-NormAxes batch_norm_axes(
-    const at::Tensor& input, const std::optional<at::Tensor>& padding_mask, bool channels_last);
-
-// Layer / RMS norm: statistics per row over the trailing normalized_shape
-// dims, parameter gradients summed over the leading (row) dims.
-NormAxes row_norm_axes(
-    const at::Tensor& input, at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& padding_mask);
 
 // The gradients (grad_input, grad_weight, grad_bias) of a norm as a
 // differentiable composite. `stats_from_input`: the saved statistics are

@@ -1,17 +1,18 @@
-// CPU kernels of masknorm::batch_norm, batch_norm_backward and
-// batch_norm_update_running_stats.
+// CPU loops of the batch-norm stages (kernels.h: BatchNormStatsArgs,
+// BatchNormMergeStatsArgs, BatchNormElemtArgs, BatchNormBackwardReduceArgs,
+// BatchNormBackwardElemtArgs). The op (../batch_norm.cpp) has checked the
+// arguments and prepared contiguous tensors and outputs.
 //
 // Two memory layouts, one set of formulas:
-//  - "channels inner": rows of C contiguous channels, one mask entry per row.
-//    2-D (N, C) input, and 3-D (N, L, C) input with channels_last=True.
+//  - "channels inner": rows of C contiguous channels, one mask entry per row
+//    (layouts NC and NLC).
 //  - "channels outer": (N, C, L) planes; the mask (N, L) selects positions
-//    inside each contiguous row of L.
+//    inside each contiguous row of L (layout NCL).
 // Statistics come from two-pass moments of L2-sized chunks of rows, or
 // corrected two-pass moments of each plane row, merged with Chan's formula;
 // padded positions are skipped or cleared with a bit mask, never multiplied
 // by zero, so NaN/inf there cannot leak.
-#include "../checks.h"
-#include "kernels.h"
+#include "isa_select.h"
 #include "norm_utils.h"
 
 namespace masknorm::cpu {
@@ -29,7 +30,7 @@ using at::Tensor;
 template <typename scalar_t>
 void moments_channels_inner(
     const scalar_t* x, const bool* pad, int64_t rows, int64_t C,
-    at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* var_out) {
+    at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
@@ -84,14 +85,14 @@ void moments_channels_inner(
       acc.merge({seen[t], partial.of_thread(t, 0)[c], partial.of_thread(t, 1)[c]});
     }
     mean_out[c] = acc.mean;
-    var_out[c] = acc.count > 0 ? acc.m2 / opmath_t(acc.count) : opmath_t(0);
+    m2_out[c] = acc.m2;
   }
 }
 
 template <typename scalar_t>
 void moments_channels_outer(
     const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C,
-    int64_t L, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* var_out) {
+    int64_t L, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
   using opmath_t = at::opmath_type<scalar_t>;
   // Moments of every (n, c) row, visited in memory order (prefetch-friendly),
   // then merged per channel in order of n: the same result for any thread count.
@@ -108,7 +109,7 @@ void moments_channels_outer(
     Moments<opmath_t> acc;
     for (int64_t n = 0; n < N; ++n) acc.merge(rows[n * C + c]);
     mean_out[c] = acc.mean;
-    var_out[c] = acc.count > 0 ? acc.m2 / opmath_t(acc.count) : opmath_t(0);
+    m2_out[c] = acc.m2;
   }
 }
 
@@ -158,80 +159,7 @@ void normalize(
   });
 }
 
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cpu(
-    const Tensor& input_, const std::optional<Tensor>& padding_mask,
-    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-    bool training, double eps, bool channels_last) {
-  const BatchNormLayout g = check_batch_norm_args(
-      "masknorm::batch_norm", input_, padding_mask, weight, bias, running_mean, running_var,
-      channels_last);
-  TORCH_CHECK_VALUE(
-      !training || eps > 0,
-      "masknorm::batch_norm: expected eps > 0 when training (as torch.nn.BatchNorm1d), but got ", eps);
-  TORCH_CHECK(
-      training || (running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
-                   running_var->defined()),
-      "masknorm::batch_norm: expected running_mean and running_var when training=False, but got None");
-  const Tensor input = input_.contiguous();
-  const Tensor mask = contiguous_mask(padding_mask);
-  const bool* pad = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-  const auto stat_options = input.options().dtype(opmath_dtype(input));
-  Tensor output = at::empty_like(input, at::MemoryFormat::Contiguous);
-  Tensor save_mean = at::empty({g.C}, stat_options);
-  Tensor save_invstd = at::empty({g.C}, stat_options);
-  int64_t count = 0;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "masknorm_batch_norm", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    std::optional<MaskLanes<opmath_t>> lanes;
-    if (pad && !g.channels_inner) lanes.emplace(pad, g.N, g.L);
-    count = lanes ? lanes->total : count_valid(pad, g.rows());
-    opmath_t* mean = save_mean.mutable_data_ptr<opmath_t>();
-    opmath_t* invstd = save_invstd.mutable_data_ptr<opmath_t>();
-    if (training) {
-      TORCH_CHECK_VALUE(
-          count != 1,
-          "masknorm::batch_norm: expected more than 1 valid (non-padding) value per channel when "
-          "training, got 1 (input shape ", input.sizes(), ")");
-      std::vector<opmath_t> var(g.C);
-      if (g.channels_inner) {
-        moments_channels_inner<scalar_t>(x, pad, g.rows(), g.C, mean, var.data());
-      } else {
-        moments_channels_outer<scalar_t>(x, lanes ? &*lanes : nullptr, g.N, g.C, g.L, mean, var.data());
-      }
-      for (int64_t c = 0; c < g.C; ++c) {
-        // No valid value: invstd 0 makes every output and gradient 0.
-        invstd[c] = count > 0 ? opmath_t(1) / std::sqrt(var[c] + opmath_t(eps)) : opmath_t(0);
-      }
-    } else {
-      const Tensor rm = feature_as_opmath(running_mean, g.C, input, 0.0);
-      const Tensor rv = feature_as_opmath(running_var, g.C, input, 1.0);
-      const opmath_t* rmp = rm.const_data_ptr<opmath_t>();
-      const opmath_t* rvp = rv.const_data_ptr<opmath_t>();
-      for (int64_t c = 0; c < g.C; ++c) {
-        mean[c] = rmp[c];
-        invstd[c] = opmath_t(1) / std::sqrt(rvp[c] + opmath_t(eps));
-      }
-    }
-    const Tensor w = feature_as_opmath(weight, g.C, input, 1.0);
-    const Tensor b = feature_as_opmath(bias, g.C, input, 0.0);
-    const opmath_t* wp = w.const_data_ptr<opmath_t>();
-    std::vector<opmath_t> alpha(g.C);
-    for (int64_t c = 0; c < g.C; ++c) alpha[c] = wp[c] * invstd[c];
-    normalize<scalar_t>(
-        g, x, pad, lanes ? &*lanes : nullptr, mean, alpha.data(), b.const_data_ptr<opmath_t>(),
-        output.mutable_data_ptr<scalar_t>());
-  });
-  return {output, save_mean, save_invstd, at::scalar_tensor(count, input.options().dtype(at::kLong))};
-}
-
-// ------------------------------------------------------------------ backward
-
-namespace {
+// ---------------------------------------------------------------- backward
 
 // Per channel over valid positions: sum(dy) and sum(dy * (x - mean)).
 template <typename scalar_t>
@@ -344,91 +272,131 @@ void grad_input(
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
-    const Tensor& grad_output_, const Tensor& input_, const std::optional<Tensor>& padding_mask,
-    const std::optional<Tensor>& weight, const Tensor& save_mean, const Tensor& save_invstd,
-    bool training, bool channels_last, std::array<bool, 3> output_mask) {
-  const BatchNormLayout g = check_batch_norm_backward_args(
-      grad_output_, input_, padding_mask, weight, save_mean, save_invstd, channels_last);
-  const Tensor input = input_.contiguous();
-  const Tensor grad_output = grad_output_.to(input.scalar_type()).contiguous();
-  const Tensor mask = contiguous_mask(padding_mask);
-  const bool* pad = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-  const auto stat_options = input.options().dtype(opmath_dtype(input));
-  const Tensor mean_t = save_mean.to(stat_options).contiguous();
-  const Tensor invstd_t = save_invstd.to(stat_options).contiguous();
-  const Tensor w = feature_as_opmath(weight, g.C, input, 1.0);
-  const auto param_dtype = weight.has_value() && weight->defined() ? weight->scalar_type() : input.scalar_type();
+// ------------------------------------------------------------------ kernels
 
-  Tensor dx, dw, db;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "masknorm_batch_norm_backward", [&] {
+void batch_norm_stats(const BatchNormStatsArgs& a) {
+  const BatchNormLayout& g = a.layout;
+  const bool* pad = a.padding_mask.defined() ? a.padding_mask.const_data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_stats", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
-    const opmath_t* mean = mean_t.const_data_ptr<opmath_t>();
-    const opmath_t* invstd = invstd_t.const_data_ptr<opmath_t>();
-    const opmath_t* wp = w.const_data_ptr<opmath_t>();
-    std::optional<MaskLanes<opmath_t>> lanes;
-    if (pad && !g.channels_inner) lanes.emplace(pad, g.N, g.L);
-    const int64_t count = lanes ? lanes->total : count_valid(pad, g.rows());
-
-    const bool need_sums = output_mask[1] || output_mask[2] || (output_mask[0] && training);
-    Tensor sum_dy = at::zeros({g.C}, stat_options), sum_dy_xmu = at::zeros({g.C}, stat_options);
-    opmath_t* s1 = sum_dy.mutable_data_ptr<opmath_t>();
-    opmath_t* s2 = sum_dy_xmu.mutable_data_ptr<opmath_t>();
-    if (need_sums) grad_sums<scalar_t>(g, dy, x, pad, lanes ? &*lanes : nullptr, mean, s1, s2);
-
-    if (output_mask[0]) {
-      dx = at::empty_like(input, at::MemoryFormat::Contiguous);
-      std::vector<opmath_t> a(g.C), b(g.C, 0), k0(g.C, 0);
-      for (int64_t c = 0; c < g.C; ++c) {
-        a[c] = wp[c] * invstd[c];
-        if (training && count > 0) {
-          // dx = w * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
-          const opmath_t inv_n = opmath_t(1) / opmath_t(count);
-          b[c] = -a[c] * invstd[c] * invstd[c] * s2[c] * inv_n;
-          k0[c] = -a[c] * s1[c] * inv_n;
-        }
-      }
-      grad_input<scalar_t>(
-          g, dy, x, pad, lanes ? &*lanes : nullptr, mean, a.data(), b.data(), k0.data(),
-          dx.mutable_data_ptr<scalar_t>());
+    const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+    opmath_t* mean = a.mean.mutable_data_ptr<opmath_t>();
+    opmath_t* m2 = a.m2.mutable_data_ptr<opmath_t>();
+    int64_t count;
+    if (g.channels_inner) {
+      count = count_valid(pad, g.rows());
+      moments_channels_inner<scalar_t>(x, pad, g.rows(), g.C, mean, m2);
+    } else {
+      std::optional<MaskLanes<opmath_t>> lanes;
+      if (pad) lanes.emplace(pad, g.N, g.L);
+      count = lanes ? lanes->total : g.rows();
+      moments_channels_outer<scalar_t>(x, lanes ? &*lanes : nullptr, g.N, g.C, g.L, mean, m2);
     }
-    if (output_mask[1]) dw = (sum_dy_xmu * invstd_t).to(param_dtype);
-    if (output_mask[2]) db = sum_dy.to(param_dtype);
+    *a.count.mutable_data_ptr<int64_t>() = count;
   });
-  return {dx, dw, db};
 }
 
-// ------------------------------------------------------------ running stats
+void batch_norm_merge_stats(const BatchNormMergeStatsArgs& a) {
+  int64_t* batches = a.num_batches_tracked.defined() ? a.num_batches_tracked.mutable_data_ptr<int64_t>() : nullptr;
+  if (batches) ++*batches;
+  const int64_t* part_count = a.part_count.const_data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t p = 0; p < a.parts; ++p) total += part_count[p];
+  *a.count.mutable_data_ptr<int64_t>() = total;
+  const bool update = a.running_mean.defined() && total >= 2;
+  // Scalar math: factor = momentum, or 1 / num_batches_tracked (cumulative average)
+  const double factor = a.has_momentum ? a.momentum : 1.0 / double(batches ? *batches : 1);
+  AT_DISPATCH_FLOATING_TYPES(a.mean.scalar_type(), "masknorm_batch_norm_merge_stats", [&] {
+    const scalar_t* part_mean = a.part_mean.const_data_ptr<scalar_t>();
+    const scalar_t* part_m2 = a.part_m2.const_data_ptr<scalar_t>();
+    scalar_t* mean = a.mean.mutable_data_ptr<scalar_t>();
+    scalar_t* invstd = a.invstd.mutable_data_ptr<scalar_t>();
+    scalar_t* running_mean = update ? a.running_mean.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* running_var = update ? a.running_var.mutable_data_ptr<scalar_t>() : nullptr;
+    for (int64_t c = 0; c < a.C; ++c) {
+      Moments<scalar_t> acc;  // parts in order: the same result for any thread count
+      for (int64_t p = 0; p < a.parts; ++p) {
+        acc.merge({part_count[p], part_mean[p * a.C + c], part_m2[p * a.C + c]});
+      }
+      mean[c] = acc.mean;
+      invstd[c] = acc.count > 0 ? scalar_t(1) / std::sqrt(acc.m2 / scalar_t(acc.count) + scalar_t(a.eps)) : scalar_t(0);
+      if (update) {
+        // Scalar math: running = (1 - factor) * running + factor * batch, unbiased variance
+        const double unbiased = double(acc.m2) / double(acc.count - 1);
+        running_mean[c] = scalar_t((1.0 - factor) * double(running_mean[c]) + factor * double(acc.mean));
+        running_var[c] = scalar_t((1.0 - factor) * double(running_var[c]) + factor * unbiased);
+      }
+    }
+  });
+}
 
-void batch_norm_update_running_stats_cpu(
-    Tensor& running_mean, Tensor& running_var, const Tensor& save_mean, const Tensor& save_invstd,
-    const Tensor& count, double eps, std::optional<double> momentum,
-    const std::optional<Tensor>& num_batches_tracked) {
-  check_running_stats_update_args(
-      running_mean, running_var, save_mean, save_invstd, count, momentum, num_batches_tracked);
-  const int64_t n = count.item<int64_t>();
-  if (n == 0) return;  // nothing valid in the batch: keep the running statistics
-  double factor;
-  if (momentum.has_value()) {
-    factor = *momentum;
-  } else {
-    const double batches = num_batches_tracked->item<double>();
-    TORCH_CHECK(
-        batches >= 1,
-        "masknorm::batch_norm_update_running_stats: expected num_batches_tracked >= 1 when momentum "
-        "is None (cumulative average; increment it before the update), but got ", batches);
-    factor = 1.0 / batches;
-  }
-  const auto stat_options = save_mean.options().dtype(at::kDouble);
-  const Tensor invstd = save_invstd.to(stat_options);
-  // Biased batch variance recovered from invstd = 1/sqrt(var + eps); running
-  // statistics keep the unbiased one, as torch.nn.BatchNorm1d does.
-  const Tensor var = (invstd.pow(-2) - eps).clamp_min(0);
-  const Tensor unbiased = n > 1 ? var * (double(n) / double(n - 1)) : var;
-  running_mean.copy_(running_mean.to(at::kDouble) * (1.0 - factor) + save_mean.to(stat_options) * factor);
-  running_var.copy_(running_var.to(at::kDouble) * (1.0 - factor) + unbiased * factor);
+void batch_norm_elemt(const BatchNormElemtArgs& a) {
+  const BatchNormLayout& g = a.layout;
+  const bool* pad = a.padding_mask.defined() ? a.padding_mask.const_data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_elemt", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t* invstd = a.invstd.const_data_ptr<opmath_t>();
+    const opmath_t* w = a.weight.defined() ? a.weight.const_data_ptr<opmath_t>() : nullptr;
+    const opmath_t* b = a.bias.defined() ? a.bias.const_data_ptr<opmath_t>() : nullptr;
+    // Affine folded per channel: out = (x - mean) * alpha + beta
+    std::vector<opmath_t> alpha(g.C), beta(g.C);
+    for (int64_t c = 0; c < g.C; ++c) {
+      alpha[c] = w ? w[c] * invstd[c] : invstd[c];
+      beta[c] = b ? b[c] : opmath_t(0);
+    }
+    std::optional<MaskLanes<opmath_t>> lanes;
+    if (pad && !g.channels_inner) lanes.emplace(pad, g.N, g.L);
+    normalize<scalar_t>(
+        g, a.input.const_data_ptr<scalar_t>(), pad, lanes ? &*lanes : nullptr, a.mean.const_data_ptr<opmath_t>(),
+        alpha.data(), beta.data(), a.output.mutable_data_ptr<scalar_t>());
+  });
+}
+
+void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
+  const BatchNormLayout& g = a.layout;
+  const bool* pad = a.padding_mask.defined() ? a.padding_mask.const_data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_backward_reduce", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    std::optional<MaskLanes<opmath_t>> lanes;
+    if (pad && !g.channels_inner) lanes.emplace(pad, g.N, g.L);
+    opmath_t* sum_dy = a.sum_dy.mutable_data_ptr<opmath_t>();
+    opmath_t* sum_dy_xhat = a.sum_dy_xhat.mutable_data_ptr<opmath_t>();
+    grad_sums<scalar_t>(
+        g, a.grad_output.const_data_ptr<scalar_t>(), a.input.const_data_ptr<scalar_t>(), pad,
+        lanes ? &*lanes : nullptr, a.mean.const_data_ptr<opmath_t>(), sum_dy, sum_dy_xhat);
+    const opmath_t* invstd = a.invstd.const_data_ptr<opmath_t>();
+    for (int64_t c = 0; c < g.C; ++c) sum_dy_xhat[c] *= invstd[c];  // sum(dy * (x - mean)) -> sum(dy * xhat)
+  });
+}
+
+void batch_norm_backward_elemt(const BatchNormBackwardElemtArgs& a) {
+  const BatchNormLayout& g = a.layout;
+  const bool* pad = a.padding_mask.defined() ? a.padding_mask.const_data_ptr<bool>() : nullptr;
+  const bool batch_stats = a.sum_dy.defined();
+  const int64_t count = batch_stats ? *a.count.const_data_ptr<int64_t>() : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_backward_elemt", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t* invstd = a.invstd.const_data_ptr<opmath_t>();
+    const opmath_t* w = a.weight.defined() ? a.weight.const_data_ptr<opmath_t>() : nullptr;
+    // dx = dy * k_dy + (x - mean) * k_x + k, per channel:
+    //   k_dy = w * invstd; with batch statistics (n = count)
+    //   k_x = -k_dy * invstd * sum_dy_xhat / n, k = -k_dy * sum_dy / n
+    std::vector<opmath_t> k_dy(g.C), k_x(g.C, 0), k(g.C, 0);
+    for (int64_t c = 0; c < g.C; ++c) {
+      k_dy[c] = w ? w[c] * invstd[c] : invstd[c];
+      if (batch_stats && count > 0) {
+        const opmath_t inv_n = opmath_t(1) / opmath_t(count);
+        k_x[c] = -k_dy[c] * invstd[c] * a.sum_dy_xhat.const_data_ptr<opmath_t>()[c] * inv_n;
+        k[c] = -k_dy[c] * a.sum_dy.const_data_ptr<opmath_t>()[c] * inv_n;
+      }
+    }
+    std::optional<MaskLanes<opmath_t>> lanes;
+    if (pad && !g.channels_inner) lanes.emplace(pad, g.N, g.L);
+    grad_input<scalar_t>(
+        g, a.grad_output.const_data_ptr<scalar_t>(), a.input.const_data_ptr<scalar_t>(), pad,
+        lanes ? &*lanes : nullptr, a.mean.const_data_ptr<opmath_t>(), k_dy.data(), k_x.data(), k.data(),
+        a.grad_input.mutable_data_ptr<scalar_t>());
+  });
 }
 
 }  // namespace masknorm::cpu

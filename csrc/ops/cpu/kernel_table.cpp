@@ -1,7 +1,8 @@
-// The kernel table of this build of the CPU kernels (see kernels.h).
-// MASKNORM_CPU_ISA names the instruction set the build enables; the portable
-// build inside the extension leaves it unset.
-#include "kernels.h"
+// The kernel table of one build of the CPU kernels (kernels.h lists them).
+// This file and cpu/*_kernel.cpp make up an instruction-set library
+// (`_C_cpu_avx2`, `libmasknorm_cpu_avx512`, ...: build.json); the portable
+// build inside the extension leaves MASKNORM_CPU_ISA unset.
+#include "isa_select.h"
 
 #include <c10/macros/Export.h>
 
@@ -9,18 +10,7 @@
 #define MASKNORM_CPU_ISA "default"
 #endif
 
-extern "C" C10_EXPORT const masknorm::cpu::KernelTable* masknorm_cpu_kernel_table() {
-  using namespace masknorm::cpu;
-  static const KernelTable table{
-      KernelTable::kVersion,
-      MASKNORM_CPU_ISA,
-      &batch_norm_forward_cpu,
-      &batch_norm_backward_cpu,
-      &batch_norm_update_running_stats_cpu,
-      &layer_norm_forward_cpu,
-      &layer_norm_backward_cpu,
-      &rms_norm_forward_cpu,
-      &rms_norm_backward_cpu,
-  };
+extern "C" C10_EXPORT const masknorm::KernelTable* masknorm_cpu_kernel_table() {
+  static const masknorm::KernelTable table = MASKNORM_KERNEL_TABLE(masknorm::cpu, MASKNORM_CPU_ISA);
   return &table;
 }

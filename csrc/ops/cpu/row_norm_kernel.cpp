@@ -1,12 +1,13 @@
-// Row-wise normalization shared by layer norm and RMS norm: RMS norm is layer
-// norm with the mean fixed at 0 (`centered = false`) and no bias, so both ops
-// run these two loops. Padded rows are skipped: output 0, statistics 0,
-// gradient 0, and nothing stored in them is read.
-#pragma once
-
+// CPU loops of layer norm and RMS norm (kernels.h: RowNormForwardArgs,
+// RowNormBackwardArgs; the op is ../row_norm.cpp). RMS norm is layer norm
+// with the mean fixed at 0 (`centered = false`) and no bias, so both run
+// these two loops. Padded rows are skipped: output 0, statistics 0, gradient
+// 0, and nothing stored in them is read.
+#include "isa_select.h"
 #include "norm_utils.h"
 
 namespace masknorm::cpu {
+namespace {
 
 template <typename scalar_t>
 at::opmath_type<scalar_t> mean_of_squares(const scalar_t* x, int64_t len) {
@@ -30,7 +31,7 @@ at::opmath_type<scalar_t> mean_of_squares(const scalar_t* x, int64_t len) {
 // out = (x - mean) * rstd * w + b per valid row; mean/rstd saved per row.
 // w, b and mean_out may be null (no weight, no bias, RMS norm).
 template <typename scalar_t>
-void row_norm_forward(
+void row_norm_forward_loop(
     bool centered, const scalar_t* x, const bool* pad, int64_t rows, int64_t D,
     const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b, double eps,
     scalar_t* out, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out) {
@@ -77,7 +78,7 @@ void row_norm_forward(
 // and over valid rows dw = sum(dy * xhat), db = sum(dy).
 // dx, dw, db may each be null (not requested); w and mean may be null.
 template <typename scalar_t>
-void row_norm_backward(
+void row_norm_backward_loop(
     bool centered, const scalar_t* dy, const scalar_t* x, const bool* pad, int64_t rows, int64_t D,
     const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
     const at::opmath_type<scalar_t>* w, scalar_t* dx, at::opmath_type<scalar_t>* dw,
@@ -129,6 +130,35 @@ void row_norm_backward(
   });
   if (dw) columns.sum_into(dw, 0);
   if (db) columns.sum_into(db, 1);
+}
+
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+void row_norm_forward(const RowNormForwardArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_row_norm_forward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    row_norm_forward_loop<scalar_t>(
+        a.centered, a.input.const_data_ptr<scalar_t>(), data_or_null<bool>(a.padding_mask), a.rows, a.width,
+        data_or_null<opmath_t>(a.weight), data_or_null<opmath_t>(a.bias), a.eps,
+        a.output.mutable_data_ptr<scalar_t>(), data_or_null<opmath_t>(a.mean), a.rstd.mutable_data_ptr<opmath_t>());
+  });
+}
+
+void row_norm_backward(const RowNormBackwardArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_row_norm_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    row_norm_backward_loop<scalar_t>(
+        a.centered, a.grad_output.const_data_ptr<scalar_t>(), a.input.const_data_ptr<scalar_t>(),
+        data_or_null<bool>(a.padding_mask), a.rows, a.width, data_or_null<opmath_t>(a.mean),
+        a.rstd.const_data_ptr<opmath_t>(), data_or_null<opmath_t>(a.weight),
+        data_or_null<scalar_t>(a.grad_input), data_or_null<opmath_t>(a.grad_weight),
+        data_or_null<opmath_t>(a.grad_bias));
+  });
 }
 
 }  // namespace masknorm::cpu

@@ -1,22 +1,26 @@
-// Chooses the CPU kernel build at run time and registers it as the ops' CPU
-// kernels. Each instruction-set build is a shared library next to this one,
-// named after it: `_C.<suffix>.so` -> `_C_cpu_avx2.<suffix>.so`, and
+// Chooses the CPU kernel build at run time (kernels_for() in
+// ../kernel_registry.cpp serves CPU tensors from it). Each instruction-set
+// build is a shared library next to this one, named after it with the suffix
+// from build.json: `_C.<suffix>.so` -> `_C_cpu_avx2.<suffix>.so`, and
 // `libmasknorm.so` -> `libmasknorm_cpu_avx2.so`. Libraries are loaded
 // RTLD_LOCAL and export only their table, so code compiled for AVX2/AVX512
 // can never be picked up by anything running on a CPU without them.
-#include "dispatch.h"
+#include "isa_select.h"
 
 #include "masknorm/ops.h"
 
-#include <ATen/Version.h>
-#include <torch/library.h>
+#include <ATen/Context.h>
 
 #include <string>
-#include <utility>
 #include <vector>
 
 #ifndef _WIN32
 #include <dlfcn.h>
+#endif
+
+// The name part between a library and its instruction-set builds (build.json).
+#ifndef MASKNORM_ISA_LIBRARY_INFIX
+#define MASKNORM_ISA_LIBRARY_INFIX "_cpu_"
 #endif
 
 namespace masknorm::cpu {
@@ -47,7 +51,7 @@ std::string sibling_library(const std::string& self, const std::string& isa) {
   const size_t name_begin = slash == std::string::npos ? 0 : slash + 1;
   size_t dot = self.find('.', name_begin);
   if (dot == std::string::npos) dot = self.size();
-  return self.substr(0, dot) + "_cpu_" + isa + self.substr(dot);
+  return self.substr(0, dot) + MASKNORM_ISA_LIBRARY_INFIX + isa + self.substr(dot);
 }
 
 const KernelTable* load_table(const std::string& path, std::string& why_not) {
@@ -60,8 +64,9 @@ const KernelTable* load_table(const std::string& path, std::string& why_not) {
   using TableFn = const KernelTable* (*)();
   auto table_fn = reinterpret_cast<TableFn>(dlsym(handle, "masknorm_cpu_kernel_table"));
   const KernelTable* table = table_fn ? table_fn() : nullptr;
-  if (table == nullptr || table->version != KernelTable::kVersion) {
-    why_not = path + " has no kernel table of version " + std::to_string(KernelTable::kVersion);
+  if (table == nullptr || table->version != KernelTable::kVersion || table->abi != KernelTable::kAbi) {
+    why_not = path + " was built from other sources (kernel table version " +
+        std::to_string(KernelTable::kVersion) + ", abi " + std::to_string(KernelTable::kAbi) + " expected)";
     dlclose(handle);
     return nullptr;
   }
@@ -91,30 +96,11 @@ const Selection& selection() {
   return s;
 }
 
-// A CPU kernel that forwards to the selected table's entry `Member`.
-template <auto Member, typename Fn = std::remove_reference_t<decltype(std::declval<KernelTable>().*Member)>>
-struct Forward;
-
-template <auto Member, typename R, typename... Args>
-struct Forward<Member, R (*)(Args...)> {
-  static R call(Args... args) { return (kernels().*Member)(std::forward<Args>(args)...); }
-};
-
 }  // namespace
 
 const KernelTable& kernels() { return *selection().table; }
 const std::string& kernels_note() { return selection().note; }
 
-TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
-  m.impl("batch_norm", &Forward<&KernelTable::batch_norm>::call);
-  m.impl("batch_norm_backward", &Forward<&KernelTable::batch_norm_backward>::call);
-  m.impl("batch_norm_update_running_stats", &Forward<&KernelTable::batch_norm_update_running_stats>::call);
-  m.impl("layer_norm", &Forward<&KernelTable::layer_norm>::call);
-  m.impl("layer_norm_backward", &Forward<&KernelTable::layer_norm_backward>::call);
-  m.impl("rms_norm", &Forward<&KernelTable::rms_norm>::call);
-  m.impl("rms_norm_backward", &Forward<&KernelTable::rms_norm_backward>::call);
-}
-
 }  // namespace masknorm::cpu
 
-std::string masknorm::cpu_kernels_isa() { return masknorm::cpu::kernels().isa; }
+std::string masknorm::cpu_kernels_isa() { return masknorm::cpu::kernels().name; }

@@ -1,0 +1,282 @@
+// Autograd of the masknorm ops, registered for the Autograd key so Python and
+// C++ callers get gradients alike.
+//  - batch_norm, layer_norm, rms_norm: one autograd Function (NormFunction)
+//    whose backward calls the op's backward op; each norm supplies its
+//    forward call, what it saves (by name) and where its gradients go.
+//  - batch_norm_backward, layer_norm_backward, rms_norm_backward: their
+//    kernels, or, when a graph must be recorded through them (double
+//    backward), the differentiable composite of differentiable_backward.h.
+//  - the batch-norm stages (batch_norm_stats, ...): not differentiable
+//    themselves (MaskedSyncBatchNorm wraps them in its own autograd
+//    Function); torch's not-implemented fallback raises if asked.
+// The ops mutating their arguments (batch_norm, batch_norm_merge_stats) get
+// torch's ADInplaceOrView fallback, which bumps the version counters of the
+// running statistics.
+#include "differentiable_backward.h"
+
+#include "../checks.h"
+#include "masknorm/ops.h"
+
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace masknorm {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Tensors saved for backward under names (as SavedVariables: version checks apply).
+void save_named(AutogradContext* ctx, std::initializer_list<std::pair<const char*, Tensor>> tensors) {
+  std::vector<std::string> names;
+  variable_list values;
+  for (const auto& [name, t] : tensors) {
+    names.emplace_back(name);
+    values.push_back(t);
+  }
+  ctx->saved_data["saved_names"] = c10::List<std::string>(names);
+  ctx->save_for_backward(values);
+}
+
+class Saved {
+ public:
+  explicit Saved(AutogradContext* ctx)
+      : names_(ctx->saved_data["saved_names"].toList()), values_(ctx->get_saved_variables()) {}
+  const Tensor& operator[](const char* name) const {
+    for (size_t i = 0; i < names_.size(); ++i) {
+      if (names_.get(i).toStringRef() == name) return values_[i];
+    }
+    TORCH_INTERNAL_ASSERT(false, "masknorm autograd: nothing saved as ", name);
+  }
+
+ private:
+  c10::List<c10::IValue> names_;
+  variable_list values_;
+};
+
+std::optional<Tensor> maybe(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
+bool wants_grad(const std::optional<Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); }
+
+// The autograd Function of the three norms. `Norm` supplies
+//   kArguments:  how many arguments the op takes (one gradient slot each)
+//   forward(ctx, args...): calls the op, saves what backward needs
+//   backward(ctx, grad_output, grads): calls the backward op, fills grads
+template <typename Norm>
+class NormFunction : public torch::autograd::Function<NormFunction<Norm>> {
+ public:
+  template <typename... Args>
+  static variable_list forward(AutogradContext* ctx, const Args&... args) {
+    // The op's own kernel, below autograd; ADInplaceOrView still runs
+    // (version counters of mutated running statistics).
+    at::AutoDispatchBelowAutograd guard;
+    return Norm::forward(ctx, args...);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads(Norm::kArguments);
+    if (grad_outputs[0].defined()) Norm::backward(ctx, grad_outputs[0], grads);
+    return grads;
+  }
+};
+
+// ------------------------------------------------------------------ batch norm
+
+struct BatchNorm {
+  // Argument positions: input, padding_mask, weight, bias, running_mean,
+  // running_var, num_batches_tracked, training, momentum, eps, channels_last.
+  enum : size_t { kInput = 0, kWeight = 2, kBias = 3, kArguments = 11 };
+
+  static variable_list forward(
+      AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& padding_mask,
+      const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+      const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+      const std::optional<Tensor>& num_batches_tracked, bool training, std::optional<double> momentum, double eps,
+      bool channels_last) {
+    auto [output, save_mean, save_invstd] = batch_norm(
+        input, padding_mask, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+        channels_last);
+    save_named(ctx, {{"input", input}, {"padding_mask", padding_mask.value_or(Tensor())},
+                     {"weight", weight.value_or(Tensor())}, {"save_mean", save_mean}, {"save_invstd", save_invstd}});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["channels_last"] = channels_last;
+    ctx->saved_data["output_mask"] =
+        std::vector<bool>{input.requires_grad(), wants_grad(weight), wants_grad(bias)};
+    ctx->mark_non_differentiable({save_mean, save_invstd});
+    return {output, save_mean, save_invstd};
+  }
+
+  static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
+    const Saved saved(ctx);
+    const auto mask = ctx->saved_data["output_mask"].toBoolList();
+    std::tie(grads[kInput], grads[kWeight], grads[kBias]) = batch_norm_backward(
+        grad_output, saved["input"], maybe(saved["padding_mask"]), maybe(saved["weight"]), saved["save_mean"],
+        saved["save_invstd"], ctx->saved_data["training"].toBool(), ctx->saved_data["channels_last"].toBool(),
+        {mask[0], mask[1], mask[2]});
+  }
+};
+
+// ------------------------------------------------------------ layer / RMS norm
+
+struct LayerNorm {
+  // input, normalized_shape, padding_mask, weight, bias, eps
+  enum : size_t { kInput = 0, kWeight = 3, kBias = 4, kArguments = 6 };
+
+  static variable_list forward(
+      AutogradContext* ctx, const Tensor& input, at::IntArrayRef normalized_shape,
+      const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
+      const std::optional<Tensor>& bias, double eps) {
+    auto [output, mean, rstd] = layer_norm(input, normalized_shape, padding_mask, weight, bias, eps);
+    save_named(ctx, {{"input", input}, {"padding_mask", padding_mask.value_or(Tensor())},
+                     {"weight", weight.value_or(Tensor())}, {"mean", mean}, {"rstd", rstd}});
+    ctx->saved_data["normalized_shape"] = normalized_shape.vec();
+    ctx->saved_data["output_mask"] =
+        std::vector<bool>{input.requires_grad(), wants_grad(weight), wants_grad(bias)};
+    ctx->mark_non_differentiable({mean, rstd});
+    return {output, mean, rstd};
+  }
+
+  static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
+    const Saved saved(ctx);
+    const auto mask = ctx->saved_data["output_mask"].toBoolList();
+    std::tie(grads[kInput], grads[kWeight], grads[kBias]) = layer_norm_backward(
+        grad_output, saved["input"], ctx->saved_data["normalized_shape"].toIntVector(),
+        maybe(saved["padding_mask"]), saved["mean"], saved["rstd"], maybe(saved["weight"]),
+        {mask[0], mask[1], mask[2]});
+  }
+};
+
+struct RMSNorm {
+  // input, normalized_shape, padding_mask, weight, eps
+  enum : size_t { kInput = 0, kWeight = 3, kArguments = 5 };
+
+  static variable_list forward(
+      AutogradContext* ctx, const Tensor& input, at::IntArrayRef normalized_shape,
+      const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight, std::optional<double> eps) {
+    auto [output, rstd] = rms_norm(input, normalized_shape, padding_mask, weight, eps);
+    save_named(ctx, {{"input", input}, {"padding_mask", padding_mask.value_or(Tensor())},
+                     {"weight", weight.value_or(Tensor())}, {"rstd", rstd}});
+    ctx->saved_data["normalized_shape"] = normalized_shape.vec();
+    ctx->saved_data["output_mask"] = std::vector<bool>{input.requires_grad(), wants_grad(weight)};
+    ctx->mark_non_differentiable({rstd});
+    return {output, rstd};
+  }
+
+  static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
+    const Saved saved(ctx);
+    const auto mask = ctx->saved_data["output_mask"].toBoolList();
+    std::tie(grads[kInput], grads[kWeight]) = rms_norm_backward(
+        grad_output, saved["input"], ctx->saved_data["normalized_shape"].toIntVector(),
+        maybe(saved["padding_mask"]), saved["rstd"], maybe(saved["weight"]), {mask[0], mask[1]});
+  }
+};
+
+// ------------------------------------------------- the Autograd-key kernels
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(
+    const Tensor& input, const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
+    const std::optional<Tensor>& running_var, const std::optional<Tensor>& num_batches_tracked, bool training,
+    std::optional<double> momentum, double eps, bool channels_last) {
+  auto out = NormFunction<BatchNorm>::apply(
+      input, padding_mask, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+      channels_last);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(
+    const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
+  auto out = NormFunction<LayerNorm>::apply(input, normalized_shape, padding_mask, weight, bias, eps);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_autograd(
+    const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
+    const std::optional<Tensor>& weight, std::optional<double> eps) {
+  auto out = NormFunction<RMSNorm>::apply(input, normalized_shape, padding_mask, weight, eps);
+  return {out[0], out[1]};
+}
+
+// The backward ops: their kernels, unless a graph must be recorded through
+// them; then the differentiable composite (after the op's own checks).
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_autograd(
+    const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& padding_mask,
+    const std::optional<Tensor>& weight, const Tensor& save_mean, const Tensor& save_invstd, bool training,
+    bool channels_last, std::array<bool, 3> output_mask) {
+  if (!records_graph({grad_output, input, weight.value_or(Tensor()), save_mean, save_invstd})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return batch_norm_backward(
+        grad_output, input, padding_mask, weight, save_mean, save_invstd, training, channels_last, output_mask);
+  }
+  constexpr const char* op = "masknorm::batch_norm_backward";
+  check_batch_norm_args(
+      op, input, padding_mask, channels_last,
+      {{"weight", weight.value_or(Tensor())}, {"save_mean", save_mean}, {"save_invstd", save_invstd}});
+  check_grad_output(grad_output, input, op);
+  // In training the saved statistics are those of input; in eval they are
+  // the running statistics, constants of a formula linear in grad_output.
+  return differentiable_norm_backward(
+      op, batch_norm_axes(input, padding_mask.value_or(Tensor()), channels_last), grad_output, input, weight,
+      save_mean, save_invstd, /*stats_from_input=*/training, /*centered=*/true, output_mask);
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_autograd(
+    const Tensor& grad_output, const Tensor& input, at::IntArrayRef normalized_shape,
+    const std::optional<Tensor>& padding_mask, const Tensor& mean, const Tensor& rstd,
+    const std::optional<Tensor>& weight, std::array<bool, 3> output_mask) {
+  if (!records_graph({grad_output, input, mean, rstd, weight.value_or(Tensor())})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return layer_norm_backward(grad_output, input, normalized_shape, padding_mask, mean, rstd, weight, output_mask);
+  }
+  constexpr const char* op = "masknorm::layer_norm_backward";
+  check_row_norm_backward_args(op, grad_output, input, normalized_shape, padding_mask, weight, mean, rstd);
+  return differentiable_norm_backward(
+      op, row_norm_axes(input, normalized_shape, padding_mask.value_or(Tensor())), grad_output, input, weight, mean,
+      rstd, /*stats_from_input=*/true, /*centered=*/true, output_mask);
+}
+
+std::tuple<Tensor, Tensor> rms_norm_backward_autograd(
+    const Tensor& grad_output, const Tensor& input, at::IntArrayRef normalized_shape,
+    const std::optional<Tensor>& padding_mask, const Tensor& rstd, const std::optional<Tensor>& weight,
+    std::array<bool, 2> output_mask) {
+  if (!records_graph({grad_output, input, rstd, weight.value_or(Tensor())})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return rms_norm_backward(grad_output, input, normalized_shape, padding_mask, rstd, weight, output_mask);
+  }
+  constexpr const char* op = "masknorm::rms_norm_backward";
+  check_row_norm_backward_args(op, grad_output, input, normalized_shape, padding_mask, weight, std::nullopt, rstd);
+  auto [dx, dw, db] = differentiable_norm_backward(
+      op, row_norm_axes(input, normalized_shape, padding_mask.value_or(Tensor())), grad_output, input, weight,
+      /*save_mean=*/Tensor(), rstd, /*stats_from_input=*/true, /*centered=*/false,
+      {output_mask[0], output_mask[1], false});
+  return {dx, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(masknorm, Autograd, m) {
+  m.impl("batch_norm", &batch_norm_autograd);
+  m.impl("batch_norm_backward", &batch_norm_backward_autograd);
+  m.impl("layer_norm", &layer_norm_autograd);
+  m.impl("layer_norm_backward", &layer_norm_backward_autograd);
+  m.impl("rms_norm", &rms_norm_autograd);
+  m.impl("rms_norm_backward", &rms_norm_backward_autograd);
+  for (const char* stage : {"batch_norm_stats", "batch_norm_merge_stats", "batch_norm_elemt",
+                            "batch_norm_backward_reduce", "batch_norm_backward_elemt"}) {
+    m.impl(stage, torch::autograd::autogradNotImplementedFallback());
+  }
+}
+
+TORCH_LIBRARY_IMPL(masknorm, ADInplaceOrView, m) {
+  m.impl("batch_norm", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  m.impl("batch_norm_merge_stats", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+}
+
+}  // namespace masknorm

@@ -1,0 +1,63 @@
+// kernels_for(device) and the backend switches (kernel_registry.h): CPU
+// tensors get the instruction-set build chosen by cpu/isa_select.cpp, CUDA
+// tensors the CUDA backend when one registered itself and is enabled, every
+// other device (MPS, XPU, ...) the generic kernels of generic/.
+#include "kernel_registry.h"
+
+#include "cpu/isa_select.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+namespace masknorm {
+namespace {
+
+std::atomic<bool> force_generic{false};
+std::atomic<const CudaBackend*> cuda_backend{nullptr};
+
+bool fused_cuda_default() {
+  const char* env = std::getenv("MASKNORM_CUDA_KERNELS");
+  return env == nullptr || std::strcmp(env, "generic") != 0;
+}
+std::atomic<bool> fused_cuda{fused_cuda_default()};
+
+const KernelTable& generic_kernels() {
+  static const KernelTable table = MASKNORM_KERNEL_TABLE(masknorm::generic, "generic");
+  return table;
+}
+
+}  // namespace
+
+void register_cuda_backend(const CudaBackend& backend) {
+  static const CudaBackend stored = backend;
+  cuda_backend.store(&stored);
+}
+
+bool cuda_kernels_built() { return cuda_backend.load() != nullptr; }
+
+void force_generic_kernels(bool on) { force_generic.store(on); }
+bool generic_kernels_forced() { return force_generic.load(); }
+
+void use_fused_cuda_kernels(bool on) { fused_cuda.store(on); }
+bool fused_cuda_kernels_enabled() { return fused_cuda.load() && cuda_kernels_built(); }
+
+const KernelTable& kernels_for(const at::Device& device) {
+  if (!force_generic.load()) {
+    if (device.is_cpu()) return cpu::kernels();
+    if (device.is_cuda() && fused_cuda.load()) {
+      if (const CudaBackend* cuda = cuda_backend.load()) return *cuda->kernels;
+    }
+  }
+  return generic_kernels();
+}
+
+std::string kernels_name(const at::Device& device) { return kernels_for(device).name; }
+
+bool host_sync_allowed(const at::Device& device) {
+  if (!device.is_cuda()) return true;
+  const CudaBackend* cuda = cuda_backend.load();
+  return cuda == nullptr || !cuda->stream_is_capturing();
+}
+
+}  // namespace masknorm
