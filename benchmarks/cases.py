@@ -27,38 +27,47 @@ import masknorm
 @dataclass(frozen=True)
 class Shape:
     name: str
-    dims: tuple          # (B, T, C) or, for 2-D batch norm, (N, C)
+    dims: tuple          # (N, L, C) or, for 2-D batch norm, (N, C)
     dtype: torch.dtype
     padding: float       # fraction of padded positions (0 = no mask passed)
     norms: tuple         # which norms run on it
     large: bool = False  # counts for the bandwidth bars
 
 
-ALL_NORMS = ("bn-nlc", "bn-ncl", "ln", "rms")
+# Batch-norm layouts as everywhere in masknorm: NC (N, C), NCL (N, C, L), NLC (N, L, C).
+ALL_NORMS = ("bn-NLC", "bn-NCL", "ln", "rms")
 
 SHAPES = (
-    Shape("B32 T256 C512 fp32 30% pad", (32, 256, 512), torch.float32, 0.3, ALL_NORMS, large=True),
-    Shape("B8 T1024 C1024 fp32 30% pad", (8, 1024, 1024), torch.float32, 0.3, ALL_NORMS, large=True),
-    Shape("B32 T256 C512 fp32 no pad", (32, 256, 512), torch.float32, 0.0, ALL_NORMS),
-    Shape("N65536 C256 fp32 2-D 30% pad", (65536, 256), torch.float32, 0.3, ("bn-2d",), large=True),
-    Shape("B32 T256 C512 bf16 30% pad", (32, 256, 512), torch.bfloat16, 0.3, ALL_NORMS),
+    Shape("N32 L256 C512 fp32 30% pad", (32, 256, 512), torch.float32, 0.3, ALL_NORMS, large=True),
+    Shape("N8 L1024 C1024 fp32 30% pad", (8, 1024, 1024), torch.float32, 0.3, ALL_NORMS, large=True),
+    Shape("N32 L256 C512 fp32 no pad", (32, 256, 512), torch.float32, 0.0, ALL_NORMS),
+    Shape("N65536 C256 fp32 30% pad", (65536, 256), torch.float32, 0.3, ("bn-NC",), large=True),
+    Shape("N32 L256 C512 bf16 30% pad", (32, 256, 512), torch.bfloat16, 0.3, ALL_NORMS),
 )
 QUICK_SHAPES = (
-    Shape("B8 T64 C128 fp32 30% pad", (8, 64, 128), torch.float32, 0.3, ALL_NORMS),
-    Shape("N4096 C64 fp32 2-D 30% pad", (4096, 64), torch.float32, 0.3, ("bn-2d",)),
+    Shape("N8 L64 C128 fp32 30% pad", (8, 64, 128), torch.float32, 0.3, ALL_NORMS),
+    Shape("N4096 C64 fp32 30% pad", (4096, 64), torch.float32, 0.3, ("bn-NC",)),
+)
+# GPU shapes: large enough to fill the card (`large`: the bandwidth bars apply).
+GPU_SHAPES = (
+    Shape("N32 L1024 C1024 bf16 no pad", (32, 1024, 1024), torch.bfloat16, 0.0, ALL_NORMS, large=True),
+    Shape("N16 L1024 C4096 bf16 no pad", (16, 1024, 4096), torch.bfloat16, 0.0, ("ln", "rms"), large=True),
+    Shape("N32 L1024 C1024 bf16 30% pad", (32, 1024, 1024), torch.bfloat16, 0.3, ALL_NORMS, large=True),
+    Shape("N32 L1024 C1024 fp32 30% pad", (32, 1024, 1024), torch.float32, 0.3, ALL_NORMS, large=True),
+    Shape("N262144 C512 fp32 30% pad", (262144, 512), torch.float32, 0.3, ("bn-NC",), large=True),
 )
 
 NORM_TITLES = {
-    "bn-nlc": "BatchNorm (B, T, C)",
-    "bn-ncl": "BatchNorm (B, C, T)",
-    "bn-2d": "BatchNorm (N, C)",
+    "bn-NLC": "BatchNorm (N, L, C)",
+    "bn-NCL": "BatchNorm (N, C, L)",
+    "bn-NC": "BatchNorm (N, C)",
     "ln": "LayerNorm",
     "rms": "RMSNorm",
 }
 
 
-def make_input(shape: Shape, seed: int = 0):
-    """The padded batch: x (N, L, C) or (N, C) and its padding mask (or None).
+def make_input(shape: Shape, seed: int = 0, device: str = "cpu"):
+    """The padded batch: x (N, L, C) or (N, C) and its padding mask (or None), on `device`.
 
     Lengths are drawn uniformly so that about `shape.padding` of the positions
     are padding; padded positions hold zeros, as in a real padded batch.
@@ -66,7 +75,7 @@ def make_input(shape: Shape, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape.dims, generator=g).mul_(2).add_(3).to(shape.dtype)
     if shape.padding == 0:
-        return x, None
+        return x.to(device), None
     if x.dim() == 2:
         mask = torch.rand(shape.dims[0], generator=g) < shape.padding
     else:
@@ -76,7 +85,7 @@ def make_input(shape: Shape, seed: int = 0):
         lengths = torch.randint(low, T + 1, (B,), generator=g)
         mask = masknorm.padding_mask_from_lengths(lengths, T)
     x = x.masked_fill(mask.unsqueeze(-1), 0)
-    return x, mask
+    return x.to(device), mask.to(device)
 
 
 def useful_elements(x, mask):
@@ -110,21 +119,22 @@ def bn_masked_sums(x, mask, weight, bias, running_mean, running_var, momentum=0.
 
 
 def _to_channels_last(layout, x):
-    return x.transpose(1, 2) if layout == "ncl" else x
+    return x.transpose(1, 2) if layout == "NCL" else x
 
 
 def make_bn(impl, layout, x, mask, C):
-    """layout: "nlc" (B, T, C), "ncl" (B, C, T) or "2d" (N, C); x is always given as (B, T, C) / (N, C)."""
+    """layout: "NLC" (N, L, C), "NCL" (N, C, L) or "NC" (N, C), as `x` is given (layout_input)."""
+    device = x.device
     if impl == "masknorm":
-        m = masknorm.MaskedBatchNorm1d(C, channels_last=layout == "nlc")
+        m = masknorm.MaskedBatchNorm1d(C, channels_last=layout == "NLC", device=device)
         return (lambda x: m(x, mask)), list(m.parameters())
     if impl == "stock":
-        m = nn.BatchNorm1d(C)
-        if layout == "nlc":  # what users write today for transformer-layout batches
+        m = nn.BatchNorm1d(C, device=device)
+        if layout == "NLC":  # what users write today for transformer-layout batches
             return (lambda x: m(x.transpose(1, 2)).transpose(1, 2)), list(m.parameters())
         return m, list(m.parameters())
-    weight, bias = nn.Parameter(torch.ones(C)), nn.Parameter(torch.zeros(C))
-    running_mean, running_var = torch.zeros(C), torch.ones(C)
+    weight, bias = nn.Parameter(torch.ones(C, device=device)), nn.Parameter(torch.zeros(C, device=device))
+    running_mean, running_var = torch.zeros(C, device=device), torch.ones(C, device=device)
     if impl in ("masked-sums", "compiled"):
         fn = bn_masked_sums
         if impl == "compiled":
@@ -135,7 +145,7 @@ def make_bn(impl, layout, x, mask, C):
             return _to_channels_last(layout, fn(xl, mask, weight, bias, running_mean, running_var))
         return forward, [weight, bias]
     if impl == "gather":
-        m = nn.BatchNorm1d(C, dtype=torch.float32)
+        m = nn.BatchNorm1d(C, dtype=torch.float32, device=device)
 
         def forward(x):
             xl = _to_channels_last(layout, x)
@@ -160,11 +170,11 @@ def rms_masked(x, mask, weight, eps=None):
 
 
 def make_row_norm(norm, impl, x, mask, C):
-    dtype = x.dtype
+    dtype, device = x.dtype, x.device
     if impl == "masknorm":
-        m = (masknorm.MaskedLayerNorm if norm == "ln" else masknorm.MaskedRMSNorm)(C, dtype=dtype)
+        m = (masknorm.MaskedLayerNorm if norm == "ln" else masknorm.MaskedRMSNorm)(C, dtype=dtype, device=device)
         return (lambda x: m(x, mask)), list(m.parameters())
-    stock = (nn.LayerNorm if norm == "ln" else nn.RMSNorm)(C, dtype=dtype)
+    stock = (nn.LayerNorm if norm == "ln" else nn.RMSNorm)(C, dtype=dtype, device=device)
     params = list(stock.parameters())
     if impl == "stock":
         return stock, params
@@ -200,5 +210,5 @@ def make(norm, impl, x, mask, C):
 
 
 def layout_input(norm, x):
-    """The input tensor as `norm` consumes it: (B, C, T) for bn-ncl, else unchanged."""
-    return x.transpose(1, 2).contiguous() if norm == "bn-ncl" else x
+    """The input tensor as `norm` consumes it: (N, C, L) for bn-NCL, else unchanged."""
+    return x.transpose(1, 2).contiguous() if norm == "bn-NCL" else x

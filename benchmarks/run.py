@@ -1,7 +1,8 @@
 """masknorm benchmark: masked norms against what users would run instead.
 
-    python -m benchmarks                 # full run, ~10 min on 2 cores; writes benchmarks/results/
+    python -m benchmarks                 # full CPU run under both allocator settings, ~12 min on 2 cores
     python -m benchmarks --quick         # tiny shapes, no torch.compile: checks the script runs
+    python -m benchmarks --device cuda   # GPU shapes on the current CUDA device
 
 For each shape and norm (cases.py), every implementation is timed with
 torch.utils.benchmark (median of blocked_autorange) in three modes:
@@ -16,15 +17,21 @@ gradient and write the input gradient (backward: 3 passes); statistics are
 noise beside that. Only valid tokens are useful bytes: padding need not be
 touched. Effective GB/s = passes * valid elements * element size / time, and
 "% copy" compares it with the machine's copy bandwidth, measured as
-torch.clone of the same whole tensor (read + write, all threads).
+torch.clone of the same whole tensor (read + write, all threads). BatchNorm
+cannot do with 2 and 3 passes: its statistics must be complete before any
+output is written, so forward reads x twice and writes y (3 passes) and
+backward reads x and dy twice and writes dx (5); "% copy, BN minimum" counts
+those (for LayerNorm and RMSNorm a row fits in cache: 2 and 3 are real).
 
-Allocator. Every implementation allocates its outputs and gradients on each
-call. glibc returns large blocks (above 32 MB at most) to the OS on free, so
-without help each call would pay the OS's page faults for them, a cost of the
-system allocator rather than of any kernel, and a noisy one. The benchmark
-therefore re-runs itself with glibc told to keep freed memory
-(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), as a caching allocator
-(jemalloc, tcmalloc) would; --system-malloc measures with the defaults.
+Allocator (CPU). Every implementation allocates its outputs and gradients on
+each call. glibc returns large blocks (above 32 MB at most) to the OS on free,
+so each call pays the OS's page faults for them, a cost of the system
+allocator rather than of any kernel, and a noisy one. The CPU run therefore
+measures twice, in two processes: with glibc's defaults, and with glibc told
+to keep freed memory (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), as a
+caching allocator (jemalloc, tcmalloc) would; the summary shows both, the
+detailed tables the second. --allocator picks one. On CUDA, torch's caching
+allocator serves every run.
 
 Memory. "saved MB" is what forward keeps for backward beyond the input itself
 (saved_tensors_hooks, unique storages); "peak MB" is the peak of bytes
@@ -37,6 +44,8 @@ import datetime
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 
 import torch
@@ -47,8 +56,10 @@ import masknorm
 from . import cases
 
 PASSES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
+BN_MIN_PASSES = {"fwd": 3, "bwd": 5, "fwd+bwd": 8}
 # glibc: serve every size from the heap and never give freed memory back (see "Allocator").
-CACHING_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", str(2**32), "MALLOC_TRIM_THRESHOLD_", str(2**40))
+CACHING_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+ALLOCATORS = {"kept": "glibc, freed memory kept", "glibc": "glibc defaults", "cuda": "torch's CUDA caching allocator"}
 MODES = tuple(PASSES)
 
 
@@ -91,8 +102,16 @@ def stderr_silenced():
         os.close(saved)
 
 
-def peak_bytes(fn):
-    """Peak of bytes allocated while fn runs, from the profiler's memory events."""
+def peak_bytes(fn, device):
+    """Peak of bytes allocated while fn runs: the CUDA allocator's peak, or on
+    the CPU the profiler's memory events."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
     with stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -105,7 +124,7 @@ def peak_bytes(fn):
 
 
 def run_case(norm, impl, x, mask, min_run_time):
-    C = x.shape[-1] if norm != "bn-ncl" else x.shape[1]
+    C = x.shape[1] if norm == "bn-NCL" else x.shape[-1]
     forward, params = cases.make(norm, impl, x, mask, C)
     xin = x.detach().clone().requires_grad_(True)
     inputs = [xin] + [p for p in params if p.requires_grad]
@@ -124,12 +143,12 @@ def run_case(norm, impl, x, mask, min_run_time):
         "bwd": median_seconds(lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True), min_run_time),
         "fwd+bwd": median_seconds(fwd_bwd, min_run_time),
         "saved_bytes": saved_bytes(forward, xin),
-        "peak_bytes": peak_bytes(fwd_bwd),
+        "peak_bytes": peak_bytes(fwd_bwd, x.device),
     }
     return result
 
 
-def run(shapes, min_run_time, compile_composites, only=None):
+def run(shapes, min_run_time, compile_composites, only=None, device="cpu"):
     from tqdm import tqdm
 
     # Timing backward alone replays one recorded graph (retain_graph=True), which
@@ -147,7 +166,7 @@ def run(shapes, min_run_time, compile_composites, only=None):
     results, copy_bw, inputs = [], {}, {}
     for shape, norm, impl in tqdm(jobs, desc="benchmark", unit="case"):
         if shape.name not in inputs:
-            inputs[shape.name] = cases.make_input(shape)
+            inputs[shape.name] = cases.make_input(shape, device=device)
             copy_bw[shape.name] = copy_bandwidth(inputs[shape.name][0], min_run_time)
         x, mask = inputs[shape.name]
         useful = cases.useful_elements(x, mask) * x.element_size()
@@ -155,6 +174,8 @@ def run(shapes, min_run_time, compile_composites, only=None):
         for mode in MODES:
             r[f"{mode}_gbps"] = PASSES[mode] * useful / r[mode] / 1e9
             r[f"{mode}_pct_copy"] = 100 * PASSES[mode] * useful / r[mode] / copy_bw[shape.name]
+            if norm.startswith("bn-"):
+                r[f"{mode}_pct_copy_bn_min"] = 100 * BN_MIN_PASSES[mode] * useful / r[mode] / copy_bw[shape.name]
         results.append({"shape": shape.name, "large": shape.large, "norm": norm, "impl": impl, **r})
     return results, {k: v / 1e9 for k, v in copy_bw.items()}
 
@@ -169,8 +190,9 @@ def lookup(results, shape, norm, impl):
     return None
 
 
-def check_bars(results):
-    """Each bar of issue 3 on each case it applies to: (bar, case, value, target, met)."""
+def check_bars(results, device="cpu"):
+    """Each performance bar on each case it applies to: (bar, case, value, target, met).
+    CPU: the bars of issue 3 (and 9); CUDA: the bars of issue 12."""
     bars = []
     for r in results:
         if r["impl"] != "masknorm":
@@ -178,16 +200,35 @@ def check_bars(results):
         shape, norm = r["shape"], r["norm"]
         case = f"{shape}, {cases.NORM_TITLES[norm]}"
         t = r["fwd+bwd"]
+        stock = lookup(results, shape, norm, "stock")
+        compiled = lookup(results, shape, norm, "compiled")
+        if device == "cuda":
+            if stock:
+                ratio = stock["fwd+bwd"] / t
+                bars.append(("fwd+bwd vs stock torch (no slower)", case, ratio, 1.0, ratio >= 1.0))
+            if compiled:
+                ratio = compiled["fwd+bwd"] / t
+                bars.append(("fwd+bwd vs compiled composite (faster)", case, ratio, 1.0, ratio > 1.0))
+            # Bandwidth bars on unpadded batches: with padding, zeros written to
+            # padded outputs are traffic the valid-token count does not credit.
+            if not r["large"] or "no pad" not in shape:
+                continue
+            if norm.startswith("bn-"):
+                for mode in ("fwd", "bwd"):
+                    v = r[f"{mode}_pct_copy_bn_min"]
+                    bars.append((f"BN {mode} % of copy, BN minimum traffic", case, v, 75.0, v >= 75))
+            elif "bf16" in shape:
+                bars.append(("LN/RMS fwd % of copy bandwidth", case, r["fwd_pct_copy"], 85.0, r["fwd_pct_copy"] >= 85))
+                bars.append(("LN/RMS bwd % of copy bandwidth", case, r["bwd_pct_copy"], 60.0, r["bwd_pct_copy"] >= 60))
+            continue
         if norm.startswith("bn-"):
             eager = [lookup(results, shape, norm, i) for i in ("masked-sums", "gather")]
             eager = [e["fwd+bwd"] for e in eager if e]
             if eager:
                 bars.append(("BN fwd+bwd vs best eager composite", case, min(eager) / t, 3.0, min(eager) / t >= 3.0))
-            compiled = lookup(results, shape, norm, "compiled")
             if compiled:
                 ratio = compiled["fwd+bwd"] / t
                 bars.append(("BN fwd+bwd vs compiled composite", case, ratio, 1.5, ratio >= 1.5))
-        stock = lookup(results, shape, norm, "stock")
         if stock and norm != "rms":
             for mode in ("fwd", "fwd+bwd"):
                 ratio = stock[mode] / r[mode]
@@ -201,7 +242,7 @@ def check_bars(results):
     return bars
 
 
-def environment():
+def environment(device="cpu", allocator=None):
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -209,55 +250,79 @@ def environment():
     except (OSError, StopIteration):
         pass
     info = masknorm._C.build_info()
-    return {
+    env = {
         "date": datetime.date.today().isoformat(),
+        "device": device,
         "cpu": cpu,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "masknorm": info["version"],
         "masknorm_cpu_kernels": info["cpu_kernels"],
-        "allocator": "glibc, freed memory kept" if "MALLOC_MMAP_THRESHOLD_" in os.environ else "glibc defaults",
+        "masknorm_kernels": masknorm._C._kernels_for(device),
+        "allocator": ALLOCATORS[allocator or ("cuda" if device == "cuda" else "kept")],
     }
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
 
 
-def summary(results):
-    """One row per shape and norm: masknorm's fwd+bwd time and how much faster it is than each alternative."""
+def summary(results, other=None, other_name=None):
+    """One row per shape and norm: masknorm's fwd+bwd time and how much faster it is than each alternative.
+    With `other` (the same run under another allocator), both settings side by side."""
     impls = [i for i in ("stock", "masked-sums", "gather", "compiled") if any(r["impl"] == i for r in results)]
+    both = other is not None
+    ms_head = f"masknorm fwd+bwd ms (kept / {other_name})" if both else "masknorm fwd+bwd ms"
+    vs_heads = [f"vs {i}" + (f" (kept / {other_name})" if both and i == "stock" else "") for i in impls]
+    has_bn = any(r["norm"].startswith("bn-") for r in results)
     lines = [
-        "| shape | norm | masknorm fwd+bwd ms | " + " | ".join(f"vs {i}" for i in impls)
-        + " | fwd % copy | bwd % copy | peak MB (stock) |",
-        "|---|---|---:|" + "---:|" * len(impls) + "---:|---:|---:|",
+        f"| shape | norm | {ms_head} | " + " | ".join(vs_heads)
+        + " | fwd % copy | bwd % copy |" + (" fwd / bwd % copy, BN minimum |" if has_bn else "") + " peak MB (stock) |",
+        "|---|---|---:|" + "---:|" * len(impls) + "---:|---:|" + ("---:|" if has_bn else "") + "---:|",
     ]
     for r in results:
         if r["impl"] != "masknorm":
             continue
+        o = lookup(other, r["shape"], r["norm"], "masknorm") if both else None
+        ms = f"{1e3 * r['fwd+bwd']:.2f}" + (f" / {1e3 * o['fwd+bwd']:.2f}" if o else "")
         cells = []
         for impl in impls:
-            other = lookup(results, r["shape"], r["norm"], impl)
-            cells.append(f"{other['fwd+bwd'] / r['fwd+bwd']:.2f}x" if other else "")
+            x = lookup(results, r["shape"], r["norm"], impl)
+            cell = f"{x['fwd+bwd'] / r['fwd+bwd']:.2f}x" if x else ""
+            if x and o and impl == "stock":
+                xo = lookup(other, r["shape"], r["norm"], impl)
+                cell += f" / {xo['fwd+bwd'] / o['fwd+bwd']:.2f}x" if xo else ""
+            cells.append(cell)
         stock = lookup(results, r["shape"], r["norm"], "stock")
         stock_peak = f" ({stock['peak_bytes'] / 2**20:.0f})" if stock else ""
+        bn_min = ""
+        if has_bn:
+            bn_min = (f" {r['fwd_pct_copy_bn_min']:.0f}% / {r['bwd_pct_copy_bn_min']:.0f}% |"
+                      if "fwd_pct_copy_bn_min" in r else " |")
         lines.append(
-            f"| {r['shape']} | {cases.NORM_TITLES[r['norm']]} | {1e3 * r['fwd+bwd']:.2f} | " + " | ".join(cells)
-            + f" | {r['fwd_pct_copy']:.0f}% | {r['bwd_pct_copy']:.0f}% | {r['peak_bytes'] / 2**20:.0f}{stock_peak} |"
+            f"| {r['shape']} | {cases.NORM_TITLES[r['norm']]} | {ms} | " + " | ".join(cells)
+            + f" | {r['fwd_pct_copy']:.0f}% | {r['bwd_pct_copy']:.0f}% |{bn_min} {r['peak_bytes'] / 2**20:.0f}{stock_peak} |"
         )
     return lines
 
 
-def markdown(results, copy_gbps, bars, env, command):
+def markdown(results, copy_gbps, bars, env, command, other=None):
+    where = (f"{env['gpu']} (masknorm {env['masknorm_kernels']} kernels)" if env.get("device") == "cuda"
+             else f"{env['cpu']}, {env['threads']} threads ({env['torch_cpu_capability']}, masknorm "
+                  f"{env['masknorm_cpu_kernels']} kernels)")
+    other_name = "glibc" if other is not None else None
     lines = [
         "# masknorm benchmark",
         "",
-        f"`{command}` on {env['date']}: {env['cpu']}, {env['threads']} threads, torch {env['torch']} "
-        f"({env['torch_cpu_capability']}), masknorm {env['masknorm']} ({env['masknorm_cpu_kernels']} kernels), "
-        f"allocator: {env.get('allocator', 'glibc defaults')}.",
-        "Times are medians (ms). GB/s counts valid tokens only (fwd 2 passes, bwd 3); "
+        f"`{command}` on {env['date']}: {where}, torch {env['torch']}, masknorm {env['masknorm']}, "
+        f"allocator: {env.get('allocator', 'glibc defaults')}"
+        + (f"; the summary also shows the same run with {ALLOCATORS['glibc']}" if other is not None else "") + ".",
+        "Times are medians (ms). GB/s counts valid tokens only (fwd 2 passes, bwd 3; BN minimum: 3 and 5); "
         "% copy is against torch.clone of the same tensor. Speedup: the implementation's fwd+bwd time over masknorm's.",
         "",
         "## Summary",
         "",
-        *summary(results),
+        *summary(results, other, other_name),
         "",
     ]
     for shape in dict.fromkeys(r["shape"] for r in results):
@@ -330,34 +395,59 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile composites")
     parser.add_argument("--only", default=None, help="run the cases whose 'shape norm impl' contains this")
     parser.add_argument("--from-json", default=None, help="write the report of a saved results.json, run nothing")
-    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default allocation policy")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the tensors live")
+    parser.add_argument(
+        "--allocator", default="both", choices=("both", "kept", "glibc"),
+        help="CPU: glibc keeping freed memory, glibc's defaults, or both in two processes (default)",
+    )
     args = parser.parse_args(argv)
-    if not args.system_malloc and not args.from_json and CACHING_MALLOC_ENV[0] not in os.environ:
-        env = dict(os.environ, **dict(zip(CACHING_MALLOC_ENV[::2], CACHING_MALLOC_ENV[1::2])))
-        cmd = [sys.executable, "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]
-        sys.stdout.flush()
-        os.execve(sys.executable, cmd, env)  # does not return
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python -m benchmarks", *argv])
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
-        write_report(saved["results"], saved["copy_gbps"], saved["environment"], saved["command"], args.out)
+        other = saved.get("other_allocator_results")
+        write_report(saved["results"], saved["copy_gbps"], saved["environment"], saved["command"], args.out, other)
         return
-    shapes = cases.QUICK_SHAPES if args.quick else cases.SHAPES
+    if args.device == "cpu" and args.allocator == "both":
+        # Two child processes, one per allocator setting; this one reports both.
+        runs = {}
+        for allocator in ("glibc", "kept"):
+            out = os.path.join(args.out, f"run_{allocator}")
+            env = dict(os.environ, **(CACHING_MALLOC_ENV if allocator == "kept" else {}))
+            child = [a for a in argv if not a.startswith("--allocator")]
+            cmd = [sys.executable, "-m", "benchmarks", *child, "--allocator", allocator, "--out", out]
+            print(f"== allocator: {ALLOCATORS[allocator]}", flush=True)
+            subprocess.run(cmd, env=env, check=True)
+            with open(os.path.join(out, "results.json")) as f:
+                runs[allocator] = json.load(f)
+            shutil.rmtree(out)
+        kept = runs["kept"]
+        write_report(kept["results"], kept["copy_gbps"], kept["environment"], command, args.out, runs["glibc"]["results"])
+        return
+    if args.device == "cpu" and args.allocator == "kept" and not all(os.environ.get(k) == v for k, v in CACHING_MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *argv], dict(os.environ, **CACHING_MALLOC_ENV))
+    if args.device == "cuda":
+        shapes = cases.QUICK_SHAPES if args.quick else cases.GPU_SHAPES
+    else:
+        shapes = cases.QUICK_SHAPES if args.quick else cases.SHAPES
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
     compile_composites = not (args.quick or args.no_compile)
-    command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+    results, copy_gbps = run(shapes, min_run_time, compile_composites, args.only, device=args.device)
+    allocator = "cuda" if args.device == "cuda" else args.allocator
+    write_report(results, copy_gbps, environment(args.device, allocator), command, args.out)
 
-    results, copy_gbps = run(shapes, min_run_time, compile_composites, args.only)
-    write_report(results, copy_gbps, environment(), command, args.out)
 
-
-def write_report(results, copy_gbps, env, command, out):
+def write_report(results, copy_gbps, env, command, out, other=None):
     os.makedirs(out, exist_ok=True)
-    report = markdown(results, copy_gbps, check_bars(results), env, command)
+    report = markdown(results, copy_gbps, check_bars(results, env.get("device", "cpu")), env, command, other)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(report)
+    saved = {"environment": env, "command": command, "copy_gbps": copy_gbps, "results": results}
+    if other is not None:
+        saved["other_allocator_results"] = other
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"environment": env, "command": command, "copy_gbps": copy_gbps, "results": results}, f, indent=1)
+        json.dump(saved, f, indent=1)
     plot(results, os.path.join(out, "results.png"))
     print(report)
     print(f"wrote {out}/results.md, results.json, results.png")

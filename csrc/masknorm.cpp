@@ -37,6 +37,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       "Serve CUDA tensors from the fused CUDA kernels (True) or the ATen-op kernels (False).");
   module.def("_fused_cuda_kernels_enabled", &masknorm::fused_cuda_kernels_enabled);
   module.def(
+      "_enable_device_data_checks", &masknorm::enable_device_data_checks,
+      "Run data-dependent checks (a single valid value in training) on accelerators too: a host sync per call.");
+  module.def(
+      "_cuda_row_norm_tuning",
+      [](bool backward, int iters, int block_threads) {
+        const masknorm::CudaBackend* cuda = masknorm::cuda_backend();
+        TORCH_CHECK(cuda != nullptr, "masknorm was built without its CUDA kernels");
+        cuda->tune_row_norm(backward, iters, block_threads);
+      },
+      "Tuning: vectors per thread (1, 2, 4) and threads per block of the CUDA row-norm kernels.");
+  module.def(
       "_kernels_for", [](const std::string& device) { return masknorm::kernels_name(at::Device(device)); },
       "The name of the kernels serving tensors on `device`.");
 }

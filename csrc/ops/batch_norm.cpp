@@ -149,8 +149,10 @@ std::tuple<Tensor, Tensor, Tensor> run_stats(const Prepared& p) {
 }
 
 // Merges (P, C) statistics, updates the running statistics, and raises when
-// the batch has a single valid value (nn.BatchNorm1d's error: its variance
-// is undefined), checked where reading the count back costs no graph capture.
+// the batch has a single valid value (nn.BatchNorm1d's error: its variance is
+// undefined) where data checks run (kernel_registry.h: always on the CPU).
+// Where they do not, such a batch normalizes to the bias and leaves the
+// running statistics as they were.
 std::tuple<Tensor, Tensor, Tensor> run_merge_stats(
     const char* op, const Tensor& part_mean, const Tensor& part_m2, const Tensor& part_count,
     const Tensor& running_mean, const Tensor& running_var, const Tensor& num_batches_tracked,
@@ -182,7 +184,7 @@ std::tuple<Tensor, Tensor, Tensor> run_merge_stats(
   kernels_for(part_mean.device()).batch_norm_merge_stats(a);
   if (running_mean.defined() && !a.running_mean.is_same(running_mean)) running_mean.copy_(a.running_mean);
   if (running_var.defined() && !a.running_var.is_same(running_var)) running_var.copy_(a.running_var);
-  if (host_sync_allowed(a.count.device())) {
+  if (data_checks_enabled(a.count.device())) {
     TORCH_CHECK_VALUE(
         a.count.item<int64_t>() != 1,
         op, ": expected more than 1 valid (non-padding) value per channel when training, got 1");

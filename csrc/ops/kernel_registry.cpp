@@ -14,13 +14,20 @@ namespace masknorm {
 namespace {
 
 std::atomic<bool> force_generic{false};
-std::atomic<const CudaBackend*> cuda_backend{nullptr};
+std::atomic<const CudaBackend*> registered_cuda{nullptr};
 
 bool fused_cuda_default() {
   const char* env = std::getenv("MASKNORM_CUDA_KERNELS");
   return env == nullptr || std::strcmp(env, "generic") != 0;
 }
+
 std::atomic<bool> fused_cuda{fused_cuda_default()};
+
+bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, value) == 0;
+}
+std::atomic<bool> device_data_checks{env_is("MASKNORM_DEVICE_DATA_CHECKS", "1")};
 
 const KernelTable& generic_kernels() {
   static const KernelTable table = MASKNORM_KERNEL_TABLE(masknorm::generic, "generic");
@@ -31,10 +38,11 @@ const KernelTable& generic_kernels() {
 
 void register_cuda_backend(const CudaBackend& backend) {
   static const CudaBackend stored = backend;
-  cuda_backend.store(&stored);
+  registered_cuda.store(&stored);
 }
 
-bool cuda_kernels_built() { return cuda_backend.load() != nullptr; }
+bool cuda_kernels_built() { return registered_cuda.load() != nullptr; }
+const CudaBackend* cuda_backend() { return registered_cuda.load(); }
 
 void force_generic_kernels(bool on) { force_generic.store(on); }
 bool generic_kernels_forced() { return force_generic.load(); }
@@ -46,7 +54,7 @@ const KernelTable& kernels_for(const at::Device& device) {
   if (!force_generic.load()) {
     if (device.is_cpu()) return cpu::kernels();
     if (device.is_cuda() && fused_cuda.load()) {
-      if (const CudaBackend* cuda = cuda_backend.load()) return *cuda->kernels;
+      if (const CudaBackend* cuda = registered_cuda.load()) return *cuda->kernels;
     }
   }
   return generic_kernels();
@@ -54,10 +62,13 @@ const KernelTable& kernels_for(const at::Device& device) {
 
 std::string kernels_name(const at::Device& device) { return kernels_for(device).name; }
 
-bool host_sync_allowed(const at::Device& device) {
-  if (!device.is_cuda()) return true;
-  const CudaBackend* cuda = cuda_backend.load();
-  return cuda == nullptr || !cuda->stream_is_capturing();
+void enable_device_data_checks(bool on) { device_data_checks.store(on); }
+
+bool data_checks_enabled(const at::Device& device) {
+  if (device.is_cpu()) return true;
+  if (!device_data_checks.load()) return false;
+  const CudaBackend* cuda = registered_cuda.load();
+  return !(device.is_cuda() && cuda != nullptr && cuda->stream_is_capturing());
 }
 
 }  // namespace masknorm

@@ -14,9 +14,12 @@ namespace masknorm {
 struct CudaBackend {
   const KernelTable* kernels;
   bool (*stream_is_capturing)();  // true while the current stream captures a CUDA graph
+  // Tuning: the row-norm kernels' vectors per thread and block size.
+  void (*tune_row_norm)(bool backward, int iters, int block_threads);
 };
 void register_cuda_backend(const CudaBackend& backend);
 bool cuda_kernels_built();
+const CudaBackend* cuda_backend();
 
 // Test switch: serve every device, CPU included, from the generic kernels.
 void force_generic_kernels(bool on);
@@ -30,9 +33,12 @@ bool fused_cuda_kernels_enabled();
 // The name of the table serving `device` ("avx512", "cuda", "generic", ...).
 std::string kernels_name(const at::Device& device);
 
-// True when reading a tensor on `device` back to the host is allowed now:
-// always, except on a CUDA stream that is capturing a graph. Data-dependent
-// checks (a single valid value in training) are skipped when it is not.
-bool host_sync_allowed(const at::Device& device);
+// Whether data-dependent checks (a single valid value per channel in
+// training) run for tensors on `device`. They read a result back to the host,
+// which on an accelerator waits for the device on every call: always on for
+// CPU tensors; on other devices off unless turned on (here or with
+// MASKNORM_DEVICE_DATA_CHECKS=1), and never while a CUDA stream captures a graph.
+bool data_checks_enabled(const at::Device& device);
+void enable_device_data_checks(bool on);
 
 }  // namespace masknorm
