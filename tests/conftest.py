@@ -3,13 +3,29 @@
 The references used throughout the suite follow the contract:
 
 * masked BatchNorm == ``nn.BatchNorm1d`` applied to the *packed* valid tokens
-  (2-D: ``x[~m]``; channels-first (N, C, L): ``x.transpose(1, 2)[~m]``;
-  channels_last (N, L, C): ``x[~m]``), scattered back with zeros at padding;
+  (NC: ``x[~m]``; NCL: ``x.transpose(1, 2)[~m]``; NLC: ``x[~m]``), scattered
+  back with zeros at padding;
 * masked LayerNorm / RMSNorm == ``nn.LayerNorm`` / ``nn.RMSNorm`` applied to
   ``x[~m]`` (the valid rows), zeros at padded rows.
 
+Batch-norm layouts have one vocabulary (``BN_LAYOUTS``): ``NC`` (N, C) input
+with an (N,) mask, ``NCL`` (N, C, L) with an (N, L) mask, ``NLC`` (N, L, C)
+with an (N, L) mask and ``channels_last=True``.
+
+Parametrizations:
+
+* ``kernels``: a test module marked ``pytestmark = pytest.mark.kernels`` (or a
+  test marked so) runs once with the native kernels (the CPU build chosen for
+  this processor, CUDA kernels on CUDA tensors) and once with the generic
+  kernels written with ATen ops (``masknorm._C._force_generic_kernels``),
+  which the fixture always switches off again. Other tests run the native
+  kernels.
+* ``device``: tests taking it run on the CPU, and on CUDA when
+  ``torch.cuda.is_available()`` (skipped, with the reason, otherwise).
+
 Test modules import the plain helper functions with ``from conftest import ...``
-(``tests/`` has no ``__init__.py``, so pytest puts it on ``sys.path``).
+(``tests/`` has no ``__init__.py``, so pytest puts it on ``sys.path``); sample
+inputs per op live in ``tests/samples/``.
 """
 
 import pytest
@@ -21,8 +37,41 @@ import masknorm  # noqa: F401  (a failing import must fail the whole suite)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
-# layouts for BatchNorm inputs
-BN_LAYOUTS = ("2d", "3d", "3d_cl")
+BN_LAYOUTS = ("NC", "NCL", "NLC")
+KERNELS = ("native", "generic")
+DEVICES = (
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")),
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "kernels: run once with the native kernels and once with the generic (ATen-op) kernels"
+    )
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("kernels") is not None:
+        metafunc.parametrize("kernels", KERNELS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def kernels(request):
+    """The kernel set a test runs ("native" unless parametrized): forced
+    generic kernels are switched off again whatever the test does."""
+    name = getattr(request, "param", "native")
+    masknorm._C._force_generic_kernels(name == "generic")
+    try:
+        assert (masknorm._C._kernels_for("cpu") == "generic") == (name == "generic")
+        yield name
+    finally:
+        masknorm._C._force_generic_kernels(False)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -53,8 +102,8 @@ def assert_close(actual, expected, dtype=None, **kw):
     t = tol(dtype)
     t.update(kw)
     torch.testing.assert_close(
-        actual.detach().to(torch.float64),
-        expected.detach().to(torch.float64),
+        actual.detach().cpu().to(torch.float64),
+        expected.detach().cpu().to(torch.float64),
         check_dtype=False,
         equal_nan=False,
         **t,
@@ -62,83 +111,23 @@ def assert_close(actual, expected, dtype=None, **kw):
 
 
 # --------------------------------------------------------------------------
-# masks
-# --------------------------------------------------------------------------
-
-
-def lengths_mask(lengths, max_len=None):
-    """Padding mask (True = padding) from a list/tensor of lengths."""
-    lengths = torch.as_tensor(lengths, dtype=torch.long)
-    return masknorm.padding_mask_from_lengths(lengths, max_len)
-
-
-def random_lengths(n, max_len, min_len=1):
-    """Random lengths in [min_len, max_len]; the first row is full length and,
-    when possible, the last row is padded, so the mask has some padding."""
-    lengths = torch.randint(min_len, max_len + 1, (n,))
-    if n > 0:
-        lengths[0] = max_len
-    if n > 1 and max_len > min_len:
-        lengths[-1] = torch.randint(min_len, max_len, (1,)).item()
-    return lengths
-
-
-def random_lengths_mask(n, max_len, min_len=1):
-    """(N, max_len) bool mask built with masknorm.padding_mask_from_lengths."""
-    return lengths_mask(random_lengths(n, max_len, min_len), max_len)
-
-
-def random_row_mask(n, min_valid=2, min_pad=1):
-    """(N,) bool mask for 2-D inputs with >= min_valid valid and >= min_pad padded rows."""
-    assert n >= min_valid + min_pad
-    perm = torch.randperm(n)
-    n_pad = torch.randint(min_pad, n - min_valid + 1, (1,)).item()
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[perm[:n_pad]] = True
-    return mask
-
-
-def make_mask(kind, batch_shape):
-    """kind: None (no mask), 'all_false' (all-False mask), 'random' (some padding)."""
-    if kind is None:
-        return None
-    if kind == "all_false":
-        return torch.zeros(batch_shape, dtype=torch.bool)
-    if kind == "random":
-        if len(batch_shape) == 1:
-            # >= 3 valid rows: with only 2 values per channel the BN input
-            # gradient is pure cancellation (ill-conditioned in any implementation)
-            return random_row_mask(batch_shape[0], min_valid=3)
-        n, L = batch_shape[0], batch_shape[-1]
-        if len(batch_shape) == 2:
-            return random_lengths_mask(n, L)
-        # more leading dims: random bool with guaranteed valid/pad entries
-        m = torch.rand(batch_shape) < 0.35
-        flat = m.view(-1)
-        flat[0] = False
-        flat[1] = False
-        flat[-1] = True
-        return m
-    raise ValueError(kind)
-
-
-# --------------------------------------------------------------------------
 # BatchNorm helpers
 # --------------------------------------------------------------------------
 
 
+def is_channels_last(layout):
+    """The ``channels_last`` flag of a batch-norm layout."""
+    assert layout in BN_LAYOUTS, layout
+    return layout == "NLC"
+
+
 def bn_input_shape(layout, N, C, L):
-    if layout == "2d":
-        return (N, C)
-    if layout == "3d":
-        return (N, C, L)
-    if layout == "3d_cl":
-        return (N, L, C)
-    raise ValueError(layout)
+    """The input shape of ``layout`` (L is ignored for NC)."""
+    return {"NC": (N, C), "NCL": (N, C, L), "NLC": (N, L, C)}[layout]
 
 
 def bn_mask_shape(layout, N, L):
-    return (N,) if layout == "2d" else (N, L)
+    return (N,) if layout == "NC" else (N, L)
 
 
 def bn_full_mask(mask, x, channels_last=False):
@@ -151,10 +140,9 @@ def bn_full_mask(mask, x, channels_last=False):
 
 
 def bn_pack(x, mask, channels_last=False):
-    """Packed valid tokens, shape (K, C)."""
-    if x.dim() == 2 or channels_last:
-        return x[~mask]
-    return x.transpose(1, 2)[~mask]
+    """Packed valid tokens, shape (K, C) (all positions when ``mask`` is None)."""
+    rows = x if x.dim() == 2 or channels_last else x.transpose(1, 2)
+    return rows.reshape(-1, rows.shape[-1]) if mask is None else rows[~mask]
 
 
 def bn_unpack(packed, mask, shape, channels_last=False):
@@ -180,22 +168,19 @@ def ref_bn(ref_module, x, mask=None, channels_last=False):
     return bn_unpack(ref_module(bn_pack(x, mask, channels_last)), mask, x.shape, channels_last)
 
 
-def init_bn_state(module, dtype=None):
+def init_bn_state(module):
     """Random (but reasonable) affine params and running stats, in place."""
+    init_affine(module)
     with torch.no_grad():
-        if getattr(module, "weight", None) is not None:
-            module.weight.copy_(torch.empty(module.weight.shape).uniform_(0.5, 1.5))
-        if getattr(module, "bias", None) is not None:
-            module.bias.copy_(torch.empty(module.bias.shape).uniform_(-0.5, 0.5))
         if getattr(module, "running_mean", None) is not None:
             module.running_mean.copy_(torch.empty(module.running_mean.shape).uniform_(-0.5, 0.5))
             module.running_var.copy_(torch.empty(module.running_var.shape).uniform_(0.5, 2.0))
 
 
-def copy_state(dst, src, dtype=None):
+def copy_state(dst, src, names=("weight", "bias", "running_mean", "running_var", "num_batches_tracked")):
     """Copy params/buffers by name (no reliance on state_dict compatibility)."""
     with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        for name in names:
             s = getattr(src, name, None)
             d = getattr(dst, name, None)
             if s is None or d is None:
@@ -204,13 +189,38 @@ def copy_state(dst, src, dtype=None):
             d.copy_(s.to(d.dtype))
 
 
-def make_bn_pair(C, *, channels_last=False, dtype=torch.float32, ref_dtype=None, **kw):
+def make_bn_pair(C, *, channels_last=False, dtype=torch.float32, ref_dtype=None, device="cpu", **kw):
     """(MaskedBatchNorm1d, nn.BatchNorm1d) with identical random state."""
     m = masknorm.MaskedBatchNorm1d(C, channels_last=channels_last, dtype=dtype, **kw)
     init_bn_state(m)
     r = nn.BatchNorm1d(C, dtype=ref_dtype or dtype, **kw)
     copy_state(r, m)
-    return m, r
+    return m.to(device), r.to(device)
+
+
+def running_tol(dtype):
+    """(rtol, atol) for running statistics of ``dtype`` against torch's: a few
+    ulps in float32 and float64 (the update is the same formula; only the
+    summation order differs), two roundings in half types (each step rounds
+    the running statistics, the float32 reference does not)."""
+    if dtype == torch.float64:
+        return dict(rtol=1e-12, atol=1e-12)
+    if dtype == torch.float32:
+        return dict(rtol=1e-6, atol=1e-7)
+    return dict(rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps / 8)
+
+
+def assert_buffers_match(m, r):
+    """Running statistics and num_batches_tracked of a masked module equal torch's."""
+    for name in ("running_mean", "running_var"):
+        a, b = getattr(m, name), getattr(r, name)
+        assert (a is None) == (b is None), f"{name}: one module has it, the other does not"
+        if b is not None:
+            assert_close(a, b, **running_tol(a.dtype))
+    a, b = m.num_batches_tracked, r.num_batches_tracked
+    assert (a is None) == (b is None)
+    if b is not None:
+        assert a.dtype == torch.long and int(a) == int(b)
 
 
 def param_grads(module):
@@ -221,6 +231,34 @@ def zero_param_grads(*modules):
     for mod in modules:
         for p in mod.parameters():
             p.grad = None
+
+
+def call_masked(module, x, mask):
+    return module(x) if mask is None else module(x, padding_mask=mask)
+
+
+def check_step(m, r, reference, x, mask, g=None, ref_dtype=None, **tol):
+    """Forward and backward of ``m(x, padding_mask=mask)`` against
+    ``reference(t)`` (which runs module ``r`` on t): output, input gradient
+    and parameter gradients (these in ``m``'s parameter dtype) agree.
+    The reference gets x and g in ``ref_dtype`` (default: x's). Returns
+    (output, input gradient)."""
+    g = torch.randn(x.shape, device=x.device).to(x.dtype) if g is None else g
+    zero_param_grads(m, r)
+    y, gx = fwd_bwd(lambda t: call_masked(m, t, mask), x, g)
+    rd = ref_dtype or x.dtype
+    yr, gxr = fwd_bwd(reference, x.to(rd), g.to(rd))
+    assert y.shape == x.shape and y.dtype == x.dtype and gx.dtype == x.dtype
+    assert y.device == x.device
+    assert_close(y, yr, **tol)
+    assert_close(gx, gxr, **tol)
+    params = [p for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if p is not None]
+    pr = param_grads(r)
+    assert len(params) == len(pr)
+    for p, b in zip(params, pr):
+        assert p.grad is not None and p.grad.dtype == p.dtype
+        assert_close(p.grad, b, **tol)
+    return y, gx
 
 
 # --------------------------------------------------------------------------
@@ -245,6 +283,7 @@ def ref_rows(ref_module, x, mask=None):
 
 
 def init_affine(module):
+    """Random (but reasonable) weight and bias, in place."""
     with torch.no_grad():
         if getattr(module, "weight", None) is not None:
             module.weight.copy_(torch.empty(module.weight.shape).uniform_(0.5, 1.5))
@@ -253,53 +292,22 @@ def init_affine(module):
 
 
 def copy_affine(dst, src):
-    with torch.no_grad():
-        for name in ("weight", "bias"):
-            s = getattr(src, name, None)
-            d = getattr(dst, name, None)
-            if s is None or d is None:
-                assert s is None and d is None, f"{name}: one module has it, the other does not"
-                continue
-            d.copy_(s.to(d.dtype))
+    """Copy weight and bias."""
+    copy_state(dst, src, ("weight", "bias"))
 
 
-# name -> (input shape, normalized_shape)
-ROW_SHAPES = {
-    "2d": ((6, 8), (8,)),
-    "3d": ((4, 5, 8), (8,)),
-    "multi_dim_ns": ((3, 4, 3, 4), (3, 4)),
-    "3d_ns2": ((6, 3, 4), (3, 4)),
-}
-
-# MaskedLayerNorm / nn.LayerNorm affine variants: name -> constructor kwargs
-LN_AFFINE = {
-    "affine": dict(elementwise_affine=True, bias=True),
-    "no_affine": dict(elementwise_affine=False),
-    "no_bias": dict(elementwise_affine=True, bias=False),
-}
+ROW_NORMS = {"layer_norm": (masknorm.MaskedLayerNorm, nn.LayerNorm), "rms_norm": (masknorm.MaskedRMSNorm, nn.RMSNorm)}
 
 
-def row_batch_shape(shape, ns):
-    """The leading (mask) dims of an LN/RMS input ``shape`` normalized over ``ns``."""
-    return shape[: len(shape) - len(ns)]
-
-
-def _make_row_pair(masked_cls, ref_cls, ns, dtype, ref_dtype, **kw):
+def make_row_pair(norm, ns, dtype=torch.float32, ref_dtype=None, device="cpu", **kw):
+    """(masknorm module, torch module) for ``norm`` ("layer_norm" or
+    "rms_norm") with identical random affine parameters."""
+    masked_cls, ref_cls = ROW_NORMS[norm]
     m = masked_cls(ns, dtype=dtype, **kw)
     init_affine(m)
     r = ref_cls(ns, dtype=ref_dtype or dtype, **kw)
     copy_affine(r, m)
-    return m, r
-
-
-def make_ln_pair(ns, dtype=torch.float32, ref_dtype=None, **kw):
-    """(MaskedLayerNorm, nn.LayerNorm) with identical random affine params."""
-    return _make_row_pair(masknorm.MaskedLayerNorm, nn.LayerNorm, ns, dtype, ref_dtype, **kw)
-
-
-def make_rms_pair(ns, dtype=torch.float32, ref_dtype=None, **kw):
-    """(MaskedRMSNorm, nn.RMSNorm) with identical random affine params."""
-    return _make_row_pair(masknorm.MaskedRMSNorm, nn.RMSNorm, ns, dtype, ref_dtype, **kw)
+    return m.to(device), r.to(device)
 
 
 def fwd_bwd(fn, x, g):
@@ -317,7 +325,7 @@ def poison(t, full_mask):
     idx = full_mask.nonzero(as_tuple=True)
     n = idx[0].numel()
     if n:
-        bad = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=t.dtype)
+        bad = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=t.dtype, device=t.device)
         t[idx] = bad.repeat(n // 3 + 1)[:n]
     return t
 

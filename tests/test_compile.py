@@ -1,5 +1,7 @@
 """torch.compile(module, fullgraph=True) gives eager results (forward, backward,
-running stats and num_batches_tracked)."""
+running statistics and num_batches_tracked, which the batch_norm op updates
+inside the graph) for the three norms, the batch-norm layouts NC / NCL / NLC,
+with and without masks, and for changing shapes; inputs from tests/samples/."""
 
 import copy
 
@@ -10,18 +12,18 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import masknorm
 from conftest import (
-    assert_close,
-    bn_input_shape,
-    bn_mask_shape,
-    fwd_bwd,
+    BN_LAYOUTS,
+    assert_buffers_match,
+    call_masked,
+    check_step,
     init_affine,
     init_bn_state,
-    make_mask,
-    param_grads,
-    zero_param_grads,
 )
+from samples import batch_norm as S
+from samples import row_norm as R
+from samples.common import make_mask
 
-N, C, L = 4, 3, 5
+C = 3
 
 
 @pytest.fixture(autouse=True)
@@ -38,112 +40,76 @@ def _compile(module):
     return torch.compile(module, fullgraph=True, backend=cnt), cnt
 
 
-def _call(m, x, mask):
-    return m(x) if mask is None else m(x, padding_mask=mask)
-
-
 def _compare_step(eager, compiled, m_comp, x, mask):
-    g = torch.randn_like(x)
-    zero_param_grads(eager, m_comp)
-    y_e, gx_e = fwd_bwd(lambda t: _call(eager, t, mask), x, g)
-    y_c, gx_c = fwd_bwd(lambda t: _call(compiled, t, mask), x, g)
-    assert y_c.shape == y_e.shape and y_c.dtype == y_e.dtype
-    assert_close(y_c, y_e)
-    assert_close(gx_c, gx_e)
-    pe, pc = param_grads(eager), param_grads(m_comp)
-    assert len(pe) == len(pc)
-    for a, b in zip(pc, pe):
-        assert_close(a, b)
-
-
-def _compare_buffers(m_comp, eager):
-    for name in ("running_mean", "running_var"):
-        a, b = getattr(m_comp, name), getattr(eager, name)
-        assert (a is None) == (b is None)
-        if b is not None:
-            assert_close(a, b)
-    if eager.num_batches_tracked is not None:
-        assert int(m_comp.num_batches_tracked) == int(eager.num_batches_tracked)
+    """Eager module against the compiled copy: outputs, input and parameter gradients."""
+    check_step(eager, m_comp, lambda t: call_masked(compiled, t, mask), x, mask)
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("layout", ["2d", "3d", "3d_cl"])
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
 def test_compile_batch_norm_train_running_stats(layout, masked):
-    cl = layout == "3d_cl"
-    eager = masknorm.MaskedBatchNorm1d(C, channels_last=cl)
+    case = S.parity_case(layout, "padded" if masked else None)
+    eager = masknorm.MaskedBatchNorm1d(case.C, channels_last=case.channels_last)
     init_bn_state(eager)
     m_comp = copy.deepcopy(eager)
     compiled, cnt = _compile(m_comp)
     for step in range(2):
-        x = torch.randn(bn_input_shape(layout, N, C, L)) + step
-        mask = make_mask("random", bn_mask_shape(layout, N, L)) if masked else None
+        x, mask = S.inputs(case, tag=str(step), offset=step)
         _compare_step(eager, compiled, m_comp, x, mask)
-        _compare_buffers(m_comp, eager)
+        assert_buffers_match(m_comp, eager)
     assert int(m_comp.num_batches_tracked) == 2
     assert cnt.frame_count >= 1, "nothing was compiled"
 
 
 def test_compile_batch_norm_cumulative_average():
-    eager = masknorm.MaskedBatchNorm1d(C, momentum=None)
+    eager = masknorm.MaskedBatchNorm1d(S.PARITY_SIZES["NCL"][1], momentum=None)
     init_bn_state(eager)
     m_comp = copy.deepcopy(eager)
     compiled, cnt = _compile(m_comp)
     for step in range(3):
-        x = torch.randn(N, C, L) * (step + 1)
-        _compare_step(eager, compiled, m_comp, x, make_mask("random", (N, L)))
-        _compare_buffers(m_comp, eager)
+        x, mask = S.inputs(S.parity_case("NCL"), tag=str(step), scale=step + 1)
+        _compare_step(eager, compiled, m_comp, x, mask)
+        assert_buffers_match(m_comp, eager)
     assert int(m_comp.num_batches_tracked) == 3
     assert cnt.frame_count >= 1
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("layout", ["3d", "3d_cl"])
+@pytest.mark.parametrize("layout", ["NCL", "NLC"])
 def test_compile_batch_norm_eval(layout, masked):
-    cl = layout == "3d_cl"
-    eager = masknorm.MaskedBatchNorm1d(C, channels_last=cl)
+    case = S.parity_case(layout, "padded" if masked else None)
+    eager = masknorm.MaskedBatchNorm1d(case.C, channels_last=case.channels_last)
     init_bn_state(eager)
     eager.eval()
     m_comp = copy.deepcopy(eager)
     compiled, cnt = _compile(m_comp)
-    x = torch.randn(bn_input_shape(layout, N, C, L))
-    mask = make_mask("random", bn_mask_shape(layout, N, L)) if masked else None
+    x, mask = S.inputs(case)
     _compare_step(eager, compiled, m_comp, x, mask)
-    _compare_buffers(m_comp, eager)
+    assert_buffers_match(m_comp, eager)
     assert int(m_comp.num_batches_tracked) == 0
     assert cnt.frame_count >= 1
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_compile_layer_norm(masked):
-    eager = masknorm.MaskedLayerNorm(8)
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+def test_compile_row_norm(norm, masked):
+    case = R.parity_case("seq", "padded" if masked else None)
+    eager = (masknorm.MaskedLayerNorm if norm == "layer_norm" else masknorm.MaskedRMSNorm)(case.ns)
     init_affine(eager)
     m_comp = copy.deepcopy(eager)
     compiled, cnt = _compile(m_comp)
-    x = torch.randn(N, L, 8)
-    mask = make_mask("random", (N, L)) if masked else None
+    x, mask = R.inputs(case)
     _compare_step(eager, compiled, m_comp, x, mask)
     assert cnt.frame_count >= 1
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_compile_rms_norm(masked):
-    eager = masknorm.MaskedRMSNorm(8)
-    init_affine(eager)
-    m_comp = copy.deepcopy(eager)
-    compiled, cnt = _compile(m_comp)
-    x = torch.randn(N, L, 8)
-    mask = make_mask("random", (N, L)) if masked else None
-    _compare_step(eager, compiled, m_comp, x, mask)
-    assert cnt.frame_count >= 1
-
-
-@pytest.mark.parametrize("kind", ["bn", "bn_cl", "ln", "rms"])
+@pytest.mark.parametrize("kind", ["NCL", "NLC", "ln", "rms"])
 def test_compile_changing_shapes(kind):
     """Recompiles for new (N, L) (dynamic shapes through the fake kernels) and stays exact."""
-    if kind.startswith("bn"):
-        eager = masknorm.MaskedBatchNorm1d(C, channels_last=kind == "bn_cl")
+    if kind in BN_LAYOUTS:
+        eager = masknorm.MaskedBatchNorm1d(C, channels_last=kind == "NLC")
         init_bn_state(eager)
-        make_x = (lambda n, l: torch.randn(n, l, C)) if kind == "bn_cl" else (lambda n, l: torch.randn(n, C, l))
+        make_x = (lambda n, l: torch.randn(n, l, C)) if kind == "NLC" else (lambda n, l: torch.randn(n, C, l))
     else:
         eager = masknorm.MaskedLayerNorm(8) if kind == "ln" else masknorm.MaskedRMSNorm(8)
         init_affine(eager)
@@ -151,9 +117,9 @@ def test_compile_changing_shapes(kind):
     m_comp = copy.deepcopy(eager)
     compiled, cnt = _compile(m_comp)
     for n, l in [(4, 5), (6, 7), (3, 9)]:
-        _compare_step(eager, compiled, m_comp, make_x(n, l), make_mask("random", (n, l)))
-        if kind.startswith("bn"):
-            _compare_buffers(m_comp, eager)
+        _compare_step(eager, compiled, m_comp, make_x(n, l), make_mask("padded", (n, l)))
+        if kind in BN_LAYOUTS:
+            assert_buffers_match(m_comp, eager)
     assert cnt.frame_count >= 1
 
 

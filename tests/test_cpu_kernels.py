@@ -1,6 +1,8 @@
-"""The CPU kernels built per instruction set (csrc/ops/cpu/dispatch.cpp): the
-extension loads the best build this CPU runs, every build computes the same
-results, and a missing build falls back to the portable kernels."""
+"""The kernel sets: the CPU kernels built per instruction set (the extension
+loads the best build this CPU runs, every build computes the same results, a
+missing build falls back to the portable kernels), and the generic kernels
+written with ATen ops (forced for testing, they serve every device and agree
+with the CPU kernels on every op's samples)."""
 
 import glob
 import os
@@ -12,6 +14,9 @@ import pytest
 import torch
 
 import masknorm
+import samples
+from samples import batch_norm as S
+from samples import row_norm as R
 
 PACKAGE_DIR = os.path.dirname(masknorm.__file__)
 ISA_LIBS = {
@@ -22,20 +27,18 @@ RUNNABLE = {"DEFAULT": ["default"], "AVX2": ["default", "avx2"], "AVX512": ["def
     torch.backends.cpu.get_cpu_capability(), ["default"]
 )
 
-CASES = (("bn2d", (67, 37), (67,)), ("bn_nlc", (5, 19, 37), (5, 19)), ("bn_ncl", (5, 37, 19), (5, 19)),
-         ("ln", (5, 19, 37), (5, 19)), ("rms", (5, 19, 37), (5, 19)))
+CASES = {"NC": S.Case("NC", 67, 37), "NLC": S.Case("NLC", 5, 37, 19), "NCL": S.Case("NCL", 5, 37, 19),
+         "ln": R.Case((5, 19, 37), (37,)), "rms": R.Case((5, 19, 37), (37,))}
 
 
 def make_inputs(path):
-    """Inputs for SCRIPT, made here once: torch's own random kernels differ per instruction set."""
-    torch.manual_seed(0)
+    """Inputs for SCRIPT, made here once (samples: a padded first sequence, odd sizes)."""
     inputs = {}
-    for name, shape, mask_shape in CASES:
-        mask = torch.rand(mask_shape) < 0.3
-        mask[0] = True
-        C = shape[1] if name == "bn_ncl" else shape[-1]
-        inputs[name] = (torch.randn(shape, dtype=torch.float64) * 3 + 5, mask, torch.randn(C), torch.randn(C),
-                        torch.randn(shape, dtype=torch.float64))
+    for name, case in CASES.items():
+        module = S if name in ("NC", "NLC", "NCL") else R
+        x, mask = module.inputs(case, dtype=torch.float64, scale=3.0, offset=5.0)
+        C = x.shape[1] if name == "NCL" else x.shape[-1]
+        inputs[name] = (x, mask, torch.randn(C), torch.randn(C), torch.randn(x.shape, dtype=torch.float64))
     torch.save(inputs, path)
 
 
@@ -49,9 +52,9 @@ out = {"cpu_kernels": masknorm._C.build_info()["cpu_kernels"]}
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     for name, (x, mask, weight, bias, grad) in inputs.items():
         x = x.to(dtype).requires_grad_(True)
-        C = x.shape[1] if name == "bn_ncl" else x.shape[-1]
-        if name.startswith("bn"):
-            m = masknorm.MaskedBatchNorm1d(C, channels_last=name == "bn_nlc")
+        C = x.shape[1] if name == "NCL" else x.shape[-1]
+        if name in ("NC", "NLC", "NCL"):
+            m = masknorm.MaskedBatchNorm1d(C, channels_last=name == "NLC")
         elif name == "ln":
             m = masknorm.MaskedLayerNorm(C)
         else:
@@ -127,3 +130,38 @@ def test_one_openmp_runtime_is_loaded():
     with open("/proc/self/maps") as f:
         runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
     assert len(runtimes) == 1, runtimes
+
+
+def test_generic_kernels_are_forced_and_reset(kernels):
+    native = masknorm._C._kernels_for("cpu")
+    assert kernels == "native" and native == masknorm._C.build_info()["cpu_kernels"]
+    assert masknorm._C._kernels_for("meta") == "generic"  # devices without kernels of their own
+    masknorm._C._force_generic_kernels(True)
+    try:
+        assert masknorm._C._kernels_for("cpu") == "generic" and masknorm._C._generic_kernels_forced()
+    finally:
+        masknorm._C._force_generic_kernels(False)
+    assert masknorm._C._kernels_for("cpu") == native and not masknorm._C._generic_kernels_forced()
+
+
+def _flat(result):
+    return [t for t in (result if isinstance(result, (tuple, list)) else [result]) if t is not None]
+
+
+@pytest.mark.parametrize("op", samples.OPS)
+def test_generic_kernels_agree_with_the_cpu_kernels(op):
+    """Every float64 sample of every op: outputs (and updated running statistics) agree."""
+    fn = getattr(torch.ops.masknorm, op)
+    listed = samples.SAMPLES[op](dtype=torch.float64)
+    assert listed
+    for sample in listed:
+        results = []
+        for generic in (False, True):
+            masknorm._C._force_generic_kernels(generic)
+            try:
+                s = sample.clone()
+                results.append(_flat(s.call(fn)) + [a for a in s.args if isinstance(a, torch.Tensor)])
+            finally:
+                masknorm._C._force_generic_kernels(False)
+        for native, generic in zip(*results):
+            torch.testing.assert_close(generic, native, rtol=1e-10, atol=1e-12, equal_nan=True, msg=sample.name)

@@ -1,5 +1,7 @@
 """Bad inputs raise a clear RuntimeError/ValueError naming the argument, through
-the modules, the functional API and the raw ops (torch.ops.masknorm.*)."""
+the modules, the functional API and the raw ops (torch.ops.masknorm.*, the
+batch-norm stage ops included): wrong sizes, dtypes and devices ("meta" is the
+second device on a CPU-only machine)."""
 
 import re
 
@@ -8,7 +10,9 @@ import torch
 
 import masknorm
 import masknorm.functional as MF
-from conftest import lengths_mask
+from conftest import BN_LAYOUTS, bn_input_shape, is_channels_last
+import samples
+from samples.common import lengths_mask
 
 ERR = (RuntimeError, ValueError)
 ops = torch.ops.masknorm
@@ -20,11 +24,11 @@ NS = r"(?i)input|normalized_shape"
 
 
 def _good_bn_mask(layout):
-    return torch.zeros(N, dtype=torch.bool) if layout == "2d" else lengths_mask([5, 3, 2, 5], 5)
+    return torch.zeros(N, dtype=torch.bool) if layout == "NC" else lengths_mask([5, 3, 2, 5], 5)
 
 
 def _bn_x(layout, c=C):
-    return {"2d": torch.randn(N, c), "3d": torch.randn(N, c, L), "3d_cl": torch.randn(N, L, c)}[layout]
+    return torch.randn(bn_input_shape(layout, N, c, L))
 
 
 # ---------------------------------------------------------------------------
@@ -32,9 +36,9 @@ def _bn_x(layout, c=C):
 # ---------------------------------------------------------------------------
 
 BAD_BN_MASK_SHAPES = {
-    "2d": [(N, L), (N + 1,), (1,)],
-    "3d": [(N,), (N, L + 1), (N + 1, L), (N, C), (N, L, 1)],
-    "3d_cl": [(N,), (N, L + 1), (N, C), (L, N)],
+    "NC": [(N, L), (N + 1,), (1,)],
+    "NCL": [(N,), (N, L + 1), (N + 1, L), (N, C), (N, L, 1)],
+    "NLC": [(N,), (N, L + 1), (N, C), (L, N)],
 }
 
 
@@ -43,16 +47,16 @@ BAD_BN_MASK_SHAPES = {
     "layout,shape", [(lay, s) for lay, shapes in BAD_BN_MASK_SHAPES.items() for s in shapes]
 )
 def test_bn_module_mask_wrong_shape(layout, shape, training):
-    m = masknorm.MaskedBatchNorm1d(C, channels_last=layout == "3d_cl")
+    m = masknorm.MaskedBatchNorm1d(C, channels_last=is_channels_last(layout))
     m.train(training)
     with pytest.raises(ERR, match="padding_mask"):
         m(_bn_x(layout), padding_mask=torch.zeros(shape, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.int64, torch.int32], ids=str)
-@pytest.mark.parametrize("layout", ["2d", "3d", "3d_cl"])
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
 def test_bn_module_mask_wrong_dtype(layout, dtype):
-    m = masknorm.MaskedBatchNorm1d(C, channels_last=layout == "3d_cl")
+    m = masknorm.MaskedBatchNorm1d(C, channels_last=is_channels_last(layout))
     mask = _good_bn_mask(layout).to(dtype)
     with pytest.raises(ERR, match="padding_mask"):
         m(_bn_x(layout), padding_mask=mask)
@@ -60,9 +64,9 @@ def test_bn_module_mask_wrong_dtype(layout, dtype):
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("layout", ["2d", "3d", "3d_cl"])
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
 def test_bn_module_wrong_feature_count(layout, training, masked):
-    m = masknorm.MaskedBatchNorm1d(C, channels_last=layout == "3d_cl")
+    m = masknorm.MaskedBatchNorm1d(C, channels_last=is_channels_last(layout))
     m.train(training)
     mask = _good_bn_mask(layout) if masked else None
     with pytest.raises(ERR, match=FEATURES):
@@ -76,9 +80,9 @@ def test_bn_module_wrong_ndim(shape):
         m(torch.randn(shape))
 
 
-@pytest.mark.parametrize("shape_name", ["2d", "3d"])
-def test_ln_rms_module_mask_wrong_shape_and_dtype(shape_name):
-    x = torch.randn(N, D) if shape_name == "2d" else torch.randn(N, L, D)
+@pytest.mark.parametrize("shape", [(N, D), (N, L, D)])
+def test_ln_rms_module_mask_wrong_shape_and_dtype(shape):
+    x = torch.randn(shape)
     bs = x.shape[:-1]
     bad_shapes = [tuple(bs) + (1,), (N + 1,) + tuple(bs[1:]), tuple(x.shape)]
     if len(bs) == 2:
@@ -120,7 +124,7 @@ def test_ln_rms_module_wrong_feature_count(masked):
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("layout", ["2d", "3d", "3d_cl"])
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
 @pytest.mark.parametrize("bad", ["weight", "bias", "running_mean", "running_var"])
 def test_bn_functional_wrong_param_size(bad, layout, training):
     args = dict(running_mean=torch.zeros(C), running_var=torch.ones(C), weight=torch.ones(C), bias=torch.zeros(C))
@@ -128,7 +132,7 @@ def test_bn_functional_wrong_param_size(bad, layout, training):
     x = _bn_x(layout)
     with pytest.raises(ERR, match=bad):
         MF.batch_norm(x, args["running_mean"], args["running_var"], args["weight"], args["bias"],
-                      training=training, padding_mask=_good_bn_mask(layout), channels_last=layout == "3d_cl")
+                      training=training, padding_mask=_good_bn_mask(layout), channels_last=is_channels_last(layout))
 
 
 @pytest.mark.parametrize("fn,bad", [("layer_norm", "weight"), ("layer_norm", "bias"), ("rms_norm", "weight")])
@@ -153,7 +157,7 @@ def test_ln_rms_functional_wrong_param_size(fn, bad):
 def _bn_op(x=None, mask="default", w=None, b=None, rm=None, rv=None, training=True, cl=False):
     x = torch.randn(N, C, L) if x is None else x
     mask = lengths_mask([5, 3, 2, 5], 5) if isinstance(mask, str) else mask
-    return ops.batch_norm(x, mask, w, b, rm, rv, training, 1e-5, cl)
+    return ops.batch_norm(x, mask, w, b, rm, rv, None, training, 0.1, 1e-5, cl)
 
 
 def test_op_batch_norm_bad_inputs():
@@ -178,17 +182,26 @@ def test_op_batch_norm_bad_inputs():
         _bn_op(rm=torch.zeros(C), rv=torch.ones(C + 1), training=False)
     with pytest.raises(ERR, match="running_mean|running_var"):
         _bn_op(training=False)  # eval needs running stats
+    with pytest.raises(ERR, match="both given or both None"):
+        _bn_op(rm=torch.zeros(C))
     with pytest.raises(ERR, match=NDIM):
         _bn_op(x=torch.randn(N, C, L, 2), mask=None)
     with pytest.raises(ERR, match=NDIM):
         _bn_op(x=torch.randn(C), mask=None)
+    x, mask, rm, rv = torch.randn(N, C, L), lengths_mask([5, 3, 2, 5], 5), torch.zeros(C), torch.ones(C)
+    with pytest.raises(ValueError, match="momentum"):
+        ops.batch_norm(x, mask, None, None, rm, rv, None, True, 1.5, 1e-5, False)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        ops.batch_norm(x, mask, None, None, rm, rv, None, True, None, 1e-5, False)
+    with pytest.raises(ERR, match="num_batches_tracked"):
+        ops.batch_norm(x, mask, None, None, rm, rv, torch.tensor(1.0), True, None, 1e-5, False)
 
 
 def test_op_batch_norm_backward_bad_inputs():
     x = torch.randn(N, C, L)
     mask = lengths_mask([5, 3, 2, 5], 5)
     w = torch.ones(C)
-    _, sm, si, _ = ops.batch_norm(x, mask, w, None, None, None, True, 1e-5, False)
+    _, sm, si = ops.batch_norm(x, mask, w, None, None, None, None, True, 0.1, 1e-5, False)
     g = torch.randn_like(x)
     om = [True, True, True]
     ops.batch_norm_backward(g, x, mask, w, sm, si, True, False, om)  # sanity
@@ -206,22 +219,47 @@ def test_op_batch_norm_backward_bad_inputs():
         ops.batch_norm_backward(g, x, mask, w, sm, torch.ones(C + 1), True, False, om)
 
 
-def test_op_batch_norm_update_running_stats_bad_inputs():
-    x = torch.randn(N, C, L)
-    _, sm, si, cnt = ops.batch_norm(x, None, None, None, None, None, True, 1e-5, False)
+# every op, every checked tensor argument: wrong size, rank, dtype and device (samples.wrong_cases)
+WRONG_CASES = list(samples.wrong_cases())
+
+
+@pytest.mark.parametrize("op,arg,what,sample", WRONG_CASES, ids=[s.name for *_, s in WRONG_CASES])
+def test_op_wrong_argument_is_named(op, arg, what, sample):
+    with pytest.raises(ERR, match=rf"masknorm::{op}: .*\b{arg}\b"):
+        sample.call(getattr(ops, op))
+
+
+def test_op_batch_norm_stage_specific_errors():
+    x, mask = torch.randn(N, C, L), lengths_mask([5, 3, 2, 5], 5)
+    mean, m2, count = ops.batch_norm_stats(x, mask, False)
+    P = lambda t: t[None]  # noqa: E731  (one part)
+    with pytest.raises(ERR, match=NDIM):
+        ops.batch_norm_stats(torch.randn(N, C, L, 2), None, False)
+    with pytest.raises(ERR, match="input"):
+        ops.batch_norm_stats(x.int(), None, False)
+    # merge_stats: mean is (parts, C) float32 / float64; count (parts,); eps, momentum
+    with pytest.raises(ERR, match="mean"):
+        ops.batch_norm_merge_stats(mean, m2, count, None, None, None, 0.1, 1e-5)  # 1-D
+    with pytest.raises(ERR, match="mean"):
+        ops.batch_norm_merge_stats(P(mean).half(), P(m2), P(count), None, None, None, 0.1, 1e-5)
+    with pytest.raises(ERR, match="count"):
+        ops.batch_norm_merge_stats(P(mean), P(m2), count.repeat(2), None, None, None, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="eps"):
+        ops.batch_norm_merge_stats(P(mean), P(m2), P(count), None, None, None, 0.1, 0.0)
     rm, rv = torch.zeros(C), torch.ones(C)
-    ops.batch_norm_update_running_stats(rm, rv, sm, si, cnt, 1e-5, 0.1, None)  # sanity
-    with pytest.raises(ERR, match="running_mean"):
-        ops.batch_norm_update_running_stats(torch.zeros(C + 1), rv, sm, si, cnt, 1e-5, 0.1, None)
-    with pytest.raises(ERR, match="running_var"):
-        ops.batch_norm_update_running_stats(rm, torch.ones(C + 1), sm, si, cnt, 1e-5, 0.1, None)
-    # save_mean / save_invstd disagree with the running buffers: either name is fine
-    with pytest.raises(ERR, match="save_mean|running_mean"):
-        ops.batch_norm_update_running_stats(rm, rv, torch.zeros(C + 1), si, cnt, 1e-5, 0.1, None)
-    with pytest.raises(ERR, match="save_invstd|save_mean|running_var"):
-        ops.batch_norm_update_running_stats(rm, rv, sm, torch.ones(C - 1), cnt, 1e-5, 0.1, None)
-    with pytest.raises(ERR, match="num_batches_tracked|momentum"):
-        ops.batch_norm_update_running_stats(rm, rv, sm, si, cnt, 1e-5, None, None)
+    with pytest.raises(ValueError, match="momentum"):
+        ops.batch_norm_merge_stats(P(mean), P(m2), P(count), rm, rv, None, -0.1, 1e-5)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        ops.batch_norm_merge_stats(P(mean), P(m2), P(count), rm, rv, None, None, 1e-5)
+    with pytest.raises(ERR, match="both given or both None"):
+        ops.batch_norm_merge_stats(P(mean), P(m2), P(count), rm, None, None, 0.1, 1e-5)
+    # backward_elemt: sums and count all given or all None
+    g = torch.randn_like(x)
+    sum_dy, sum_dy_xhat = ops.batch_norm_backward_reduce(g, x, mask, mean, mean + 1, False)
+    with pytest.raises(ERR, match="all given"):
+        ops.batch_norm_backward_elemt(g, x, mask, None, mean, mean + 1, sum_dy, sum_dy_xhat, None, False)
+    with pytest.raises(ERR, match="all given"):
+        ops.batch_norm_backward_elemt(g, x, mask, None, mean, mean + 1, sum_dy, None, count, False)
 
 
 def test_op_layer_norm_bad_inputs():
@@ -325,13 +363,13 @@ def _meta_bool(*shape):
     return torch.zeros(shape, dtype=torch.bool, device="meta")
 
 
-@pytest.mark.parametrize("layout", ["2d", "3d", "3d_cl"])
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
 def test_bn_mask_wrong_device(layout):
-    m = masknorm.MaskedBatchNorm1d(C, channels_last=layout == "3d_cl")
-    mask = _meta_bool(N) if layout == "2d" else _meta_bool(N, L)
+    m = masknorm.MaskedBatchNorm1d(C, channels_last=is_channels_last(layout))
+    mask = _meta_bool(N) if layout == "NC" else _meta_bool(N, L)
     with pytest.raises(ERR, match="padding_mask"):
         m(_bn_x(layout), padding_mask=mask)
-    assert int(m.num_batches_tracked) in (0, 1)
+    assert int(m.num_batches_tracked) == 0  # checked before anything is counted
     assert torch.equal(m.running_mean, torch.zeros(C))  # no garbage written
 
 
@@ -347,11 +385,12 @@ def test_ops_wrong_device():
     x = torch.randn(N, L, D)
     meta_w = torch.ones(C, device="meta")
     with pytest.raises(ERR, match="padding_mask"):
-        ops.batch_norm(x3, _meta_bool(N, L), None, None, None, None, True, 1e-5, False)
+        ops.batch_norm(x3, _meta_bool(N, L), None, None, None, None, None, True, 0.1, 1e-5, False)
     with pytest.raises(ERR, match="weight"):
-        ops.batch_norm(x3, None, meta_w, None, None, None, True, 1e-5, False)
+        ops.batch_norm(x3, None, meta_w, None, None, None, None, True, 0.1, 1e-5, False)
     with pytest.raises(ERR, match="running_mean"):
-        ops.batch_norm(x3, None, None, None, torch.zeros(C, device="meta"), torch.ones(C), False, 1e-5, False)
+        ops.batch_norm(x3, None, None, None, torch.zeros(C, device="meta"), torch.ones(C), None, False, 0.1, 1e-5,
+                       False)
     with pytest.raises(ERR, match="padding_mask"):
         ops.layer_norm(x, [D], _meta_bool(N, L), None, None, 1e-5)
     with pytest.raises(ERR, match="weight"):
@@ -371,7 +410,7 @@ def test_bn_training_needs_positive_eps_like_torch(eps):
     with pytest.raises(ValueError, match="eps"):
         masknorm.MaskedBatchNorm1d(C, eps=eps)(torch.randn(N, C))
     with pytest.raises(ValueError, match="eps"):
-        ops.batch_norm(torch.randn(N, C, L), None, None, None, None, None, True, eps, False)
+        ops.batch_norm(torch.randn(N, C, L), None, None, None, None, None, None, True, 0.1, eps, False)
     # eval normalizes with the running variance and accepts it, as torch does
     m = masknorm.MaskedBatchNorm1d(C, eps=eps).eval()
     assert torch.isfinite(m(torch.randn(N, C))).all()

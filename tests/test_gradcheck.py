@@ -1,12 +1,14 @@
-"""torch.autograd.gradcheck and gradgradcheck (float64) through the masknorm
-ops, called directly.
+"""torch.autograd.gradcheck and gradgradcheck (float64) of the differentiable
+ops, batch_norm, layer_norm and rms_norm, and of their backward ops (whose
+derivatives are what double backward runs), from the samples of
+tests/samples/, with the native and the generic kernels, on every device.
 
-Only output[0] of each op is differentiated (w.r.t. input / weight / bias).
-Masks have some padding and >= 2 valid tokens; inputs are NaN-free. Second
-derivatives come from the backward ops' differentiable composite (used when a
-graph is recorded, create_graph=True); the tests at the end check that padding
-(NaN stored there, fully padded rows) stays out of them and that plain
-backward still runs the fast kernel.
+Only output[0] of a forward op is differentiated (w.r.t. input, weight and
+bias); its saved statistics are not differentiable. A backward op is
+differentiated w.r.t. grad_output, input and weight with its saved statistics
+recomputed from the input, as autograd uses it. The tests at the end check
+that padding (NaN stored there, fully padded rows) stays out of second
+derivatives and that plain backward still runs the fast kernel.
 """
 
 import pytest
@@ -14,146 +16,119 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import masknorm  # noqa: F401  (loads the ops)
-from conftest import bn_full_mask, lengths_mask, poison, row_full_mask
+import samples
+from conftest import bn_full_mask, poison, row_full_mask
+from samples.common import by_name
+
+pytestmark = pytest.mark.kernels
 
 DT = torch.float64
 ops = torch.ops.masknorm
 CHECKS = {"grad": gradcheck, "gradgrad": gradgradcheck}
 TOL = dict(eps=1e-6, atol=1e-5, rtol=1e-4)
+FORWARD = ("batch_norm", "layer_norm", "rms_norm")
+# backward op -> (forward op, positions of the saved statistics in its arguments)
+BACKWARD = {"batch_norm_backward": ("batch_norm", (4, 5)), "layer_norm_backward": ("layer_norm", (4, 5)),
+            "rms_norm_backward": ("rms_norm", (4,))}
 
 
-def _bn_case(layout, masked):
-    C = 3
-    if layout == "2d":
-        x = torch.randn(5, C, dtype=DT)
-        mask = torch.tensor([False, True, False, False, True]) if masked else None
-    else:
-        N, L = 3, 4
-        x = torch.randn((N, L, C) if layout == "3d_cl" else (N, C, L), dtype=DT)
-        mask = lengths_mask([4, 2, 1], 4) if masked else None
-    return x, mask, C
+def _differentiable(sample):
+    """(function of the grad_args tensors, those tensors requiring grad)."""
+    sample = sample.with_grad()
+    at = [i for i in sample.grad_args if isinstance(sample.args[i], torch.Tensor)]
+
+    def call(*tensors):
+        args = list(sample.args)
+        for i, t in zip(at, tensors):
+            args[i] = t
+        return args
+
+    return call, tuple(sample.args[i] for i in at)
 
 
-def _row_case(ns, masked):
-    x = torch.randn(3, 2, 4, dtype=DT, requires_grad=True)
-    bshape = x.shape[: x.dim() - len(ns)]
-    mask = None
-    if masked:
-        mask = lengths_mask([2, 1, 0], 2) if len(bshape) == 2 else torch.tensor([False, True, False])
-    return x, mask
-
-
-def _param(shape, positive=False):
-    t = torch.rand(shape, dtype=DT) + 0.5 if positive else torch.randn(shape, dtype=DT)
-    return t.requires_grad_(True)
+FORWARD_CASES = [(op, s.name) for op in FORWARD for s in samples.SAMPLES[op](dtype=DT) if s.args[0].numel()]
 
 
 @pytest.mark.parametrize("check", CHECKS)
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("layout", ["2d", "3d", "3d_cl"])
-def test_gradcheck_batch_norm(layout, training, masked, check):
-    x, mask, C = _bn_case(layout, masked)
-    cl = layout == "3d_cl"
-    w, b = _param(C, positive=True), _param(C)
-    rm = torch.randn(C, dtype=DT) if not training else None
-    rv = (torch.rand(C, dtype=DT) + 0.5) if not training else None
-    x.requires_grad_(True)
-
-    def f(x, w, b):
-        return ops.batch_norm(x, mask, w, b, rm, rv, training, 1e-5, cl)[0]
-
-    assert CHECKS[check](f, (x, w, b), **TOL)
-
-    def f_weight_only(x, w):
-        return ops.batch_norm(x, mask, w, None, rm, rv, training, 1e-5, cl)[0]
-
-    assert CHECKS[check](f_weight_only, (x, w), **TOL)
-
-    def f_noaffine(x):
-        return ops.batch_norm(x, mask, None, None, rm, rv, training, 1e-5, cl)[0]
-
-    assert CHECKS[check](f_noaffine, (x,), **TOL)
+@pytest.mark.parametrize("op,name", FORWARD_CASES, ids=[f"{op}-{name}" for op, name in FORWARD_CASES])
+def test_forward_op(op, name, check, device):
+    sample = by_name(samples.SAMPLES[op](device=device, dtype=DT), name)
+    call, inputs = _differentiable(sample)
+    fn = getattr(ops, op)
+    assert CHECKS[check](lambda *t: fn(*call(*t))[0], inputs, **TOL)
 
 
-@pytest.mark.parametrize("check", CHECKS)
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("ns", [(4,), (2, 4)])
-def test_gradcheck_layer_norm(ns, masked, check):
-    x, mask = _row_case(ns, masked)
-    w, b = _param(ns, positive=True), _param(ns)
-
-    def f(x, w, b):
-        return ops.layer_norm(x, list(ns), mask, w, b, 1e-5)[0]
-
-    assert CHECKS[check](f, (x, w, b), **TOL)
-
-    def f_weight_only(x, w):
-        return ops.layer_norm(x, list(ns), mask, w, None, 1e-5)[0]
-
-    assert CHECKS[check](f_weight_only, (x, w), **TOL)
-
-    def f_noaffine(x):
-        return ops.layer_norm(x, list(ns), mask, None, None, 1e-5)[0]
-
-    assert CHECKS[check](f_noaffine, (x,), **TOL)
+BACKWARD_CASES = [
+    (op, s.name) for op in BACKWARD for s in samples.SAMPLES[op](dtype=DT) if s.name.endswith(("-double",
+                                                                                              "-input_only",
+                                                                                              "-params_only"))
+]
 
 
-@pytest.mark.parametrize("check", CHECKS)
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("eps", [None, 1e-5])
-@pytest.mark.parametrize("ns", [(4,), (2, 4)])
-def test_gradcheck_rms_norm(ns, eps, masked, check):
-    x, mask = _row_case(ns, masked)
-    w = _param(ns, positive=True)
+@pytest.mark.parametrize("op,name", BACKWARD_CASES, ids=[f"{op}-{name}" for op, name in BACKWARD_CASES])
+def test_backward_op(op, name, device):
+    forward_op, stat_at = BACKWARD[op]
+    sample = by_name(samples.SAMPLES[op](device=device, dtype=DT), name)
+    forward = by_name(samples.SAMPLES[forward_op](device=device, dtype=DT), name.rsplit("-", 1)[0])
+    call, inputs = _differentiable(sample)
+    w_at = sample.grad_args[2]
+    forward_w_at = forward.grad_args[1]
 
-    def f(x, w):
-        return ops.rms_norm(x, list(ns), mask, w, eps)[0]
+    def fn(*tensors):
+        args = call(*tensors)
+        fwd = list(forward.args)
+        fwd[0], fwd[forward_w_at] = args[1], args[w_at]
+        stats = getattr(ops, forward_op)(*fwd)[1:]
+        for i, s in zip(stat_at, stats):
+            args[i] = s
+        return tuple(o for o in getattr(ops, op)(*args) if o is not None)
 
-    assert CHECKS[check](f, (x, w), **TOL)
-
-    def f_noaffine(x):
-        return ops.rms_norm(x, list(ns), mask, None, eps)[0]
-
-    assert CHECKS[check](f_noaffine, (x,), **TOL)
+    assert gradcheck(fn, inputs, **TOL)
 
 
 # ----------------------------------------------------------------------------
 # second derivatives with padding: NaN stored there, fully padded rows
 # ----------------------------------------------------------------------------
 
-# name -> (x shape, mask, full-mask function); every mask has a fully padded
-# sequence / row, "all_padded" has nothing valid at all
-def _cases():
-    bn3 = lengths_mask([4, 0, 2], 4)
-    return {
-        "bn_2d": ((5, 3), torch.tensor([False, True, False, False, True])),
-        "bn_3d": ((3, 3, 4), bn3),
-        "bn_3d_cl": ((3, 4, 3), bn3),
-        "bn_all_padded": ((3, 3, 4), torch.ones(3, 4, dtype=torch.bool)),
-        "ln": ((3, 4, 5), lengths_mask([4, 0, 2], 4)),
-        "ln_all_padded": ((3, 4, 5), torch.ones(3, 4, dtype=torch.bool)),
-        "rms": ((3, 4, 5), lengths_mask([4, 0, 2], 4)),
-    }
+# (op, forward sample): padded masks with a fully padded sequence or row; "all_padded" masks everything
+PADDING_CASES = [
+    ("batch_norm", "train-NC_6x3_padded-float64"),
+    ("batch_norm", "train-NCL_3x3x4_padded-float64"),
+    ("batch_norm", "train-NLC_3x3x4_padded-float64"),
+    ("batch_norm", "eval-NC-float64"),
+    ("batch_norm", "all_padded:train-NCL_3x3x4_padded-float64"),
+    ("layer_norm", "3x4x5_ns5_padded-float64"),
+    ("layer_norm", "all_padded:3x4x5_ns5_padded-float64"),
+    ("rms_norm", "3x4x5_ns5_padded-float64-eps_none"),
+]
 
 
-def _op_call(name, training):
-    """(forward(x, w, b) -> output, full padding mask of x)."""
-    shape, mask = _cases()[name]
-    if name.startswith("bn"):
-        cl = name == "bn_3d_cl"
-        C = shape[-1] if cl else shape[1]
-        rm, rv = torch.randn(C, dtype=DT), torch.rand(C, dtype=DT) + 0.5
+def _padding_case(op, name, device):
+    """(f(x, w, b) -> output, x, full padding mask of x, w, b)."""
+    all_padded = name.startswith("all_padded:")
+    sample = by_name(samples.SAMPLES[op](device=device, dtype=DT), name.split(":")[-1])
+    args = list(sample.args)
+    mask_at = 1 if op == "batch_norm" else 2
+    if all_padded:
+        args[mask_at] = torch.ones_like(args[mask_at])
+    x, mask = args[0], args[mask_at]
+    if op == "batch_norm":
+        full = bn_full_mask(mask, x, args[-1])
+    else:
+        full = row_full_mask(mask, x)
+    w_at = sample.grad_args[1]
+    b_at = sample.grad_args[2] if len(sample.grad_args) > 2 and args[sample.grad_args[2]] is not None else None
 
-        def f(x, w, b):
-            return ops.batch_norm(x, mask, w, b, rm, rv, training, 1e-5, cl)[0]
+    def f(x, w, b):
+        a = list(args)
+        a[0], a[w_at] = x, w
+        if b_at is not None:
+            a[b_at] = b
+        return getattr(ops, op)(*a)[0]
 
-        return f, bn_full_mask(mask, torch.empty(shape), cl), (C,)
-    full = row_full_mask(mask, torch.empty(shape))
-    if name.startswith("ln"):
-        return (lambda x, w, b: ops.layer_norm(x, [shape[-1]], mask, w, b, 1e-5)[0]), full, (shape[-1],)
-    return (lambda x, w, b: ops.rms_norm(x, [shape[-1]], mask, w, None)[0]), full, (shape[-1],)
+    w = args[w_at].clone().requires_grad_(True)
+    b = args[b_at].clone().requires_grad_(True) if b_at is not None else None
+    return f, x, full, w, b
 
 
 def _second_derivatives(f, x, g, w, b):
@@ -166,16 +141,11 @@ def _second_derivatives(f, x, g, w, b):
     return torch.autograd.grad(penalty, [x, w])
 
 
-@pytest.mark.parametrize(
-    "name,training",
-    [(n, t) for n in _cases() for t in ((True, False) if n.startswith("bn") else (True,))],
-)
-def test_second_derivatives_ignore_padding(name, training):
-    f, full, pshape = _op_call(name, training)
-    x = torch.randn(full.shape, dtype=DT)
-    g = torch.randn(full.shape, dtype=DT)
-    w = _param(pshape, positive=True)
-    b = _param(pshape) if not name.startswith("rms") else None
+@pytest.mark.parametrize("op,name", PADDING_CASES, ids=[f"{op}-{name}" for op, name in PADDING_CASES])
+def test_second_derivatives_ignore_padding(op, name, device):
+    f, x, full, w, b = _padding_case(op, name, device)
+    assert full.any()
+    g = torch.randn(x.shape, dtype=DT, device=device)
     # NaN / inf at padding, in the input and in the incoming gradient
     dirty = _second_derivatives(f, poison(x, full), poison(g, full), w, b)
     # other finite values at padding: nothing may change
@@ -185,7 +155,7 @@ def test_second_derivatives_ignore_padding(name, training):
         # the same ops on the same selected values: bit-identical
         assert torch.equal(d, c)
     assert (dirty[0][full] == 0).all()
-    if name.endswith("all_padded"):
+    if name.startswith("all_padded:"):
         assert all((d == 0).all() for d in dirty)
 
 
@@ -201,14 +171,14 @@ class _OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("op", ["batch_norm", "layer_norm", "rms_norm"])
+@pytest.mark.parametrize("op", FORWARD)
 def test_first_order_backward_runs_the_kernel(op):
     # Without create_graph the backward op's fast kernel runs (no composite);
     # with it, the differentiable composite runs and records a graph.
     x = torch.randn(4, 3, dtype=DT, requires_grad=True)
     w = torch.ones(3, dtype=DT, requires_grad=True)
     if op == "batch_norm":
-        y = ops.batch_norm(x, None, w, None, None, None, True, 1e-5, False)[0]
+        y = ops.batch_norm(x, None, w, None, None, None, None, True, 0.1, 1e-5, False)[0]
     elif op == "layer_norm":
         y = ops.layer_norm(x, [3], None, w, None, 1e-5)[0]
     else:
@@ -221,31 +191,29 @@ def test_first_order_backward_runs_the_kernel(op):
         assert gx.requires_grad == gw.requires_grad == create_graph
 
 
-@pytest.mark.parametrize("op", ["batch_norm_backward", "layer_norm_backward", "rms_norm_backward"])
+@pytest.mark.parametrize("op", BACKWARD)
 def test_backward_op_composite_matches_kernel(op):
     # The backward op called directly with inputs that require grad (composite)
     # gives the kernel's values, leaves unrequested outputs None, and refuses
     # derivatives w.r.t. the saved statistics.
-    torch.manual_seed(5)
-    x = torch.randn(3, 4, 5, dtype=DT)
-    mask = lengths_mask([4, 0, 2], 4)
-    w = torch.rand(5, dtype=DT) + 0.5
-    if op == "batch_norm_backward":
-        _, m, s, _ = ops.batch_norm(x, mask, w, None, None, None, True, 1e-5, True)
-        args = lambda x, s: (torch.ones_like(x), x, mask, w, m, s, True, True, [True, False, True])  # noqa: E731
-    elif op == "layer_norm_backward":
-        _, m, s = ops.layer_norm(x, [5], mask, w, None, 1e-5)
-        args = lambda x, s: (torch.ones_like(x), x, [5], mask, m, s, w, [True, False, True])  # noqa: E731
-    else:
-        _, s = ops.rms_norm(x, [5], mask, w, None)
-        args = lambda x, s: (torch.ones_like(x), x, [5], mask, s, w, [True, False])  # noqa: E731
+    sample = by_name(samples.SAMPLES[op](dtype=DT), {
+        "batch_norm_backward": "train-NCL_3x3x4_padded-float64-all",
+        "layer_norm_backward": "3x4x5_ns5_padded-float64-all",
+        "rms_norm_backward": "3x4x5_ns5_padded-float64-eps_none-all",
+    }[op])
+    output_mask = [True, False, True][: len(sample.args[-1])]  # no weight gradient
+    sample = sample.replace("no_weight_grad", **{f"a{len(sample.args) - 1}": output_mask})
     fn = getattr(ops, op)
-    fast = fn(*args(x, s))
-    composite = fn(*args(x.clone().requires_grad_(True), s))
+    stat_at = BACKWARD[op][1][-1]
+    fast = fn(*sample.args)
+    composite_sample = sample.with_grad()
+    composite = fn(*composite_sample.args)
     assert composite[0].requires_grad
     assert fast[1] is None and composite[1] is None
     for a, c in zip(fast, composite):
+        assert (a is None) == (c is None)
         if a is not None:
             torch.testing.assert_close(c.detach(), a, rtol=1e-12, atol=1e-12)
+    stats_grad = composite_sample.replace("stats", **{f"a{stat_at}": sample.args[stat_at].clone().requires_grad_()})
     with pytest.raises(RuntimeError, match=f"masknorm::{op}: derivatives with respect to the saved statistics"):
-        fn(*args(x.clone().requires_grad_(True), s.clone().requires_grad_(True)))
+        fn(*stats_grad.args)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import masknorm
-from conftest import lengths_mask
+from samples.common import lengths_mask
 
 ATOL = 1e-4
 

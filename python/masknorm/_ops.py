@@ -122,6 +122,11 @@ def _check_momentum(op: str, momentum: Optional[float], num_batches_tracked: Opt
             lambda: f"masknorm::{op}: expected num_batches_tracked to be a one-element int64 tensor, but got dtype "
             f"{num_batches_tracked.dtype} and shape {tuple(num_batches_tracked.shape)}",
         )
+        torch._check(
+            num_batches_tracked.device == like.device,
+            lambda: f"masknorm::{op}: expected num_batches_tracked on input's device {like.device}, but got "
+            f"{num_batches_tracked.device}",
+        )
     if momentum is not None:
         torch._check_value(
             0.0 <= momentum <= 1.0, lambda: f"masknorm::{op}: expected momentum in [0, 1] or None, but got {momentum}"
