@@ -4,6 +4,7 @@
 # (default ./gpu_results):
 #   tools/gpu_check.sh cuda-tests   tests/test_cuda.py (fails if the CUDA kernels were not built)
 #   tools/gpu_check.sh suite        the whole test suite (CUDA-parametrized tests run on the GPU)
+#   tools/gpu_check.sh cuda-suite   only the suite's CUDA-parametrized tests (-k cuda)
 #   tools/gpu_check.sh tune         tools/cuda_tune.py (launch shapes, per-kernel times)
 #   tools/gpu_check.sh bench [args] python -m benchmarks --device cuda [args]
 # Several stages run in order: tools/gpu_check.sh cuda-tests suite bench --no-compile
@@ -23,6 +24,9 @@ while [ $# -gt 0 ]; do
   case $stage in
     cuda-tests)
       MASKNORM_EXPECT_CUDA=1 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+      status=$(( status | ${PIPESTATUS[0]} )) ;;
+    cuda-suite)
+      MASKNORM_EXPECT_CUDA=1 timeout ${SUITE_TIMEOUT:-400} $PY -m pytest tests -k cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/cuda_suite.log" | tail -25
       status=$(( status | ${PIPESTATUS[0]} )) ;;
     suite)
       MASKNORM_EXPECT_CUDA=1 $PY -m pytest tests -q -p no:cacheprovider -x 2>&1 | tee "$OUT/suite.log" | tail -25
