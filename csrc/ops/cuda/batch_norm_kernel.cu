@@ -191,36 +191,52 @@ __global__ void __launch_bounds__(kThreads) reduce_outer_kernel(const ReducePara
   if (threadIdx.x == 0) R::save(shared[0], p.partial + (int64_t(blockIdx.y) * p.C + c) * R::kFields);
 }
 
-// Statistics: each channel merges its chunks in order; count from channel 0.
-template <typename acc_t>
-__global__ void finish_stats_kernel(const acc_t* partial, int64_t chunks, int64_t C, acc_t* mean, acc_t* m2, int64_t* count) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  Welford<acc_t> s;
-  double n = 0;  // exact for any count
-  for (int64_t k = 0; k < chunks; ++k) {
-    const auto part = StatsReduction<acc_t>::load_state(partial + (k * C + c) * 3);
-    n += double(part.n);
-    s.merge(part);
+// The partials of channel c over chunks, by a warp: lane l takes chunks l,
+// l + 32, ... in order, then the 32 lane results merge in a fixed shuffle
+// pattern (the same result every run). Blocks of 8 warps, a channel each.
+template <typename R, typename acc_t>
+__device__ __forceinline__ typename R::State merge_chunks(const acc_t* partial, int64_t chunks, int64_t C, int64_t c) {
+  using State = typename R::State;
+  State s;
+  for (int64_t k = threadIdx.x; k < chunks; k += 32) R::merge(s, R::load_state(partial + (k * C + c) * R::kFields));
+  for (int offset = 16; offset > 0; offset /= 2) {
+    acc_t f[R::kFields], g[R::kFields];
+    R::save(s, f);
+#pragma unroll
+    for (int j = 0; j < R::kFields; ++j) g[j] = __shfl_down_sync(0xffffffffu, f[j], offset);
+    if (int(threadIdx.x) < offset) R::merge(s, R::load_state(g));
   }
-  mean[c] = s.mean;
-  m2[c] = s.m2;
-  if (c == 0) *count = static_cast<int64_t>(llrint(n));
+  return s;
 }
 
-// Backward sums: each channel adds its chunks in order; sum(dy * xhat) = invstd * sum(dy * (x - mean)).
+// Statistics: mean and M2 per channel, and the count (channel 0's).
+template <typename acc_t>
+__global__ void finish_stats_kernel(const acc_t* partial, int64_t chunks, int64_t C, acc_t* mean, acc_t* m2, int64_t* count) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (c >= C) return;  // whole warps: c is the same for the 32 lanes
+  const auto s = merge_chunks<StatsReduction<acc_t>>(partial, chunks, C, c);
+  if (c == 0) {
+    // The count exactly, whatever its size: chunk counts added in double.
+    double n = 0;
+    for (int64_t k = threadIdx.x; k < chunks; k += 32) n += double(partial[k * C * 3]);
+    for (int offset = 16; offset > 0; offset /= 2) n += __shfl_down_sync(0xffffffffu, n, offset);
+    if (threadIdx.x == 0) *count = static_cast<int64_t>(llrint(n));
+  }
+  if (threadIdx.x != 0) return;
+  mean[c] = s.mean;
+  m2[c] = s.m2;
+}
+
+// Backward sums: sum(dy * xhat) = invstd * sum(dy * (x - mean)).
 template <typename acc_t>
 __global__ void finish_grad_sums_kernel(
     const acc_t* partial, int64_t chunks, int64_t C, const acc_t* invstd, acc_t* sum_dy, acc_t* sum_dy_xhat) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t c = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= C) return;
-  acc_t dy = 0, dy_xmu = 0;
-  for (int64_t k = 0; k < chunks; ++k) {
-    dy += partial[(k * C + c) * 2];
-    dy_xmu += partial[(k * C + c) * 2 + 1];
-  }
-  sum_dy[c] = dy;
-  sum_dy_xhat[c] = dy_xmu * invstd[c];
+  const auto s = merge_chunks<GradReduction<acc_t>>(partial, chunks, C, c);
+  if (threadIdx.x != 0) return;
+  sum_dy[c] = s.dy;
+  sum_dy_xhat[c] = s.dy_xmu * invstd[c];
 }
 
 // Runs reduction R over the layout into (chunks, C, kFields) partials.
@@ -230,7 +246,7 @@ at::Tensor reduce_channels(
     const at::Tensor& mean, const at::TensorOptions& acc_options, int64_t& chunks) {
   using acc_t = opmath_t<scalar_t>;
   constexpr int V = kVec<scalar_t>;
-  const int64_t target_blocks = int64_t(multiprocessors()) * 4;
+  const int64_t target_blocks = int64_t(multiprocessors()) * 8;  // two waves: a short tail
   ReduceParams<scalar_t> p{
       input.const_data_ptr<scalar_t>(), R::kNeedsDy ? grad_output.const_data_ptr<scalar_t>() : nullptr,
       data_or_null<bool>(mask), R::kNeedsDy ? mean.const_data_ptr<acc_t>() : nullptr, nullptr, g.outer, g.C,
@@ -490,7 +506,7 @@ void batch_norm_stats(const BatchNormStatsArgs& a) {
     int64_t chunks = 0;
     const at::Tensor partial = reduce_channels<scalar_t, StatsReduction<acc_t>>(
         g, a.input, at::Tensor(), a.padding_mask, at::Tensor(), a.mean.options(), chunks);
-    launch(finish_stats_kernel<acc_t>, dim3(static_cast<unsigned>(ceil_div(g.C, kThreads))), dim3(kThreads), 0,
+    launch(finish_stats_kernel<acc_t>, dim3(static_cast<unsigned>(ceil_div(g.C, 8))), dim3(32, 8), 0,
            partial.const_data_ptr<acc_t>(), chunks, g.C, a.mean.mutable_data_ptr<acc_t>(),
            a.m2.mutable_data_ptr<acc_t>(), a.count.mutable_data_ptr<int64_t>());
   });
@@ -531,7 +547,7 @@ void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
     int64_t chunks = 0;
     const at::Tensor partial = reduce_channels<scalar_t, GradReduction<acc_t>>(
         g, a.input, a.grad_output, a.padding_mask, a.mean, a.sum_dy.options(), chunks);
-    launch(finish_grad_sums_kernel<acc_t>, dim3(static_cast<unsigned>(ceil_div(g.C, kThreads))), dim3(kThreads), 0,
+    launch(finish_grad_sums_kernel<acc_t>, dim3(static_cast<unsigned>(ceil_div(g.C, 8))), dim3(32, 8), 0,
            partial.const_data_ptr<acc_t>(), chunks, g.C, a.invstd.const_data_ptr<acc_t>(),
            a.sum_dy.mutable_data_ptr<acc_t>(), a.sum_dy_xhat.mutable_data_ptr<acc_t>());
   });
