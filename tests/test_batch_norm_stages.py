@@ -18,7 +18,7 @@ the generic kernels, on every device:
 import pytest
 import torch
 
-from conftest import ALL_DTYPES, BN_LAYOUTS, bn_full_mask, bn_pack, poison
+from conftest import ALL_DTYPES, BN_LAYOUTS, bn_full_mask, bn_pack, device_data_checks, poison
 from samples import batch_norm as S
 
 pytestmark = pytest.mark.kernels
@@ -216,7 +216,9 @@ def test_running_var_from_m2_not_from_invstd(device):
     rm, rv = torch.zeros(5, device=device), torch.zeros(5, device=device)
     ops.batch_norm_merge_stats(mean[None], m2[None], count[None], rm, rv, None, 1.0, 1.0)
     rmean, rm2, n = reference_stats(x, mask, True)
-    close(rv, rm2 / (n - 1), rtol=1e-4, atol=0)
+    # CUDA merges many float32 partial moments whose means (3.0) dwarf the
+    # spread (1e-3): measured 1.4e-4 relative. From invstd it would be ~10%.
+    close(rv, rm2 / (n - 1), rtol=1e-4 if torch.device(device).type == "cpu" else 1e-3, atol=0)
     close(rm, rmean, rtol=1e-6, atol=0)
 
 
@@ -237,9 +239,10 @@ def test_merge_total_count_one_raises_value_error(device):
     mean = torch.tensor([[1.0, 2.0, 3.0], [float("nan")] * 3], device=device)
     m2 = torch.tensor([[0.0, 0.0, 0.0], [float("nan")] * 3], device=device)
     count = torch.tensor([1, 0], device=device)
-    with pytest.raises(ValueError, match="masknorm::batch_norm_merge_stats: expected more than 1 valid"):
+    with device_data_checks(device), pytest.raises(
+            ValueError, match="masknorm::batch_norm_merge_stats: expected more than 1 valid"):
         ops.batch_norm_merge_stats(mean, m2, count, rm, rv, None, 0.1, EPS)
-    with pytest.raises(ValueError, match="more than 1 valid"):
+    with device_data_checks(device), pytest.raises(ValueError, match="more than 1 valid"):
         ops.batch_norm_merge_stats(mean, m2, count, None, None, None, 0.1, EPS)
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
 

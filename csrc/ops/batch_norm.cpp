@@ -275,6 +275,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
     std::tie(mean, invstd, std::ignore) = run_merge_stats(
         op, part_mean.unsqueeze(0), part_m2.unsqueeze(0), part_count.reshape({1}), rm, rv,
         value_or_undefined(num_batches_tracked), momentum, eps);
+    // Without a mask the count is the shape's, as nn.BatchNorm1d checks it:
+    // raised on every device, with no data check (after counting the batch, as torch).
+    TORCH_CHECK_VALUE(
+        p.mask.defined() || p.layout.rows() != 1,
+        op, ": expected more than 1 value per channel when training, got input of shape ", input.sizes());
   } else {
     TORCH_CHECK(rm.defined(), op, ": expected running_mean and running_var when training=False, but got None");
     mean = rm.to(p.stat_options, /*non_blocking=*/false, /*copy=*/true);

@@ -92,6 +92,11 @@ __device__ __forceinline__ T row_sum(T v, T* scratch) {
   return total;
 }
 
+// a * b rounded, never fused into a following add: where a product must
+// cancel exactly against a sum of the same products (a row of width 1).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
 // Count, mean and sum of squared deviations; Welford updates, Chan merges.
 template <typename T>
 struct Welford {

@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) row_norm_backward_kernel(const Backw
         //              dw += dy * xhat; db += dy  (dy is 0 outside valid rows)
         const acc_t dyv = dys[it][i];
         const acc_t xhat = (xs[it][i] - mean) * rstd;
-        const acc_t g = dyv * w[i];
+        const acc_t g = mul_rn(dyv, w[i]);
         sum_g += g;
         sum_gx += g * xhat;
         dw[it][i] += dyv * xhat;
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kThreads) row_norm_backward_kernel(const Backw
       for (int i = 0; i < VEC; ++i) {
         // Scalar math: dx = rstd * (g + c_g + xhat * c_x)  (0 on padded rows: rstd 0)
         const acc_t xhat = (xv[i] - mean) * rstd;
-        out[i] = rstd * (dyv[i] * w[i] + c_g + xhat * c_x);
+        out[i] = rstd * (mul_rn(dyv[i], w[i]) + c_g + xhat * c_x);
       }
       store<VEC>(p.dx + row * p.D + col, out);
     }
