@@ -13,6 +13,7 @@ from . import _C  # noqa: F401  (registers torch.ops.masknorm.*)
 from . import _ops  # noqa: F401  (fake kernels for torch.compile / torch.export)
 from . import functional
 from .convert import convert_model
+from .distributed import MaskedSyncBatchNorm
 from .masks import padding_mask_from_lengths
 from .modules import MaskedBatchNorm1d, MaskedLayerNorm, MaskedRMSNorm
 
@@ -30,6 +31,7 @@ __all__ = [
     "MaskedBatchNorm1d",
     "MaskedLayerNorm",
     "MaskedRMSNorm",
+    "MaskedSyncBatchNorm",
     "build_info",
     "convert_model",
     "functional",

@@ -1,11 +1,12 @@
 """Switching an existing model to the masked norms in one line."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .distributed import MaskedSyncBatchNorm, ProcessGroup
 from .modules import MaskedBatchNorm1d, MaskedLayerNorm, MaskedRMSNorm
 
 __all__ = ["convert_model"]
@@ -38,10 +39,39 @@ def _uses_torch_forward(module: nn.Module, base: type) -> bool:
     )
 
 
+def _syncable(module: nn.Module) -> bool:
+    """A 1-D batch norm that MaskedSyncBatchNorm.convert_sync_batchnorm converts."""
+    forward = type(module).forward
+    return not parametrize.is_parametrized(module) and (
+        (isinstance(module, nn.BatchNorm1d) and forward is nn.BatchNorm1d.forward)
+        or (isinstance(module, nn.SyncBatchNorm) and forward is nn.SyncBatchNorm.forward)
+        or (
+            isinstance(module, MaskedBatchNorm1d)
+            and forward in (MaskedBatchNorm1d.forward, MaskedSyncBatchNorm.forward)
+        )
+    )
+
+
 def _masked_counterpart(
-    module: nn.Module, batch_norm: bool, layer_norm: bool, rms_norm: bool
+    module: nn.Module,
+    batch_norm: bool,
+    layer_norm: bool,
+    rms_norm: bool,
+    sync: bool,
+    process_group: Optional[ProcessGroup],
 ) -> Optional[nn.Module]:
     """A masked module with module's hyperparameters, or None to keep module."""
+    if batch_norm and sync and _syncable(module):
+        return MaskedSyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+            channels_last=getattr(module, "channels_last", False),
+            bias=module.bias is not None or not module.affine,
+        )
     if batch_norm and _uses_torch_forward(module, nn.BatchNorm1d):
         kwargs = {} if module.bias is not None or not module.affine else {"bias": False}
         return MaskedBatchNorm1d(
@@ -80,22 +110,26 @@ def _take_over(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
-def _convert(
-    module: nn.Module, done: Dict[int, nn.Module], batch_norm: bool, layer_norm: bool, rms_norm: bool
-) -> nn.Module:
+def _convert(module: nn.Module, done: Dict[int, nn.Module], *args: Any) -> nn.Module:
     if id(module) in done:  # a module shared by several parents stays shared
         return done[id(module)]
-    new = _masked_counterpart(module, batch_norm, layer_norm, rms_norm)
+    new = _masked_counterpart(module, *args)
     result = module if new is None else _take_over(new, module)
     done[id(module)] = result
     for name, child in list(module._modules.items()):
         if child is not None:
-            result._modules[name] = _convert(child, done, batch_norm, layer_norm, rms_norm)
+            result._modules[name] = _convert(child, done, *args)
     return result
 
 
 def convert_model(
-    module: nn.Module, *, batch_norm: bool = True, layer_norm: bool = True, rms_norm: bool = True
+    module: nn.Module,
+    *,
+    batch_norm: bool = True,
+    layer_norm: bool = True,
+    rms_norm: bool = True,
+    sync_batch_norm: bool = False,
+    process_group: Optional[ProcessGroup] = None,
 ) -> nn.Module:
     """Replaces every ``nn.BatchNorm1d``, ``nn.LayerNorm`` and ``nn.RMSNorm`` in
     ``module`` with its masked counterpart, as
@@ -108,6 +142,13 @@ def convert_model(
             as before).
         layer_norm: convert ``nn.LayerNorm`` to :class:`MaskedLayerNorm`.
         rms_norm: convert ``nn.RMSNorm`` to :class:`MaskedRMSNorm`.
+        sync_batch_norm: convert batch norms to :class:`MaskedSyncBatchNorm`
+            (statistics shared by the ranks of ``process_group``) instead:
+            ``nn.BatchNorm1d``, ``nn.SyncBatchNorm`` and
+            :class:`MaskedBatchNorm1d`, as
+            :meth:`MaskedSyncBatchNorm.convert_sync_batchnorm` does. Needs
+            ``batch_norm=True``.
+        process_group: the group for ``sync_batch_norm`` (default: the world).
 
     Returns:
         ``module``, converted in place; when ``module`` itself is a norm that
@@ -132,5 +173,12 @@ def convert_model(
 
         >>> model = masknorm.convert_model(model)
         >>> optimizer = torch.optim.AdamW(model.parameters())
+        >>> # data parallel: batch statistics over every rank's valid tokens
+        >>> model = masknorm.convert_model(model, sync_batch_norm=True)
+        >>> model = torch.nn.parallel.DistributedDataParallel(model)
     """
-    return _convert(module, {}, batch_norm, layer_norm, rms_norm)
+    if sync_batch_norm and not batch_norm:
+        raise ValueError("convert_model: sync_batch_norm=True converts batch norms, so it needs batch_norm=True")
+    if process_group is not None and not sync_batch_norm:
+        raise ValueError("convert_model: process_group is for sync_batch_norm=True, but sync_batch_norm is False")
+    return _convert(module, {}, batch_norm, layer_norm, rms_norm, sync_batch_norm, process_group)
