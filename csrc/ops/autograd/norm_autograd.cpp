@@ -178,11 +178,20 @@ struct RMSNorm {
 
 // ------------------------------------------------- the Autograd-key kernels
 
+// Without a graph to record (no_grad, inference, nothing requiring grad) the
+// forward ops skip the autograd Function: no node, nothing saved.
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(
     const Tensor& input, const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
     const std::optional<Tensor>& running_var, const std::optional<Tensor>& num_batches_tracked, bool training,
     std::optional<double> momentum, double eps, bool channels_last) {
+  if (!records_graph({input, weight.value_or(Tensor()), bias.value_or(Tensor())})) {
+    at::AutoDispatchBelowAutograd guard;
+    return batch_norm(
+        input, padding_mask, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+        channels_last);
+  }
   auto out = NormFunction<BatchNorm>::apply(
       input, padding_mask, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
       channels_last);
@@ -192,6 +201,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(
 std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(
     const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
+  if (!records_graph({input, weight.value_or(Tensor()), bias.value_or(Tensor())})) {
+    at::AutoDispatchBelowAutograd guard;
+    return layer_norm(input, normalized_shape, padding_mask, weight, bias, eps);
+  }
   auto out = NormFunction<LayerNorm>::apply(input, normalized_shape, padding_mask, weight, bias, eps);
   return {out[0], out[1], out[2]};
 }
@@ -199,6 +212,10 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(
 std::tuple<Tensor, Tensor> rms_norm_autograd(
     const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, std::optional<double> eps) {
+  if (!records_graph({input, weight.value_or(Tensor())})) {
+    at::AutoDispatchBelowAutograd guard;
+    return rms_norm(input, normalized_shape, padding_mask, weight, eps);
+  }
   auto out = NormFunction<RMSNorm>::apply(input, normalized_shape, padding_mask, weight, eps);
   return {out[0], out[1]};
 }

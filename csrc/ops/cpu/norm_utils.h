@@ -51,6 +51,34 @@ struct VecIO {
   }
 };
 
+// A row of bfloat16/float16 values converted once to the accumulation type
+// (a buffer per thread, reused row after row), so that the passes over the
+// row read floats from cache instead of converting again. For float and
+// double input the row itself is used.
+template <typename scalar_t>
+class RowScratch {
+ public:
+  using opmath_t = at::opmath_type<scalar_t>;
+  static constexpr bool kConverts = !std::is_same_v<scalar_t, opmath_t>;
+
+  explicit RowScratch(int64_t width) : buffer_(kConverts ? static_cast<size_t>(width) : 0) {}
+
+  const opmath_t* as_opmath(const scalar_t* x, int64_t len) {
+    if constexpr (!kConverts) {
+      return x;
+    } else {
+      using IO = VecIO<scalar_t>;
+      int64_t i = 0;
+      for (; i + IO::size() <= len; i += IO::size()) IO::load(x + i).store(buffer_.data() + i);
+      if (i < len) IO::load(x + i, len - i).store(buffer_.data() + i, len - i);
+      return buffer_.data();
+    }
+  }
+
+ private:
+  std::vector<opmath_t> buffer_;
+};
+
 // A lane mask: all bits set where the element is valid, none where it is
 // padding. `v & mask` clears padded lanes to +0.0 bit by bit, so NaN/inf
 // stored there stays out of every sum (multiplying by 0 would not).

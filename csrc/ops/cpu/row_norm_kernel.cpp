@@ -29,7 +29,8 @@ at::opmath_type<scalar_t> mean_of_squares(const scalar_t* x, int64_t len) {
 }
 
 // out = (x - mean) * rstd * w + b per valid row; mean/rstd saved per row.
-// w, b and mean_out may be null (no weight, no bias, RMS norm).
+// w, b and mean_out may be null (no weight, no bias, RMS norm). Half types
+// convert each row once (RowScratch); the passes then read floats.
 template <typename scalar_t>
 void row_norm_forward_loop(
     bool centered, const scalar_t* x, const bool* pad, int64_t rows, int64_t D,
@@ -40,8 +41,8 @@ void row_norm_forward_loop(
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
   at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
+    RowScratch<scalar_t> scratch(D);
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* xr = x + r * D;
       scalar_t* yr = out + r * D;
       if (pad && pad[r]) {
         fill_zero(yr, D);
@@ -49,9 +50,10 @@ void row_norm_forward_loop(
         rstd_out[r] = 0;
         continue;
       }
+      const opmath_t* xr = scratch.as_opmath(x + r * D, D);
       opmath_t mean = 0, var;
       if (centered) {
-        const auto m = row_moments<scalar_t>(xr, nullptr, D, D);
+        const auto m = row_moments<opmath_t>(xr, nullptr, D, D);
         mean = m.mean;
         var = m.m2 / opmath_t(D);
       } else {
@@ -63,7 +65,7 @@ void row_norm_forward_loop(
       const fVec mean_v(mean), rstd_v(rstd);
       vec_loop<V>(D, [&](int64_t d, int64_t k) {
         // Scalar math: y = (x - mean) * rstd * w + b
-        fVec y = (IO::load(xr + d, k) - mean_v) * rstd_v;
+        fVec y = (fVec::loadu(xr + d, k) - mean_v) * rstd_v;
         if (w) y = y * fVec::loadu(w + d, k);
         if (b) y = y + fVec::loadu(b + d, k);
         IO::store(yr + d, y, k);
@@ -76,7 +78,8 @@ void row_norm_forward_loop(
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))     (centered)
 //   dx = rstd * (g - xhat * mean(g * xhat))               (RMS)
 // and over valid rows dw = sum(dy * xhat), db = sum(dy).
-// dx, dw, db may each be null (not requested); w and mean may be null.
+// dx, dw, db may each be null (not requested); w and mean may be null. Half
+// types convert each row of x and dy once (RowScratch).
 template <typename scalar_t>
 void row_norm_backward_loop(
     bool centered, const scalar_t* dy, const scalar_t* x, const bool* pad, int64_t rows, int64_t D,
@@ -93,20 +96,21 @@ void row_norm_backward_loop(
   at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
     opmath_t* dw_local = dw ? columns.local(0) : nullptr;
     opmath_t* db_local = db ? columns.local(1) : nullptr;
+    RowScratch<scalar_t> x_scratch(D), dy_scratch(D);
     for (int64_t r = begin; r < end; ++r) {
       if (pad && pad[r]) {
         if (dx) fill_zero(dx + r * D, D);
         continue;
       }
-      const scalar_t* xr = x + r * D;
-      const scalar_t* dyr = dy + r * D;
+      const opmath_t* xr = x_scratch.as_opmath(x + r * D, D);
+      const opmath_t* dyr = dy_scratch.as_opmath(dy + r * D, D);
       const fVec mean_v(centered ? mean[r] : opmath_t(0)), rstd_v(rstd[r]);
       fVec sum_g(0), sum_gx(0);
       vec_loop<V>(D, [&](int64_t d, int64_t k) {
         // Scalar math: xhat = (x - mean) * rstd; g = dy * w;
         //              sum_g += g; sum_gx += g * xhat; dw += dy * xhat; db += dy
-        const fVec dyv = IO::load(dyr + d, k);
-        const fVec xhat = (IO::load(xr + d, k) - mean_v) * rstd_v;
+        const fVec dyv = fVec::loadu(dyr + d, k);
+        const fVec xhat = (fVec::loadu(xr + d, k) - mean_v) * rstd_v;
         if (dw_local) at::vec::fmadd(dyv, xhat, fVec::loadu(dw_local + d, k)).store(dw_local + d, k);
         if (db_local) (fVec::loadu(db_local + d, k) + dyv).store(db_local + d, k);
         if (dx) {
@@ -121,9 +125,9 @@ void row_norm_backward_loop(
       scalar_t* dxr = dx + r * D;
       vec_loop<V>(D, [&](int64_t d, int64_t k) {
         // Scalar math: dx = rstd * (g + c_g + xhat * c_x)
-        const fVec dyv = IO::load(dyr + d, k);
+        const fVec dyv = fVec::loadu(dyr + d, k);
         const fVec g = w ? dyv * fVec::loadu(w + d, k) : dyv;
-        const fVec xhat = (IO::load(xr + d, k) - mean_v) * rstd_v;
+        const fVec xhat = (fVec::loadu(xr + d, k) - mean_v) * rstd_v;
         IO::store(dxr + d, rstd_v * at::vec::fmadd(xhat, c_x, g + c_g_v), k);
       });
     }
