@@ -1,7 +1,10 @@
 """masknorm benchmark: masked norms against what users would run instead.
 
-    python -m benchmarks                 # full run, ~10 min on 2 cores; writes benchmarks/results/
+    python -m benchmarks                 # full run, ~10 min on 2 cores; writes masknorm_results/benchmarks/
     python -m benchmarks --quick         # tiny shapes, no torch.compile: checks the script runs
+    python -m benchmarks --out benchmarks/results   # rewrites the committed results
+
+Needs matplotlib and tqdm: pip install --no-build-isolation ".[bench]".
 
 For each shape and norm (cases.py), every implementation is timed with
 torch.utils.benchmark (median of blocked_autorange) in three modes:
@@ -43,6 +46,7 @@ import torch
 import torch.utils.benchmark as benchmark
 
 import masknorm
+from masknorm import _extras
 
 from . import cases
 
@@ -322,16 +326,25 @@ def plot(results, path):
     plt.close(fig)
 
 
+DEFAULT_OUT = os.path.join("masknorm_results", "benchmarks")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile (checks the script)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"output folder (default: {DEFAULT_OUT} in the current folder; "
+                        "--out benchmarks/results rewrites the committed results)")
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile composites")
     parser.add_argument("--only", default=None, help="run the cases whose 'shape norm impl' contains this")
     parser.add_argument("--from-json", default=None, help="write the report of a saved results.json, run nothing")
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default allocation policy")
     args = parser.parse_args(argv)
+    try:
+        _extras.require("bench", ["matplotlib"] + ([] if args.from_json else ["tqdm"]), "the benchmark")
+    except ModuleNotFoundError as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")
     if not args.system_malloc and not args.from_json and CACHING_MALLOC_ENV[0] not in os.environ:
         env = dict(os.environ, **dict(zip(CACHING_MALLOC_ENV[::2], CACHING_MALLOC_ENV[1::2])))
         cmd = [sys.executable, "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]
