@@ -28,6 +28,7 @@ Environment:
   MAX_JOBS              parallel compile jobs (torch's ninja builds)
 """
 import glob
+import importlib.util
 import json
 import os
 import platform
@@ -42,7 +43,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(ROOT, "build.json")) as f:
     BUILD = json.load(f)
 
-# The commands that compile (the others, sdist and metadata, need no torch).
+# The setup.py commands that compile.
 COMPILING_COMMANDS = {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "install", "develop", "editable_wheel"}
 NO_TORCH = """
 masknorm is a C++ extension compiled against the torch you will import, and no
@@ -55,7 +56,7 @@ https://pytorch.org/get-started/locally/ says; for example, CPU only:
 
 then build masknorm against it, from the clone or unpacked sdist:
 
-    pip install --no-build-isolation .
+    pip install ninja && pip install --no-build-isolation .
 """
 
 
@@ -63,8 +64,9 @@ def setuptools_version():
     return tuple(int(p) for p in setuptools.__version__.split(".")[:2] if p.isdigit())
 
 
-def find_installed_torch():
-    """The torch of the environment being installed into, or None.
+def locate_installed_torch():
+    """Make the torch of the environment being installed into importable;
+    False when it has none.
 
     In an isolated build (a plain `pip install .`), pip runs this script with
     the target environment's interpreter but hides its site-packages behind a
@@ -73,29 +75,20 @@ def find_installed_torch():
     torch the user imports; so look for the target environment's torch, as
     that interpreter finds it without pip's PYTHONPATH, and build against it.
     """
-    try:
-        import torch
-
-        return torch
-    except ImportError:
-        pass
+    if importlib.util.find_spec("torch") is not None:
+        return True
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
     probe = "import importlib.util as u; s = u.find_spec('torch'); print(s.submodule_search_locations[0] if s else '')"
     try:
         found = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return False
     torch_dir = found.stdout.strip()
     if found.returncode != 0 or not torch_dir:
-        return None
+        return False
     # After the build environment's own paths: its setuptools and ninja stay in charge.
     site.addsitedir(os.path.dirname(torch_dir))
-    try:
-        import torch
-
-        return torch
-    except ImportError:
-        return None
+    return importlib.util.find_spec("torch") is not None
 
 
 def commands():
@@ -108,12 +101,17 @@ if setuptools_version() < (77, 0):
     sys.exit(f"masknorm needs setuptools>=77 to build, this environment has {setuptools.__version__}: "
              "pip install 'setuptools>=77'")
 
-# Metadata and sdist need no torch (and skip importing it: seconds).
-torch = find_installed_torch() if commands() & COMPILING_COMMANDS else None
-if torch is None and commands() & COMPILING_COMMANDS:
+# Compiling needs torch. So does the wheel's metadata (dist_info), not for
+# itself but so that pip stops there, before it fetches torch as a dependency
+# (gigabytes) only to find that the build has none to compile against. An
+# sdist (egg_info, sdist) needs none.
+if commands() & (COMPILING_COMMANDS | {"dist_info"}) and not locate_installed_torch():
     sys.exit(NO_TORCH.format(python=sys.executable))
-if torch is not None:
+if commands() & COMPILING_COMMANDS:  # imported only here: seconds
+    import torch
     from torch.utils import cpp_extension
+else:
+    torch = None
 
 
 def sources(*groups):

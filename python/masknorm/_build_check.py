@@ -30,6 +30,9 @@ class TorchMismatchError(ImportError):
     """masknorm's C++ extension was built for another torch than the one imported."""
 
 
+TorchMismatchError.__module__ = "masknorm"  # how tracebacks name it
+
+
 def read_stamp(path: str) -> Optional[Dict[str, str]]:
     """The build stamp in the extension file at ``path`` (``torch_version``,
     ``torch_cuda``, ``cxx11_abi``, as strings; "" where none), or None when the
@@ -110,11 +113,15 @@ def message(built: Optional[Dict[str, str]], running: Dict[str, str], cause: str
     """What went wrong, both torches, and how to fix it."""
     differing = differences(built, running) if built else []
     show_abi = "cxx11_abi" in differing
-    built_text = describe(built, show_abi) if built else "another torch (this build does not record which)"
-    lines = [
-        f"masknorm's C++ extension was compiled against {built_text}, but this Python imports "
-        f"{describe(running, show_abi)} from {os.path.dirname(torch.__file__)}.",
-    ]
+    here = f"{describe(running, show_abi)} from {os.path.dirname(torch.__file__)}"
+    if built is None:
+        first = f"masknorm's C++ extension was compiled against another torch (it does not record which) than {here}."
+    elif not differing:
+        first = (f"masknorm's C++ extension does not load with {here}, although it records the same release: "
+                 "it was compiled against another build of it.")
+    else:
+        first = f"masknorm's C++ extension was compiled against {describe(built, show_abi)}, but this Python imports {here}."
+    lines = [first]
     if cause:
         lines.append(f"Loading it failed: {cause}")
     lines += [
