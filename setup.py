@@ -46,8 +46,8 @@ with open(os.path.join(ROOT, "build.json")) as f:
 # The setup.py commands that compile.
 COMPILING_COMMANDS = {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "install", "develop", "editable_wheel"}
 NO_TORCH = """
-masknorm is a C++ extension compiled against the torch you will import, and no
-torch is installed for {python}.
+masknorm is a C++ extension compiled against the torch you will import,
+and no torch is installed for {python}.
 
 Install torch first, the build you want (CPU only or CUDA), as
 https://pytorch.org/get-started/locally/ says; for example, CPU only:
