@@ -1,8 +1,12 @@
 """masknorm benchmark: masked norms against what users would run instead.
 
-    python -m benchmarks                 # full CPU run under both allocator settings, ~12 min on 2 cores
+    python -m benchmarks                 # full CPU run under both allocator settings, ~12 min on 2 cores;
+                                         # writes masknorm_results/benchmarks/
     python -m benchmarks --quick         # tiny shapes, no torch.compile: checks the script runs
     python -m benchmarks --device cuda   # GPU shapes on the current CUDA device
+    python -m benchmarks --out benchmarks/results   # rewrites the committed results
+
+Needs matplotlib and tqdm: pip install --no-build-isolation ".[bench]".
 
 For each shape and norm (cases.py), every implementation is timed with
 torch.utils.benchmark (median of blocked_autorange) in three modes:
@@ -52,6 +56,7 @@ import torch
 import torch.utils.benchmark as benchmark
 
 import masknorm
+from masknorm import _extras
 
 from . import cases
 
@@ -387,10 +392,15 @@ def plot(results, path):
     plt.close(fig)
 
 
+DEFAULT_OUT = os.path.join("masknorm_results", "benchmarks")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile (checks the script)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"output folder (default: {DEFAULT_OUT} in the current folder; "
+                        "--out benchmarks/results rewrites the committed results)")
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile composites")
     parser.add_argument("--only", default=None, help="run the cases whose 'shape norm impl' contains this")
@@ -401,6 +411,10 @@ def main(argv=None):
         help="CPU: glibc keeping freed memory, glibc's defaults, or both in two processes (default)",
     )
     args = parser.parse_args(argv)
+    try:
+        _extras.require("bench", ["matplotlib"] + ([] if args.from_json else ["tqdm"]), "the benchmark")
+    except ModuleNotFoundError as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")
     argv = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python -m benchmarks", *argv])
     if args.from_json:
@@ -415,7 +429,15 @@ def main(argv=None):
         for allocator in ("glibc", "kept"):
             out = os.path.join(args.out, f"run_{allocator}")
             env = dict(os.environ, **(CACHING_MALLOC_ENV if allocator == "kept" else {}))
-            child = [a for a in argv if not a.startswith("--allocator")]
+            child = []  # this run's arguments, less --allocator and --out (each child gets its own)
+            skip = False
+            for a in argv:
+                if skip:
+                    skip = False
+                elif a in ("--allocator", "--out"):
+                    skip = True
+                elif not a.startswith(("--allocator=", "--out=")):
+                    child.append(a)
             cmd = [sys.executable, "-m", "benchmarks", *child, "--allocator", allocator, "--out", out]
             print(f"== allocator: {ALLOCATORS[allocator]}", flush=True)
             subprocess.run(cmd, env=env, check=True)

@@ -7,13 +7,36 @@
 
 #include <torch/extension.h>
 
+#include <string>
+
 #ifndef MASKNORM_TORCH_VERSION
 #define MASKNORM_TORCH_VERSION "unknown"
+#endif
+
+// torch.version.cuda of the torch compiled against ("" for a CPU-only torch).
+#ifndef MASKNORM_TORCH_CUDA
+#define MASKNORM_TORCH_CUDA ""
+#endif
+
+#define MASKNORM_STRINGIFY_(x) #x
+#define MASKNORM_STRINGIFY(x) MASKNORM_STRINGIFY_(x)
+#if defined(_GLIBCXX_USE_CXX11_ABI)
+#define MASKNORM_CXX11_ABI MASKNORM_STRINGIFY(_GLIBCXX_USE_CXX11_ABI)
+#else
+#define MASKNORM_CXX11_ABI ""  // not libstdc++: no such switch
 #endif
 
 #ifndef MASKNORM_VERSION
 #define MASKNORM_VERSION "0.0.0"
 #endif
+
+// The torch this module was compiled against, as bytes of the binary:
+// python/masknorm/_build_check.py reads them from the file before loading it,
+// so that a module built for another torch is reported as such rather than
+// as an undefined symbol (or worse, a crash). Keep the format in step with it.
+extern "C" __attribute__((used)) const char masknorm_build_stamp[] =
+    "MASKNORM_BUILD_STAMP:torch_version=" MASKNORM_TORCH_VERSION ";torch_cuda=" MASKNORM_TORCH_CUDA
+    ";cxx11_abi=" MASKNORM_CXX11_ABI ";";
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "masknorm: padding-aware BatchNorm, LayerNorm and RMSNorm ops (torch.ops.masknorm)";
@@ -22,7 +45,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     pybind11::dict info;
     info["version"] = MASKNORM_VERSION;
     info["torch_version"] = MASKNORM_TORCH_VERSION;
-    info["cuda"] = masknorm::cuda_kernels_built();
+    // torch.version.cuda of that torch (None: a CPU-only torch) and its C++ ABI
+    // (torch._C._GLIBCXX_USE_CXX11_ABI; None where the compiler has no such switch).
+    const std::string cuda = MASKNORM_TORCH_CUDA, abi = MASKNORM_CXX11_ABI;
+    info["torch_cuda"] = cuda.empty() ? pybind11::object(pybind11::none()) : pybind11::str(cuda);
+    info["cxx11_abi"] = abi.empty() ? pybind11::object(pybind11::none()) : pybind11::bool_(abi == "1");
+    info["cuda"] = masknorm::cuda_kernels_built();  // masknorm's CUDA kernels are built in
     // Which build of the CPU kernels runs here, and why a faster one did not.
     info["cpu_kernels"] = masknorm::cpu::kernels().name;
     info["cpu_kernels_note"] = masknorm::cpu::kernels_note();

@@ -5,7 +5,9 @@
     python examples/padding_study.py --help
 
 Same as ``python -m masknorm.study`` (and ``python -m masknorm.demo --study``);
-needs matplotlib and tqdm (``pip install matplotlib tqdm``).
+writes masknorm_results/study/ in the current folder (``--out docs/study``
+rewrites the committed report); needs matplotlib and tqdm
+(``pip install "masknorm[study]"``).
 """
 from masknorm.study import main
 

@@ -9,7 +9,18 @@ from typing import Any, Dict
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # noqa: F401  (registers torch.ops.masknorm.*)
+from . import _build_check
+
+# The extension loads only with the torch it was compiled against: check that
+# first, and explain an undefined symbol as a torch mismatch.
+_stamp = _build_check.check_before_loading()
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.masknorm.*)
+except ImportError as _error:
+    _explained = _build_check.explain_load_error(_error, _stamp)
+    if _explained is None:
+        raise
+    raise _explained from _error
 from . import _ops  # noqa: F401  (fake kernels for torch.compile / torch.export)
 from . import functional
 from .convert import convert_model
@@ -21,9 +32,21 @@ __version__: str = _C.__version__
 
 
 def build_info() -> Dict[str, Any]:
-    """How the C++ extension was built: ``version`` (masknorm's),
-    ``torch_version`` (the torch it was compiled against) and ``cuda``
-    (whether CUDA kernels are built in)."""
+    """How the C++ extension was built, and which kernels run:
+
+    - ``version``: masknorm's version;
+    - ``torch_version``: the torch it was compiled against (``import masknorm``
+      fails with another);
+    - ``torch_cuda``: that torch's CUDA version (``torch.version.cuda``), None
+      for a CPU-only torch;
+    - ``cxx11_abi``: that torch's C++ ABI (``torch._C._GLIBCXX_USE_CXX11_ABI``),
+      None where the compiler has no such switch;
+    - ``cuda``: whether masknorm's CUDA kernels are built in;
+    - ``cpu_kernels``: which build of the CPU kernels runs (``"avx512"``,
+      ``"avx2"`` or ``"default"``, the portable one);
+    - ``cpu_kernels_note``: why a faster CPU kernel build is not used (``""``
+      when the best one for this CPU runs).
+    """
     return dict(_C.build_info())
 
 

@@ -70,15 +70,15 @@ def padding_drift(batches: int, seed: int) -> None:
     print("distorted), so inference normalizes real tokens with the wrong numbers; masknorm's match the data.")
 
 
-def main(argv=None) -> None:
+def main(argv=None, prog: str = "python -m masknorm.demo") -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--study" in argv:
-        from . import study  # needs matplotlib and tqdm
+        from . import study  # needs matplotlib (and tqdm for its progress bar)
 
         argv.remove("--study")
-        study.main(argv, prog="python -m masknorm.demo --study")
+        study.main(argv, prog=f"{prog} --study")
         return
-    parser = argparse.ArgumentParser(prog="python -m masknorm.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument(
         "--study",
         action="store_true",

@@ -7,7 +7,7 @@ torch's own; only ``forward`` changes, taking an optional ``padding_mask``
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,20 @@ from torch import Tensor, nn
 from . import functional as F
 
 __all__ = ["MaskedBatchNorm1d", "MaskedLayerNorm", "MaskedRMSNorm"]
+
+_shape_t = Union[int, Sequence[int], torch.Size]
+
+
+def _check_channels_first(input: Tensor, num_features: int, channels_last: bool, name: str) -> None:
+    """(N, L, C) input given to a channels-first module: say so, and how to fix it
+    (the op's own error names only the shapes)."""
+    if channels_last or input.dim() != 3 or input.shape[1] == num_features or input.shape[2] != num_features:
+        return
+    raise RuntimeError(
+        f"{name}({num_features}): expected (N, C, L) input with C={num_features} at dim 1, but got shape "
+        f"{list(input.shape)}, which looks like (N, L, C); for the transformer layout (N, L, C) pass "
+        f"channels_last=True: {name}({num_features}, channels_last=True)"
+    )
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
@@ -48,6 +62,12 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         channels_last: bool = False,
         bias: bool = True,
     ) -> None:
+        """Same arguments as nn.BatchNorm1d: ``num_features`` C; ``eps``;
+        ``momentum`` (None: cumulative average); ``affine`` (learnable weight
+        and bias); ``track_running_stats``; ``device``, ``dtype``; plus,
+        keyword-only, ``channels_last`` (3-D input is (N, L, C), the
+        transformer layout, instead of (N, C, L)) and ``bias`` (False: a
+        weight without bias, where torch's nn.BatchNorm1d takes it)."""
         # bias is passed only when False: older torch versions have no such argument
         kwargs = {} if bias else {"bias": False}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
@@ -63,6 +83,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         result is nn.BatchNorm1d's. In training mode the running statistics are
         updated from the valid positions."""
         self._check_input_dim(input)
+        _check_channels_first(input, self.num_features, self.channels_last, type(self).__name__)
         # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward; the op
         # increments num_batches_tracked and updates the running statistics.
         track = self.training and self.track_running_stats
@@ -89,6 +110,21 @@ class MaskedLayerNorm(nn.LayerNorm):
     ``padding_mask`` has shape ``input.shape[:-len(normalized_shape)]``.
     """
 
+    def __init__(
+        self,
+        normalized_shape: _shape_t,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Same arguments as nn.LayerNorm: ``normalized_shape`` (the trailing
+        dims normalized over, an int for the last one); ``eps``;
+        ``elementwise_affine`` (learnable weight and bias); ``bias`` (False:
+        the weight only); ``device``, ``dtype``."""
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Normalizes each valid row of ``input`` over ``normalized_shape``;
         padded rows (True in ``padding_mask``) output 0."""
@@ -102,6 +138,20 @@ class MaskedRMSNorm(nn.RMSNorm):
 
     ``padding_mask`` has shape ``input.shape[:-len(normalized_shape)]``.
     """
+
+    def __init__(
+        self,
+        normalized_shape: _shape_t,
+        eps: Optional[float] = None,
+        elementwise_affine: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Same arguments as nn.RMSNorm: ``normalized_shape`` (the trailing
+        dims normalized over, an int for the last one); ``eps`` (None: the
+        machine epsilon of the accumulation dtype); ``elementwise_affine``
+        (learnable weight); ``device``, ``dtype``."""
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """RMS-normalizes each valid row of ``input`` over ``normalized_shape``;

@@ -9,8 +9,10 @@ PNG plots: training loss, held-out accuracy with the running statistics
 (model.eval()) and with batch statistics, and how far each BatchNorm layer's
 running statistics are from the true statistics of its valid tokens.
 
-Data are generated from the seed; nothing is downloaded. matplotlib and tqdm
-(``pip install "masknorm[study]"``) are needed only here.
+Data are generated from the seed; nothing is downloaded. matplotlib (and tqdm
+for the progress bar; ``pip install "masknorm[study]"``) are needed only here.
+Output goes to masknorm_results/study in the current folder unless ``--out``
+says otherwise; ``--out docs/study`` regenerates the committed report.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ import torch
 from torch import Tensor, nn
 
 import masknorm
+
+from . import _extras
 
 NORMS = ("BatchNorm1d", "MaskedBatchNorm1d", "MaskedLayerNorm", "LayerNorm")
 BATCH_NORMS = ("BatchNorm1d", "MaskedBatchNorm1d")
@@ -582,8 +586,33 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+DEFAULT_OUT = os.path.join("masknorm_results", "study")
+
+
+class _NoProgress:
+    """tqdm's interface, doing nothing (--no-progress needs no tqdm)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self) -> "_NoProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        pass
+
+
 def run_study(cfg: Config, out: str, command: str, jobs: int = 1, progress_bar: bool = True) -> dict:
-    from tqdm import tqdm
+    if progress_bar:
+        from tqdm import tqdm
+    else:
+        tqdm = _NoProgress
 
     os.makedirs(out, exist_ok=True)
     start, cpu_start = time.perf_counter(), _cpu_seconds()
@@ -610,11 +639,17 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m masknorm.study
     parser.add_argument("--quick", action="store_true", help="a tiny setting (seconds), for tests")
     parser.add_argument("--steps", type=int, default=None, help=f"steps per run (default {Config.steps})")
     parser.add_argument("--seed", type=int, default=Config.seed)
-    parser.add_argument("--out", default="study_results", help="output folder (default: study_results)")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"output folder (default: {DEFAULT_OUT} in the current folder; "
+                        "--out docs/study rewrites the committed report)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="runs trained at once, in worker processes (default: 2, or 1 on one core)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    try:
+        _extras.require("study", ["matplotlib"] + ([] if args.no_progress else ["tqdm"]), "the padding study")
+    except ModuleNotFoundError as error:
+        parser.exit(2, f"{prog}: {error}\n")
     cfg = replace(Config(seed=args.seed), **(QUICK if args.quick else {}))
     if args.steps is not None:
         if args.steps < 1:
