@@ -29,6 +29,7 @@ inputs per op live in ``tests/samples/``.
 """
 
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -69,6 +70,10 @@ def kernels(request):
         yield name
     finally:
         masknorm._C._force_generic_kernels(False)
+
+
+# nn.BatchNorm1d(bias=False): torch 2.13 has it, 2.11 (the GPU machine's) does not.
+BN_TAKES_BIAS = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
 
 
 @contextlib.contextmanager

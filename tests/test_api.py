@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import masknorm
+from conftest import BN_TAKES_BIAS
 import masknorm.functional
 
 
@@ -66,10 +67,6 @@ def test_public_functions_are_fully_annotated(name):
 
 def test_py_typed_ships_with_the_package():
     assert (pathlib.Path(masknorm.__file__).parent / "py.typed").is_file()
-
-
-# nn.BatchNorm1d(bias=False) exists from torch 2.12 on (the GPU machine's 2.11 lacks it).
-BN_TAKES_BIAS = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
 
 
 @pytest.mark.parametrize(

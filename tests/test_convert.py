@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import masknorm
-from conftest import assert_close, init_affine, init_bn_state, tol
+from conftest import BN_TAKES_BIAS, assert_close, init_affine, init_bn_state, tol
 
 NORM_TYPES = {nn.BatchNorm1d: masknorm.MaskedBatchNorm1d, nn.LayerNorm: masknorm.MaskedLayerNorm,
               nn.RMSNorm: masknorm.MaskedRMSNorm}
@@ -39,7 +39,7 @@ class Model(nn.Module):
             "cumulative": nn.BatchNorm1d(6, momentum=None, **d),
             "no_affine": nn.BatchNorm1d(6, affine=False, **d),
             "no_running": nn.BatchNorm1d(6, track_running_stats=False, **d),
-            "no_bias": nn.BatchNorm1d(6, bias=False, eps=1e-3, **d),
+            **({"no_bias": nn.BatchNorm1d(6, bias=False, eps=1e-3, **d)} if BN_TAKES_BIAS else {}),
             "rms_plain": nn.RMSNorm(6, elementwise_affine=False, **d),
         })
         self.shared = self.block[0]  # the same LayerNorm registered twice
@@ -51,7 +51,7 @@ class Model(nn.Module):
         for ln in self.block[3]:
             h = ln(h)
         h = self.shared(h)
-        for name in ("cumulative", "no_affine", "no_running", "no_bias"):
+        for name in ("cumulative", "no_affine", "no_running", "no_bias")[: 4 if BN_TAKES_BIAS else 3]:
             h = self.heads[name](h.reshape(-1, 6)).reshape(h.shape)  # 2-D (N*L, C)
         return self.heads["rms_plain"](h)
 
@@ -118,7 +118,8 @@ def test_state_is_taken_over_not_copied():
     assert not converted.bn.weight.requires_grad and converted.bn.bias.requires_grad
     assert not converted.training and not any(m.training for m in converted.modules())
     assert converted.shared is converted.block[0]
-    assert converted.heads["no_bias"].bias is None and converted.heads["no_bias"].eps == 1e-3
+    if BN_TAKES_BIAS:
+        assert converted.heads["no_bias"].bias is None and converted.heads["no_bias"].eps == 1e-3
     assert converted.heads["cumulative"].momentum is None
     assert converted.heads["no_running"].running_mean is None
     assert converted.block[2].eps == 1e-6

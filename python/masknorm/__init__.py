@@ -25,6 +25,7 @@ from . import _ops  # noqa: F401  (fake kernels for torch.compile / torch.export
 from . import functional
 from .convert import convert_model
 from .distributed import MaskedSyncBatchNorm
+from .kernels import enable_device_data_checks, kernels_for, use_fused_cuda_kernels
 from .masks import padding_mask_from_lengths
 from .modules import MaskedBatchNorm1d, MaskedLayerNorm, MaskedRMSNorm
 
@@ -57,6 +58,9 @@ __all__ = [
     "MaskedSyncBatchNorm",
     "build_info",
     "convert_model",
+    "enable_device_data_checks",
     "functional",
+    "kernels_for",
     "padding_mask_from_lengths",
+    "use_fused_cuda_kernels",
 ]
