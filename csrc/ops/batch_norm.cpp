@@ -136,6 +136,28 @@ Prepared prepare(const Tensor& input, const std::optional<Tensor>& padding_mask,
 // Per-channel statistics as the kernels want them: contiguous, accumulation dtype.
 Tensor stat_as_opmath(const Tensor& t, const Prepared& p) { return t.to(p.stat_options).contiguous(); }
 
+// grad_output as the kernels want it: contiguous, input's dtype.
+Tensor prepare_grad_output(const Tensor& grad_output, const Prepared& p) {
+  return grad_output.to(p.input.scalar_type()).contiguous();
+}
+
+// Counts as the kernels want them: int64, contiguous (counts gathered in a
+// floating-point tensor are whole numbers: rounded, not truncated).
+Tensor as_count(const Tensor& count) {
+  return (at::isFloatingType(count.scalar_type()) ? count.round() : count).to(at::kLong).contiguous();
+}
+
+// The fields every elementwise and reduction kernel shares: the input, its
+// mask and layout, and the statistics it is normalized with.
+template <typename Args>
+void set_input_and_stats(Args& a, const Prepared& p, const Tensor& mean, const Tensor& invstd) {
+  a.input = p.input;
+  a.padding_mask = p.mask;
+  a.layout = p.layout;
+  a.mean = stat_as_opmath(mean, p);
+  a.invstd = stat_as_opmath(invstd, p);
+}
+
 std::tuple<Tensor, Tensor, Tensor> run_stats(const Prepared& p) {
   BatchNormStatsArgs a;
   a.input = p.input;
@@ -164,8 +186,7 @@ std::tuple<Tensor, Tensor, Tensor> run_merge_stats(
   a.part_mean = part_mean.contiguous();
   a.part_m2 = part_m2.to(options).contiguous();
   // Counts gathered in a floating-point tensor are whole numbers: round, not truncate.
-  a.part_count = (at::isFloatingType(part_count.scalar_type()) ? part_count.round() : part_count)
-                     .to(at::kLong).contiguous();
+  a.part_count = as_count(part_count);
   // Running statistics of another dtype (or strided) are updated through a
   // contiguous copy in the accumulation dtype, written back below.
   const auto as_opmath = [&](const Tensor& t) {
@@ -196,11 +217,7 @@ Tensor run_elemt(
     const Prepared& p, const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias) {
   BatchNormElemtArgs a;
-  a.input = p.input;
-  a.padding_mask = p.mask;
-  a.layout = p.layout;
-  a.mean = stat_as_opmath(mean, p);
-  a.invstd = stat_as_opmath(invstd, p);
+  set_input_and_stats(a, p, mean, invstd);
   a.weight = feature_as_opmath(weight, p.layout.C, p.input);
   a.bias = feature_as_opmath(bias, p.layout.C, p.input);
   a.output = at::empty_like(p.input, at::MemoryFormat::Contiguous);
@@ -208,35 +225,30 @@ Tensor run_elemt(
   return a.output;
 }
 
-std::tuple<Tensor, Tensor> run_backward_reduce(const Prepared& p, const Tensor& grad_output, const Tensor& mean, const Tensor& invstd) {
+// grad_output: prepared (prepare_grad_output).
+std::tuple<Tensor, Tensor> run_backward_reduce(
+    const Prepared& p, const Tensor& grad_output, const Tensor& mean, const Tensor& invstd) {
   BatchNormBackwardReduceArgs a;
-  a.grad_output = grad_output.to(p.input.scalar_type()).contiguous();
-  a.input = p.input;
-  a.padding_mask = p.mask;
-  a.layout = p.layout;
-  a.mean = stat_as_opmath(mean, p);
-  a.invstd = stat_as_opmath(invstd, p);
+  a.grad_output = grad_output;
+  set_input_and_stats(a, p, mean, invstd);
   a.sum_dy = at::empty({p.layout.C}, p.stat_options);
   a.sum_dy_xhat = at::empty({p.layout.C}, p.stat_options);
   kernels_for(p.input.device()).batch_norm_backward_reduce(a);
   return {a.sum_dy, a.sum_dy_xhat};
 }
 
+// grad_output: prepared (prepare_grad_output).
 Tensor run_backward_elemt(
     const Prepared& p, const Tensor& grad_output, const Tensor& mean, const Tensor& invstd,
     const std::optional<Tensor>& weight, const Tensor& sum_dy, const Tensor& sum_dy_xhat, const Tensor& count) {
   BatchNormBackwardElemtArgs a;
-  a.grad_output = grad_output.to(p.input.scalar_type()).contiguous();
-  a.input = p.input;
-  a.padding_mask = p.mask;
-  a.layout = p.layout;
-  a.mean = stat_as_opmath(mean, p);
-  a.invstd = stat_as_opmath(invstd, p);
+  a.grad_output = grad_output;
+  set_input_and_stats(a, p, mean, invstd);
   a.weight = feature_as_opmath(weight, p.layout.C, p.input);
   if (sum_dy.defined()) {
     a.sum_dy = stat_as_opmath(sum_dy, p);
     a.sum_dy_xhat = stat_as_opmath(sum_dy_xhat, p);
-    a.count = (at::isFloatingType(count.scalar_type()) ? count.round() : count).to(at::kLong).reshape({}).contiguous();
+    a.count = as_count(count.reshape({}));
   }
   a.grad_input = at::empty_like(p.input, at::MemoryFormat::Contiguous);
   kernels_for(p.input.device()).batch_norm_backward_elemt(a);
@@ -292,20 +304,19 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_op(
     const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, const Tensor& save_mean, const Tensor& save_invstd, bool training,
     bool channels_last, std::array<bool, 3> output_mask) {
-  constexpr const char* op = "masknorm::batch_norm_backward";
-  check_batch_norm_args(
-      op, input, padding_mask, channels_last,
-      {{"weight", value_or_undefined(weight)}, {"save_mean", save_mean}, {"save_invstd", save_invstd}});
-  check_grad_output(grad_output, input, op);
+  check_batch_norm_backward_args(
+      "masknorm::batch_norm_backward", grad_output, input, padding_mask, weight, save_mean, save_invstd,
+      channels_last);
   const Prepared p = prepare(input, padding_mask, channels_last);
+  const Tensor dy = prepare_grad_output(grad_output, p);  // once, for both stages
   Tensor sum_dy, sum_dy_xhat;
   if (output_mask[1] || output_mask[2] || (output_mask[0] && training)) {
-    std::tie(sum_dy, sum_dy_xhat) = run_backward_reduce(p, grad_output, save_mean, save_invstd);
+    std::tie(sum_dy, sum_dy_xhat) = run_backward_reduce(p, dy, save_mean, save_invstd);
   }
   Tensor dx, dw, db;
   if (output_mask[0]) {
-    dx = training ? run_backward_elemt(p, grad_output, save_mean, save_invstd, weight, sum_dy, sum_dy_xhat, valid_positions(p))
-                  : run_backward_elemt(p, grad_output, save_mean, save_invstd, weight, Tensor(), Tensor(), Tensor());
+    dx = training ? run_backward_elemt(p, dy, save_mean, save_invstd, weight, sum_dy, sum_dy_xhat, valid_positions(p))
+                  : run_backward_elemt(p, dy, save_mean, save_invstd, weight, Tensor(), Tensor(), Tensor());
   }
   const auto param_dtype = weight.has_value() && weight->defined() ? weight->scalar_type() : input.scalar_type();
   if (output_mask[1]) dw = sum_dy_xhat.to(param_dtype);
@@ -360,7 +371,8 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_op(
   constexpr const char* op = "masknorm::batch_norm_backward_reduce";
   check_batch_norm_args(op, input, padding_mask, channels_last, {{"mean", mean}, {"invstd", invstd}});
   check_grad_output(grad_output, input, op);
-  return run_backward_reduce(prepare(input, padding_mask, channels_last), grad_output, mean, invstd);
+  const Prepared p = prepare(input, padding_mask, channels_last);
+  return run_backward_reduce(p, prepare_grad_output(grad_output, p), mean, invstd);
 }
 
 Tensor batch_norm_backward_elemt_op(
@@ -379,7 +391,8 @@ Tensor batch_norm_backward_elemt_op(
       s1.defined() == s2.defined() && s1.defined() == n.defined(),
       op, ": expected sum_dy, sum_dy_xhat and count all given (batch statistics) or all None (given statistics)");
   if (n.defined()) check_count(n, "count", {}, input, op, /*allow_float=*/true);
-  return run_backward_elemt(prepare(input, padding_mask, channels_last), grad_output, mean, invstd, weight, s1, s2, n);
+  const Prepared p = prepare(input, padding_mask, channels_last);
+  return run_backward_elemt(p, prepare_grad_output(grad_output, p), mean, invstd, weight, s1, s2, n);
 }
 
 }  // namespace

@@ -158,4 +158,14 @@ void check_batch_norm_args(
   for (const auto& [name, t] : per_channel) check_feature_tensor(t, name, {C}, input, op);
 }
 
+void check_batch_norm_backward_args(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+    const std::optional<at::Tensor>& padding_mask, const std::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool channels_last) {
+  check_batch_norm_args(
+      op, input, padding_mask, channels_last,
+      {{"weight", weight.value_or(at::Tensor())}, {"save_mean", save_mean}, {"save_invstd", save_invstd}});
+  check_grad_output(grad_output, input, op);
+}
+
 }  // namespace masknorm

@@ -72,4 +72,11 @@ void check_batch_norm_args(
     const char* op, const at::Tensor& input, const std::optional<at::Tensor>& padding_mask, bool channels_last,
     std::initializer_list<std::pair<const char*, at::Tensor>> per_channel = {});
 
+// batch_norm_backward's arguments: the forward checks with the saved
+// statistics as per-channel tensors, and grad_output.
+void check_batch_norm_backward_args(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+    const std::optional<at::Tensor>& padding_mask, const std::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool channels_last);
+
 }  // namespace masknorm

@@ -95,6 +95,33 @@ void batch_norm_matches_torch() {
   expect_close(y_eval, ref->forward(x), "batch_norm eval output");
 }
 
+// The stages compose to batch_norm from C++ too: stats -> merge_stats (two
+// parts, one of them empty) -> elemt, and backward_reduce -> backward_elemt.
+void batch_norm_stages_compose() {
+  const int64_t N = 4, L = 7, C = 5;
+  const auto mask = padding_mask({7, 3, 0, 5}, L);
+  const auto x = torch::randn({N, L, C}, torch::kDouble) * 2 + 3;
+  const auto w = torch::rand({C}, torch::kDouble) + 0.5, b = torch::randn({C}, torch::kDouble);
+  auto [y_ref, save_mean, save_invstd] = masknorm::batch_norm(
+      x, mask, w, b, std::nullopt, std::nullopt, std::nullopt, true, 0.1, 1e-5, /*channels_last=*/true);
+  auto [mean, m2, count] = masknorm::batch_norm_stats(x, mask, true);
+  const auto nan = torch::full({1, C}, NAN, torch::kDouble);
+  auto [mu, invstd, n] = masknorm::batch_norm_merge_stats(
+      torch::cat({mean.unsqueeze(0), nan}), torch::cat({m2.unsqueeze(0), nan}),
+      torch::stack({count, torch::zeros_like(count)}), std::nullopt, std::nullopt, std::nullopt, 0.1, 1e-5);
+  expect(n.item<int64_t>() == 15, "merge_stats counts the valid positions of both parts");
+  expect_close(masknorm::batch_norm_elemt(x, mask, w, b, mu, invstd, true), y_ref, "stats -> merge -> elemt");
+  const auto dy = torch::randn_like(x);
+  auto [dx_ref, dw_ref, db_ref] = masknorm::batch_norm_backward(
+      dy, x, mask, w, save_mean, save_invstd, true, true, {true, true, true});
+  auto [sum_dy, sum_dy_xhat] = masknorm::batch_norm_backward_reduce(dy, x, mask, mu, invstd, true);
+  expect_close(sum_dy_xhat, dw_ref, "backward_reduce: grad_weight");
+  expect_close(sum_dy, db_ref, "backward_reduce: grad_bias");
+  expect_close(
+      masknorm::batch_norm_backward_elemt(dy, x, mask, w, mu, invstd, sum_dy, sum_dy_xhat, n, true), dx_ref,
+      "backward_reduce -> backward_elemt");
+}
+
 // Masked (N, L, C) batch norm = torch's BatchNorm1d on the packed valid tokens.
 void masked_batch_norm_matches_packed_torch() {
   const int64_t N = 3, L = 6, C = 4;
@@ -231,6 +258,7 @@ int main() {
   torch::manual_seed(0);
   batch_norm_matches_torch();
   masked_batch_norm_matches_packed_torch();
+  batch_norm_stages_compose();
   masked_row_norms_match_torch();
   double_backward_matches_torch();
   bad_input_raises();

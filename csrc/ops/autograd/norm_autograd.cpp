@@ -233,10 +233,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_autograd(
         grad_output, input, padding_mask, weight, save_mean, save_invstd, training, channels_last, output_mask);
   }
   constexpr const char* op = "masknorm::batch_norm_backward";
-  check_batch_norm_args(
-      op, input, padding_mask, channels_last,
-      {{"weight", weight.value_or(Tensor())}, {"save_mean", save_mean}, {"save_invstd", save_invstd}});
-  check_grad_output(grad_output, input, op);
+  check_batch_norm_backward_args(op, grad_output, input, padding_mask, weight, save_mean, save_invstd, channels_last);
   // In training the saved statistics are those of input; in eval they are
   // the running statistics, constants of a formula linear in grad_output.
   return differentiable_norm_backward(
