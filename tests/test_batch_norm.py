@@ -277,6 +277,32 @@ def test_empty_batch_like_torch(layout, training, with_mask, device):
     assert xl.grad is not None and xl.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_channels(layout, training, masked, device):
+    """C = 0 (a SIGFPE in the CPU statistics, which divided by C to size their
+    chunks; torch's own nn.BatchNorm1d(0) raises IndexError): empty outputs and
+    gradients, num_batches_tracked counted in training, a count of the valid
+    positions."""
+    cl = is_channels_last(layout)
+    m = masknorm.MaskedBatchNorm1d(0, channels_last=cl).to(device).train(training)
+    x = torch.randn(bn_input_shape(layout, N, 0, L), device=device)
+    mask = make_mask("padded", bn_mask_shape(layout, N, L)).to(device) if masked else None
+    xl = x.clone().requires_grad_(True)
+    y = call_masked(m, xl, mask)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert xl.grad is not None and xl.grad.shape == x.shape
+    assert m.weight.grad.shape == m.bias.grad.shape == (0,)
+    assert m.running_mean.shape == m.running_var.shape == (0,)
+    assert int(m.num_batches_tracked) == int(training)
+    mean, m2, count = ops.batch_norm_stats(x, mask, cl)
+    assert mean.shape == m2.shape == (0,)
+    valid = N * (1 if layout == "NC" else L) if mask is None else int((~mask).sum())
+    assert int(count) == valid
+
+
 # ---------------------------------------------------------------------------
 # dtypes / memory layout
 # ---------------------------------------------------------------------------

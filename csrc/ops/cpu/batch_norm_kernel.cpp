@@ -35,6 +35,7 @@ void moments_channels_inner(
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
+  if (C == 0) return;  // nothing to compute (and no chunk size: it divides by C)
   const int64_t chunk_rows = std::max<int64_t>(1, (256 * 1024) / (C * int64_t(sizeof(scalar_t))));
   // Per thread: running mean and m2, and the current chunk's mean and m2.
   PerThreadBuffers<opmath_t> partial(C, 4);
