@@ -411,6 +411,49 @@ def test_bn_training_needs_positive_eps_like_torch(eps):
         masknorm.MaskedBatchNorm1d(C, eps=eps)(torch.randn(N, C))
     with pytest.raises(ValueError, match="eps"):
         ops.batch_norm(torch.randn(N, C, L), None, None, None, None, None, None, True, 0.1, eps, False)
-    # eval normalizes with the running variance and accepts it, as torch does
-    m = masknorm.MaskedBatchNorm1d(C, eps=eps).eval()
-    assert torch.isfinite(m(torch.randn(N, C))).all()
+
+
+def test_bn_eval_takes_eps_zero_and_rejects_negative_eps():
+    # eval normalizes with the running variance: eps = 0 is fine (as torch);
+    # a negative eps raises (as torch >= 2.13 does), instead of NaN where the
+    # running variance is below -eps
+    m = masknorm.MaskedBatchNorm1d(C, eps=0.0).eval()
+    x = torch.randn(N, C)
+    torch.testing.assert_close(m(x), torch.nn.functional.batch_norm(x, m.running_mean, m.running_var, eps=0.0))
+    with pytest.raises(ValueError, match=r"masknorm::batch_norm: expected eps to be finite and >= 0 in eval"):
+        masknorm.MaskedBatchNorm1d(C, eps=-1e-5).eval()(x)
+
+
+# eps NaN or inf, or negative: a ValueError naming eps, from the op and its
+# fake kernel alike (each would otherwise give NaN, or outputs of 0)
+BAD_EPS = [float("nan"), float("inf"), -float("inf"), -1e-5]
+
+
+def _eps_calls():
+    x, x2 = torch.randn(N, C, L), torch.randn(N, L, D)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    mean, m2, count = ops.batch_norm_stats(x, None, False)
+    return {
+        "batch_norm-train": lambda eps: ops.batch_norm(x, None, None, None, rm, rv, None, True, 0.1, eps, False),
+        "batch_norm-eval": lambda eps: ops.batch_norm(x, None, None, None, rm, rv, None, False, 0.1, eps, False),
+        "batch_norm_merge_stats": lambda eps: ops.batch_norm_merge_stats(
+            mean[None], m2[None], count[None], None, None, None, 0.1, eps),
+        "layer_norm": lambda eps: ops.layer_norm(x2, [D], None, None, None, eps),
+        "rms_norm": lambda eps: ops.rms_norm(x2, [D], None, None, eps),
+    }
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["op", "fake"])
+@pytest.mark.parametrize("eps", BAD_EPS, ids=str)
+@pytest.mark.parametrize("call", list(_eps_calls()))
+def test_eps_must_be_finite_and_non_negative(call, eps, fake):
+    op = call.split("-")[0]
+    fn = _eps_calls()[call]
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError, match=rf"masknorm::{op}: .*\beps\b"):
+            fn(eps)
+    else:
+        with pytest.raises(ValueError, match=rf"masknorm::{op}: expected eps to be finite"):
+            fn(eps)

@@ -281,6 +281,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
         p.mask.defined() || p.layout.rows() != 1,
         op, ": expected more than 1 value per channel when training, got input of shape ", input.sizes());
   } else {
+    check_eps(eps, op, "in eval", /*positive=*/false);
     TORCH_CHECK(rm.defined(), op, ": expected running_mean and running_var when training=False, but got None");
     mean = rm.to(p.stat_options, /*non_blocking=*/false, /*copy=*/true);
     invstd = (rv.to(p.stat_options) + eps).rsqrt();

@@ -75,10 +75,10 @@ void check_count(
       op, ": expected ", name, " of shape ", expected_shape, ", but got ", count.sizes());
 }
 
-void check_eps(double eps, const char* op, const char* what) {
+void check_eps(double eps, const char* op, const char* what, bool positive) {
   TORCH_CHECK_VALUE(
-      std::isfinite(eps) && eps > 0,
-      op, ": expected eps > 0 ", what, " (as torch.nn.BatchNorm1d), but got ", eps);
+      std::isfinite(eps) && (positive ? eps > 0 : eps >= 0),
+      op, ": expected eps to be finite and ", positive ? "> 0" : ">= 0", what[0] ? " " : "", what, ", but got ", eps);
 }
 
 void check_momentum(

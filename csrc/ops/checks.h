@@ -38,8 +38,12 @@ void check_count(
     const at::Tensor& count, const char* name, at::IntArrayRef expected_shape, const at::Tensor& like, const char* op,
     bool allow_float);
 
-// eps: finite and > 0 (`what` says when it is needed).
-void check_eps(double eps, const char* op, const char* what);
+// eps: finite and > 0 where a batch's own variance is normalized
+// (`positive`: batch norm in training, merge_stats), finite and >= 0
+// elsewhere (batch norm in eval, layer and RMS norm): NaN, inf and negative
+// values raise a ValueError naming eps instead of giving NaN or 0 outputs.
+// `what` says when the rule applies ("when training"), or is "".
+void check_eps(double eps, const char* op, const char* what, bool positive = true);
 
 // momentum in [0, 1], or None with num_batches_tracked (a one-element int64
 // tensor on `like`'s device) to take the cumulative average.

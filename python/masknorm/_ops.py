@@ -9,6 +9,7 @@ bfloat16 and float32 inputs, float64 for float64.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -138,8 +139,13 @@ def _check_momentum(op: str, momentum: Optional[float], num_batches_tracked: Opt
         )
 
 
-def _check_eps(op: str, eps: float, what: str) -> None:
-    torch._check_value(eps > 0, lambda: f"masknorm::{op}: expected eps > 0 {what} (as torch.nn.BatchNorm1d), but got {eps}")
+def _check_eps(op: str, eps: float, what: str, positive: bool = True) -> None:
+    ok = math.isfinite(eps) and (eps > 0 if positive else eps >= 0)
+    torch._check_value(
+        ok,
+        lambda: f"masknorm::{op}: expected eps to be finite and {'>' if positive else '>='} 0{' ' if what else ''}{what}, "
+        f"but got {eps}",
+    )
 
 
 @torch.library.register_fake("masknorm::batch_norm")
@@ -161,6 +167,7 @@ def _batch_norm_fake(
         if running_mean is not None:
             _check_momentum(op, momentum, num_batches_tracked, input)
     else:
+        _check_eps(op, eps, "in eval", positive=False)
         torch._check(
             running_mean is not None,
             lambda: f"masknorm::{op}: expected running_mean and running_var when training=False, but got None",
@@ -290,6 +297,7 @@ def _check_row_norm(op: str, input: Tensor, normalized_shape: Sequence[int], pad
 @torch.library.register_fake("masknorm::layer_norm")
 def _layer_norm_fake(input, normalized_shape, padding_mask, weight, bias, eps):
     leading = _check_row_norm("layer_norm", input, normalized_shape, padding_mask, weight=weight, bias=bias)
+    _check_eps("layer_norm", eps, "", positive=False)
     stat = input.new_empty(leading, dtype=_opmath_dtype(input.dtype))
     return torch.empty_like(input, memory_format=torch.contiguous_format), stat, torch.empty_like(stat)
 
@@ -310,6 +318,8 @@ def _layer_norm_backward_fake(grad_output, input, normalized_shape, padding_mask
 @torch.library.register_fake("masknorm::rms_norm")
 def _rms_norm_fake(input, normalized_shape, padding_mask, weight, eps):
     leading = _check_row_norm("rms_norm", input, normalized_shape, padding_mask, weight=weight)
+    if eps is not None:
+        _check_eps("rms_norm", eps, "", positive=False)
     rstd = input.new_empty(leading, dtype=_opmath_dtype(input.dtype))
     return torch.empty_like(input, memory_format=torch.contiguous_format), rstd
 
