@@ -457,3 +457,44 @@ def test_eps_must_be_finite_and_non_negative(call, eps, fake):
     else:
         with pytest.raises(ValueError, match=rf"masknorm::{op}: expected eps to be finite"):
             fn(eps)
+
+
+# ---------------------------------------------------------------------------
+# num_batches_tracked: checked whenever given, in every mode
+# ---------------------------------------------------------------------------
+
+BAD_NBT = {
+    "meta": lambda: torch.tensor(0, device="meta"),
+    "float": lambda: torch.tensor(0.0),
+    "int32": lambda: torch.tensor(0, dtype=torch.int32),
+    "three": lambda: torch.zeros(3, dtype=torch.long),
+}
+
+
+def _nbt_calls():
+    x = torch.randn(N, C, L)
+    mean, m2, count = ops.batch_norm_stats(x, None, False)
+    return {
+        "batch_norm-train-no-running": lambda nbt: ops.batch_norm(x, None, None, None, None, None, nbt, True, 0.1,
+                                                                  1e-5, False),
+        "batch_norm-eval": lambda nbt: ops.batch_norm(x, None, None, None, torch.zeros(C), torch.ones(C), nbt, False,
+                                                      0.1, 1e-5, False),
+        "batch_norm_merge_stats-no-running": lambda nbt: ops.batch_norm_merge_stats(
+            mean[None], m2[None], count[None], None, None, nbt, 0.1, 1e-5),
+    }
+
+
+@pytest.mark.parametrize("bad", list(BAD_NBT))
+@pytest.mark.parametrize("call", list(_nbt_calls()))
+def test_num_batches_tracked_is_checked_whenever_given(call, bad):
+    """Without running statistics, or in eval, num_batches_tracked went
+    unchecked: a meta one sent the CPU call to the fake kernel, which returned
+    uninitialized outputs; a float or int32 one raised from inside the kernel
+    without naming it; a (3,) one was counted in its first element."""
+    nbt = BAD_NBT[bad]()
+    before = nbt.clone() if nbt.device.type != "meta" else None
+    op = call.split("-")[0]
+    with pytest.raises(ERR, match=rf"masknorm::{op}: expected num_batches_tracked"):
+        _nbt_calls()[call](nbt)
+    if before is not None:
+        assert torch.equal(nbt, before)  # nothing counted

@@ -266,11 +266,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
       rm.defined() == rv.defined(),
       op, ": expected running_mean and running_var both given or both None, but got only ",
       rm.defined() ? "running_mean" : "running_var");
+  check_num_batches_tracked(num_batches_tracked, input, op);
   const Prepared p = prepare(input, padding_mask, channels_last);
   Tensor mean, invstd;
   if (training) {
     check_eps(eps, op, "when training");
-    if (rm.defined()) check_momentum(momentum, num_batches_tracked, input, op);
+    if (rm.defined()) check_momentum(momentum, num_batches_tracked.has_value() && num_batches_tracked->defined(), op);
     auto [part_mean, part_m2, part_count] = run_stats(p);
     std::tie(mean, invstd, std::ignore) = run_merge_stats(
         op, part_mean.unsqueeze(0), part_m2.unsqueeze(0), part_count.reshape({1}), rm, rv,
@@ -341,7 +342,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_merge_stats_op(
       rm.defined() == rv.defined(),
       op, ": expected running_mean and running_var both given or both None");
   check_eps(eps, op, "");
-  if (rm.defined()) check_momentum(momentum, num_batches_tracked, mean, op);
+  check_num_batches_tracked(num_batches_tracked, mean, op);
+  const Tensor nbt = value_or_undefined(num_batches_tracked);
+  if (rm.defined()) check_momentum(momentum, nbt.defined(), op);
   return run_merge_stats(op, mean, m2, count, rm, rv, value_or_undefined(num_batches_tracked), momentum, eps);
 }
 

@@ -81,26 +81,26 @@ void check_eps(double eps, const char* op, const char* what, bool positive) {
       op, ": expected eps to be finite and ", positive ? "> 0" : ">= 0", what[0] ? " " : "", what, ", but got ", eps);
 }
 
-void check_momentum(
-    std::optional<double> momentum, const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& like,
-    const char* op) {
-  const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  if (has_nbt) {
-    const at::Tensor& nbt = *num_batches_tracked;
-    TORCH_CHECK(
-        nbt.numel() == 1 && nbt.scalar_type() == at::kLong,
-        op, ": expected num_batches_tracked to be a one-element int64 tensor, but got dtype ", nbt.scalar_type(),
-        " and shape ", nbt.sizes());
-    TORCH_CHECK(
-        nbt.device() == like.device(),
-        op, ": expected num_batches_tracked on input's device ", like.device(), ", but got ", nbt.device());
-  }
+void check_num_batches_tracked(
+    const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& like, const char* op) {
+  if (!num_batches_tracked.has_value() || !num_batches_tracked->defined()) return;
+  const at::Tensor& nbt = *num_batches_tracked;
+  TORCH_CHECK(
+      nbt.numel() == 1 && nbt.scalar_type() == at::kLong,
+      op, ": expected num_batches_tracked to be a one-element int64 tensor, but got dtype ", nbt.scalar_type(),
+      " and shape ", nbt.sizes());
+  TORCH_CHECK(
+      nbt.device() == like.device(),
+      op, ": expected num_batches_tracked on input's device ", like.device(), ", but got ", nbt.device());
+}
+
+void check_momentum(std::optional<double> momentum, bool has_num_batches_tracked, const char* op) {
   if (momentum.has_value()) {
     TORCH_CHECK_VALUE(
         *momentum >= 0.0 && *momentum <= 1.0, op, ": expected momentum in [0, 1] or None, but got ", *momentum);
   } else {
     TORCH_CHECK_VALUE(
-        has_nbt,
+        has_num_batches_tracked,
         op, ": momentum=None (cumulative moving average) needs num_batches_tracked, but got None");
   }
 }

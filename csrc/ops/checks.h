@@ -45,11 +45,15 @@ void check_count(
 // `what` says when the rule applies ("when training"), or is "".
 void check_eps(double eps, const char* op, const char* what, bool positive = true);
 
-// momentum in [0, 1], or None with num_batches_tracked (a one-element int64
-// tensor on `like`'s device) to take the cumulative average.
-void check_momentum(
-    std::optional<double> momentum, const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& like,
-    const char* op);
+// num_batches_tracked, when given (whatever the mode: a tensor on another
+// device would send the call elsewhere): a one-element int64 tensor on
+// `like`'s device.
+void check_num_batches_tracked(const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& like, const char* op);
+
+// momentum in [0, 1], or None with num_batches_tracked (checked above) to
+// take the cumulative average.
+void check_momentum(std::optional<double> momentum, bool has_num_batches_tracked, const char* op);
+
 
 // ------------------------------------------------------------ layer / RMS norm
 

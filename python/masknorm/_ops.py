@@ -116,18 +116,25 @@ def _check_count(op: str, name: str, count: Tensor, shape: Sequence, like: Tenso
     _check_shape(op, name, count, shape, like)
 
 
-def _check_momentum(op: str, momentum: Optional[float], num_batches_tracked: Optional[Tensor], like: Tensor) -> None:
-    if num_batches_tracked is not None:
-        torch._check(
-            num_batches_tracked.numel() == 1 and num_batches_tracked.dtype == torch.int64,
-            lambda: f"masknorm::{op}: expected num_batches_tracked to be a one-element int64 tensor, but got dtype "
-            f"{num_batches_tracked.dtype} and shape {tuple(num_batches_tracked.shape)}",
-        )
-        torch._check(
-            num_batches_tracked.device == like.device,
-            lambda: f"masknorm::{op}: expected num_batches_tracked on input's device {like.device}, but got "
-            f"{num_batches_tracked.device}",
-        )
+def _check_num_batches_tracked(op: str, num_batches_tracked: Optional[Tensor], like: Tensor) -> None:
+    """Checked whenever given: a meta num_batches_tracked with CPU input sends
+    the real call here, which must then raise rather than return
+    uninitialized outputs."""
+    if num_batches_tracked is None:
+        return
+    torch._check(
+        num_batches_tracked.numel() == 1 and num_batches_tracked.dtype == torch.int64,
+        lambda: f"masknorm::{op}: expected num_batches_tracked to be a one-element int64 tensor, but got dtype "
+        f"{num_batches_tracked.dtype} and shape {tuple(num_batches_tracked.shape)}",
+    )
+    torch._check(
+        num_batches_tracked.device == like.device,
+        lambda: f"masknorm::{op}: expected num_batches_tracked on input's device {like.device}, but got "
+        f"{num_batches_tracked.device}",
+    )
+
+
+def _check_momentum(op: str, momentum: Optional[float], num_batches_tracked: Optional[Tensor]) -> None:
     if momentum is not None:
         torch._check_value(
             0.0 <= momentum <= 1.0, lambda: f"masknorm::{op}: expected momentum in [0, 1] or None, but got {momentum}"
@@ -162,10 +169,11 @@ def _batch_norm_fake(
         (running_mean is None) == (running_var is None),
         lambda: f"masknorm::{op}: expected running_mean and running_var both given or both None",
     )
+    _check_num_batches_tracked(op, num_batches_tracked, input)
     if training:
         _check_eps(op, eps, "when training")
         if running_mean is not None:
-            _check_momentum(op, momentum, num_batches_tracked, input)
+            _check_momentum(op, momentum, num_batches_tracked)
     else:
         _check_eps(op, eps, "in eval", positive=False)
         torch._check(
@@ -219,8 +227,9 @@ def _batch_norm_merge_stats_fake(mean, m2, count, running_mean, running_var, num
         lambda: f"masknorm::{op}: expected running_mean and running_var both given or both None",
     )
     _check_eps(op, eps, "")
+    _check_num_batches_tracked(op, num_batches_tracked, mean)
     if running_mean is not None:
-        _check_momentum(op, momentum, num_batches_tracked, mean)
+        _check_momentum(op, momentum, num_batches_tracked)
     stat = mean.new_empty((mean.shape[1],))
     return stat, torch.empty_like(stat), mean.new_empty((), dtype=torch.int64)
 
