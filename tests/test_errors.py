@@ -498,3 +498,47 @@ def test_num_batches_tracked_is_checked_whenever_given(call, bad):
         _nbt_calls()[call](nbt)
     if before is not None:
         assert torch.equal(nbt, before)  # nothing counted
+
+
+# ---------------------------------------------------------------------------
+# tensors updated in place: no internal overlap, no memory shared
+# ---------------------------------------------------------------------------
+
+
+def _aliased_running_stats():
+    """(name of the argument the error names, running_mean, running_var, nbt, x) for batch_norm."""
+    x = torch.randn(N, C, L)
+    buf = torch.zeros(2 * C)
+    nbt = torch.tensor(0)
+    return {
+        "expanded_mean": ("running_mean", torch.zeros(1).expand(C), torch.ones(C), nbt, x),
+        "expanded_var": ("running_var", torch.zeros(C), torch.ones(1).expand(C), nbt, x),
+        "same_tensor": ("running_var", buf[:C], buf[:C], nbt, x),
+        "overlapping": ("running_var", buf[:C], buf[1:C + 1], nbt, x),
+        "mean_in_input": ("input", x.view(-1)[:C], torch.ones(C), nbt, x),
+        "nbt_in_mean": ("num_batches_tracked", torch.zeros(C, dtype=torch.float64), torch.ones(C), None, x),
+    }
+
+
+@pytest.mark.parametrize("case", list(_aliased_running_stats()))
+@pytest.mark.parametrize("op", ["batch_norm", "batch_norm_merge_stats"])
+def test_tensors_updated_in_place_must_not_alias(op, case):
+    """An expanded running statistic made the update fail halfway (after
+    num_batches_tracked was counted) with an error naming no argument; running
+    statistics sharing memory with each other or with the input were updated
+    silently wrong (the same tensor twice: the variance overwrote the mean)."""
+    name, rm, rv, nbt, x = _aliased_running_stats()[case]
+    if nbt is None:  # num_batches_tracked inside the float64 running mean's memory
+        nbt = rm.view(torch.int64)[:1].view(())
+    if op == "batch_norm_merge_stats":
+        mean, m2, count = ops.batch_norm_stats(x, None, False)
+        if name == "input":  # the running mean inside the parts' means
+            name, rm = "mean", mean.view(-1)
+        call = lambda: ops.batch_norm_merge_stats(mean[None], m2[None], count[None], rm, rv, nbt, 0.1, 1e-5)  # noqa
+    else:
+        call = lambda: ops.batch_norm(x, None, None, None, rm, rv, nbt, True, 0.1, 1e-5, False)  # noqa
+    saved = [t.clone() for t in (rm, rv, nbt, x)]
+    with pytest.raises(RuntimeError, match=rf"masknorm::{op}: expected .*\b{name}\b"):
+        call()
+    for before, t in zip(saved, (rm, rv, nbt, x)):
+        assert torch.equal(before, t)  # checked before anything is written

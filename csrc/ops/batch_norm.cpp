@@ -272,6 +272,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
   if (training) {
     check_eps(eps, op, "when training");
     if (rm.defined()) check_momentum(momentum, num_batches_tracked.has_value() && num_batches_tracked->defined(), op);
+    check_in_place_updates(
+        op, {{"running_mean", rm}, {"running_var", rv}, {"num_batches_tracked", value_or_undefined(num_batches_tracked)}},
+        {{"input", input}, {"padding_mask", value_or_undefined(padding_mask)}, {"weight", value_or_undefined(weight)},
+         {"bias", value_or_undefined(bias)}});
     auto [part_mean, part_m2, part_count] = run_stats(p);
     std::tie(mean, invstd, std::ignore) = run_merge_stats(
         op, part_mean.unsqueeze(0), part_m2.unsqueeze(0), part_count.reshape({1}), rm, rv,
@@ -345,6 +349,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_merge_stats_op(
   check_num_batches_tracked(num_batches_tracked, mean, op);
   const Tensor nbt = value_or_undefined(num_batches_tracked);
   if (rm.defined()) check_momentum(momentum, nbt.defined(), op);
+  check_in_place_updates(
+      op, {{"running_mean", rm}, {"running_var", rv}, {"num_batches_tracked", nbt}},
+      {{"mean", mean}, {"m2", m2}, {"count", count}});
   return run_merge_stats(op, mean, m2, count, rm, rv, value_or_undefined(num_batches_tracked), momentum, eps);
 }
 

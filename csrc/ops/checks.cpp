@@ -1,7 +1,10 @@
 // Argument checks (see checks.h).
 #include "checks.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <cmath>
+#include <iterator>
 
 namespace masknorm {
 
@@ -102,6 +105,34 @@ void check_momentum(std::optional<double> momentum, bool has_num_batches_tracked
     TORCH_CHECK_VALUE(
         has_num_batches_tracked,
         op, ": momentum=None (cumulative moving average) needs num_batches_tracked, but got None");
+  }
+}
+
+void check_in_place_updates(
+    const char* op, std::initializer_list<std::pair<const char*, at::Tensor>> written,
+    std::initializer_list<std::pair<const char*, at::Tensor>> read) {
+  const auto shares_memory = [](const at::Tensor& a, const at::Tensor& b) {
+    const auto status = at::get_overlap_status(a, b);
+    return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+  };
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    const auto& [name, t] = *w;
+    if (!t.defined()) continue;
+    TORCH_CHECK(
+        at::has_internal_overlap(t) != at::MemOverlap::Yes,
+        op, ": expected ", name, " without internal overlap (it is updated in place), but got strides ", t.strides(),
+        " for shape ", t.sizes(), " (an expanded tensor?); pass a clone()");
+    for (auto other = std::next(w); other != written.end(); ++other) {
+      TORCH_CHECK(
+          !other->second.defined() || !shares_memory(t, other->second),
+          op, ": expected ", name, " and ", other->first, " not to share memory (both are updated in place)");
+    }
+    for (const auto& [read_name, r] : read) {
+      TORCH_CHECK(
+          !r.defined() || !shares_memory(t, r),
+          op, ": expected ", name, " not to share memory with ", read_name, " (", name,
+          " is updated in place while ", read_name, " is read)");
+    }
   }
 }
 

@@ -54,6 +54,14 @@ void check_num_batches_tracked(const std::optional<at::Tensor>& num_batches_trac
 // take the cumulative average.
 void check_momentum(std::optional<double> momentum, bool has_num_batches_tracked, const char* op);
 
+// The tensors an op updates in place (`written`: running statistics,
+// num_batches_tracked) may neither overlap themselves (an expanded tensor
+// would write several elements to one place), nor each other, nor a tensor
+// the op reads (`read`), which the update would change under it. Undefined
+// tensors are skipped.
+void check_in_place_updates(
+    const char* op, std::initializer_list<std::pair<const char*, at::Tensor>> written,
+    std::initializer_list<std::pair<const char*, at::Tensor>> read);
 
 // ------------------------------------------------------------ layer / RMS norm
 
