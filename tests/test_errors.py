@@ -542,3 +542,53 @@ def test_tensors_updated_in_place_must_not_alias(op, case):
         call()
     for before, t in zip(saved, (rm, rv, nbt, x)):
         assert torch.equal(before, t)  # checked before anything is written
+
+
+# ---------------------------------------------------------------------------
+# counts: whole numbers >= 0 (CPU tensors; accelerators with data checks on)
+# ---------------------------------------------------------------------------
+
+BAD_COUNTS = {
+    "fraction": [2.5], "nan": [float("nan")], "inf": [float("inf")], "negative": [-1], "negative_float": [-3.0],
+    "huge_float": [1e30], "int64_max": [2**63 - 1], "total_overflows": [2**62, 2**62],
+}
+
+
+def _count_tensor(values):
+    return torch.tensor(values, dtype=torch.float64 if any(isinstance(v, float) for v in values) else torch.long)
+
+
+@pytest.mark.parametrize("bad", list(BAD_COUNTS))
+@pytest.mark.parametrize("op", ["batch_norm_merge_stats", "batch_norm_backward_elemt"])
+def test_counts_must_be_whole_and_non_negative(op, bad):
+    """Fractional counts were rounded, NaN and too large float counts became
+    INT64_MIN, negative counts and overflowing totals were used as they came:
+    silently wrong statistics and gradients."""
+    count = _count_tensor(BAD_COUNTS[bad])
+    x = torch.randn(N, C, L)
+    mean, m2, _ = ops.batch_norm_stats(x, None, False)
+    if op == "batch_norm_merge_stats":
+        P = count.numel()
+        rm, rv, nbt = torch.zeros(C), torch.ones(C), torch.tensor(0)
+        with pytest.raises(ValueError, match=r"masknorm::batch_norm_merge_stats: expected count to"):
+            ops.batch_norm_merge_stats(mean.expand(P, C), m2.expand(P, C), count, rm, rv, nbt, 0.1, 1e-5)
+        assert int(nbt) == 0 and torch.equal(rm, torch.zeros(C))  # checked before anything is written
+    else:
+        if count.numel() > 1:
+            pytest.skip("backward_elemt takes one count")
+        g = torch.randn_like(x)
+        sum_dy, sum_dy_xhat = ops.batch_norm_backward_reduce(g, x, None, mean, m2.rsqrt(), False)
+        with pytest.raises(ValueError, match=r"masknorm::batch_norm_backward_elemt: expected count to"):
+            ops.batch_norm_backward_elemt(g, x, None, None, mean, m2.rsqrt(), sum_dy, sum_dy_xhat, count.reshape(()),
+                                          False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.int64], ids=str)
+def test_whole_counts_of_any_dtype_are_taken(dtype):
+    x = torch.randn(N, C, L)
+    mean, m2, count = ops.batch_norm_stats(x, None, False)
+    P = lambda t: t[None]  # noqa: E731
+    expected = ops.batch_norm_merge_stats(P(mean), P(m2), P(count), None, None, None, 0.1, 1e-5)
+    actual = ops.batch_norm_merge_stats(P(mean), P(m2), P(count).to(dtype), None, None, None, 0.1, 1e-5)
+    for a, b in zip(actual, expected):
+        assert torch.equal(a, b)

@@ -163,7 +163,8 @@ std::tuple<Tensor, Tensor, Tensor> run_merge_stats(
   const auto options = part_mean.options();
   a.part_mean = part_mean.contiguous();
   a.part_m2 = part_m2.to(options).contiguous();
-  // Counts gathered in a floating-point tensor are whole numbers: round, not truncate.
+  // Counts gathered in a floating-point tensor are whole numbers (checked where
+  // data checks run, check_count_values): round, not truncate, where unchecked.
   a.part_count = (at::isFloatingType(part_count.scalar_type()) ? part_count.round() : part_count)
                      .to(at::kLong).contiguous();
   // Running statistics of another dtype (or strided) are updated through a
@@ -339,6 +340,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_merge_stats_op(
       op, ": expected m2 of mean's shape ", mean.sizes(), " and device ", mean.device(),
       ", floating point, but got dtype ", m2.scalar_type(), ", shape ", m2.sizes(), " on ", m2.device());
   check_count(count, "count", {mean.size(0)}, mean, op, /*allow_float=*/true);
+  check_count_values(count, "count", op);
   const Tensor rm = value_or_undefined(running_mean), rv = value_or_undefined(running_var);
   check_feature_tensor(rm, "running_mean", {mean.size(1)}, mean, op);
   check_feature_tensor(rv, "running_var", {mean.size(1)}, mean, op);
@@ -389,7 +391,10 @@ Tensor batch_norm_backward_elemt_op(
   TORCH_CHECK(
       s1.defined() == s2.defined() && s1.defined() == n.defined(),
       op, ": expected sum_dy, sum_dy_xhat and count all given (batch statistics) or all None (given statistics)");
-  if (n.defined()) check_count(n, "count", {}, input, op, /*allow_float=*/true);
+  if (n.defined()) {
+    check_count(n, "count", {}, input, op, /*allow_float=*/true);
+    check_count_values(n, "count", op);
+  }
   return run_backward_elemt(prepare(input, padding_mask, channels_last), grad_output, mean, invstd, weight, s1, s2, n);
 }
 

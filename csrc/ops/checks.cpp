@@ -1,10 +1,13 @@
 // Argument checks (see checks.h).
 #include "checks.h"
 
+#include "kernel_registry.h"
+
 #include <ATen/MemoryOverlap.h>
 
 #include <cmath>
 #include <iterator>
+#include <string>
 
 namespace masknorm {
 
@@ -76,6 +79,24 @@ void check_count(
   TORCH_CHECK(
       count.sizes() == expected_shape,
       op, ": expected ", name, " of shape ", expected_shape, ", but got ", count.sizes());
+}
+
+void check_count_values(const at::Tensor& count, const char* name, const char* op) {
+  if (count.numel() == 0 || !data_checks_enabled(count.device())) return;
+  // 2^62: far from int64 overflow when the kernels add the counts up.
+  constexpr double kMax = 4611686018427387904.0;
+  const at::Tensor values = count.to(at::kCPU, at::kDouble).contiguous();
+  const double* v = values.const_data_ptr<double>();
+  double total = 0;
+  for (int64_t i = 0; i < values.numel(); ++i) {
+    TORCH_CHECK_VALUE(
+        v[i] >= 0 && v[i] <= kMax && std::nearbyint(v[i]) == v[i],
+        op, ": expected ", name, " to hold whole numbers of valid positions (0 to 2^62), but got ", v[i],
+        count.dim() ? " at index " + std::to_string(i) : std::string());
+    total += v[i];
+  }
+  TORCH_CHECK_VALUE(
+      total <= kMax, op, ": expected ", name, " to add up to at most 2^62 valid positions, but got ", total);
 }
 
 void check_eps(double eps, const char* op, const char* what, bool positive) {

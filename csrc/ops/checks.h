@@ -38,6 +38,13 @@ void check_count(
     const at::Tensor& count, const char* name, at::IntArrayRef expected_shape, const at::Tensor& like, const char* op,
     bool allow_float);
 
+// The values of a count (check_count has checked the tensor), where
+// data-dependent checks run (kernel_registry.h: always for CPU tensors):
+// whole numbers >= 0 whose total is at most 2^62. A negative, fractional,
+// NaN or overflowing count would otherwise be rounded or wrapped into a
+// silently wrong result.
+void check_count_values(const at::Tensor& count, const char* name, const char* op);
+
 // eps: finite and > 0 where a batch's own variance is normalized
 // (`positive`: batch norm in training, merge_stats), finite and >= 0
 // elsewhere (batch norm in eval, layer and RMS norm): NaN, inf and negative
