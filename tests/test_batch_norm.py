@@ -40,7 +40,7 @@ from conftest import (
     zip_strict,
 )
 from samples import batch_norm as S
-from samples.common import MASKS, lengths_mask, make_mask
+from samples.common import MASKS, lengths_mask, make_mask, noncanonical_bool
 
 pytestmark = pytest.mark.kernels
 
@@ -301,6 +301,27 @@ def test_zero_channels(layout, training, masked, device):
     assert mean.shape == m2.shape == (0,)
     valid = N * (1 if layout == "NC" else L) if mask is None else int((~mask).sum())
     assert int(count) == valid
+
+
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_mask_bytes_other_than_one_are_true(layout, training, device):
+    """A bool mask holding bytes 2 or 255 (a uint8 tensor viewed as bool) is
+    read as torch reads it, nonzero = True: the CPU kernels read such bytes
+    as bool (undefined behaviour), and the channels-first loops took them as
+    valid, the channels-last count as 2 or 255 padded rows each."""
+    case = S.parity_case(layout)
+    m, r = make_bn_pair(case.C, channels_last=case.channels_last, device=device)
+    m.train(training), r.train(training)
+    x, mask = S.inputs(case, device=device)
+    raw = noncanonical_bool(mask)
+    assert torch.equal(raw.view(torch.uint8) != 0, mask) and not torch.equal(raw.view(torch.uint8), mask.to(torch.uint8))
+    y, gx = _step(m, r, x, raw, layout)
+    assert (y[bn_full_mask(mask, x, case.channels_last)] == 0).all()
+    assert_buffers_match(m, r)
+    expected = ops.batch_norm_stats(x, mask, case.channels_last)
+    for a, b in zip(ops.batch_norm_stats(x, raw, case.channels_last), expected):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ using at::Tensor;
 // per-row Welford update, and as stable on data with a large offset.
 template <typename scalar_t>
 void moments_channels_inner(
-    const scalar_t* x, const bool* pad, int64_t rows, int64_t C,
+    const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t C,
     at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
@@ -53,7 +53,7 @@ void moments_channels_inner(
       std::fill(chunk_mean, chunk_mean + C, opmath_t(0));
       std::fill(chunk_m2, chunk_m2 + C, opmath_t(0));
       for (int64_t r = first; r < last; ++r) {
-        if (pad && pad[r]) continue;
+        if (pad && pad[r] != 0) continue;
         vec_loop<V>(C, [&](int64_t c, int64_t w) {
           (fVec::loadu(chunk_mean + c, w) + IO::load(x + r * C + c, w)).store(chunk_mean + c, w);
         });
@@ -61,7 +61,7 @@ void moments_channels_inner(
       const fVec inv_k(opmath_t(1) / opmath_t(k));
       vec_loop<V>(C, [&](int64_t c, int64_t w) { (fVec::loadu(chunk_mean + c, w) * inv_k).store(chunk_mean + c, w); });
       for (int64_t r = first; r < last; ++r) {
-        if (pad && pad[r]) continue;
+        if (pad && pad[r] != 0) continue;
         vec_loop<V>(C, [&](int64_t c, int64_t w) {
           // Scalar math: d = x - chunk_mean; chunk_m2 += d * d
           const fVec d = IO::load(x + r * C + c, w) - fVec::loadu(chunk_mean + c, w);
@@ -119,7 +119,7 @@ void moments_channels_outer(
 // out = (x - mean) * alpha + beta at valid positions, 0 at padding.
 template <typename scalar_t>
 void normalize(
-    const BatchNormLayout& g, const scalar_t* x, const bool* pad,
+    const BatchNormLayout& g, const scalar_t* x, const MaskByte* pad,
     const MaskLanes<at::opmath_type<scalar_t>>* lanes, const at::opmath_type<scalar_t>* mean,
     const at::opmath_type<scalar_t>* alpha, const at::opmath_type<scalar_t>* beta, scalar_t* out) {
   using IO = VecIO<scalar_t>;
@@ -129,7 +129,7 @@ void normalize(
   if (g.channels_inner) {
     at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        if (pad && pad[r]) { fill_zero(out + r * C, C); continue; }
+        if (pad && pad[r] != 0) { fill_zero(out + r * C, C); continue; }
         vec_loop<V>(C, [&](int64_t c, int64_t k) {
           // Scalar math: out = (x - mean) * alpha + beta
           const fVec y = at::vec::fmadd(
@@ -165,7 +165,7 @@ void normalize(
 // Per channel over valid positions: sum(dy) and sum(dy * (x - mean)).
 template <typename scalar_t>
 void grad_sums(
-    const BatchNormLayout& g, const scalar_t* dy, const scalar_t* x, const bool* pad,
+    const BatchNormLayout& g, const scalar_t* dy, const scalar_t* x, const MaskByte* pad,
     const MaskLanes<at::opmath_type<scalar_t>>* lanes, const at::opmath_type<scalar_t>* mean,
     at::opmath_type<scalar_t>* sum_dy, at::opmath_type<scalar_t>* sum_dy_xmu) {
   using IO = VecIO<scalar_t>;
@@ -179,7 +179,7 @@ void grad_sums(
       opmath_t* s1 = partial.local(0);
       opmath_t* s2 = partial.local(1);
       for (int64_t r = begin; r < end; ++r) {
-        if (pad && pad[r]) continue;
+        if (pad && pad[r] != 0) continue;
         vec_loop<V>(C, [&](int64_t c, int64_t k) {
           // Scalar math: s1 += dy; s2 += dy * (x - mean)
           const fVec d = IO::load(dy + r * C + c, k);
@@ -228,7 +228,7 @@ void grad_sums(
 // dx = dy * a + (x - mean) * b + k at valid positions, 0 at padding.
 template <typename scalar_t>
 void grad_input(
-    const BatchNormLayout& g, const scalar_t* dy, const scalar_t* x, const bool* pad,
+    const BatchNormLayout& g, const scalar_t* dy, const scalar_t* x, const MaskByte* pad,
     const MaskLanes<at::opmath_type<scalar_t>>* lanes, const at::opmath_type<scalar_t>* mean,
     const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b,
     const at::opmath_type<scalar_t>* k0, scalar_t* dx) {
@@ -239,7 +239,7 @@ void grad_input(
   if (g.channels_inner) {
     at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        if (pad && pad[r]) { fill_zero(dx + r * C, C); continue; }
+        if (pad && pad[r] != 0) { fill_zero(dx + r * C, C); continue; }
         vec_loop<V>(C, [&](int64_t c, int64_t k) {
           // Scalar math: dx = dy * a + (x - mean) * b + k0
           const fVec xm = IO::load(x + r * C + c, k) - fVec::loadu(mean + c, k);
@@ -277,7 +277,7 @@ void grad_input(
 
 void batch_norm_stats(const BatchNormStatsArgs& a) {
   const BatchNormLayout& g = a.layout;
-  const bool* pad = a.padding_mask.defined() ? a.padding_mask.const_data_ptr<bool>() : nullptr;
+  const MaskByte* pad = mask_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_stats", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
@@ -333,7 +333,7 @@ void batch_norm_merge_stats(const BatchNormMergeStatsArgs& a) {
 
 void batch_norm_elemt(const BatchNormElemtArgs& a) {
   const BatchNormLayout& g = a.layout;
-  const bool* pad = a.padding_mask.defined() ? a.padding_mask.const_data_ptr<bool>() : nullptr;
+  const MaskByte* pad = mask_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_elemt", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t* invstd = a.invstd.const_data_ptr<opmath_t>();
@@ -355,7 +355,7 @@ void batch_norm_elemt(const BatchNormElemtArgs& a) {
 
 void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
   const BatchNormLayout& g = a.layout;
-  const bool* pad = a.padding_mask.defined() ? a.padding_mask.const_data_ptr<bool>() : nullptr;
+  const MaskByte* pad = mask_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_backward_reduce", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     std::optional<MaskLanes<opmath_t>> lanes;
@@ -372,7 +372,7 @@ void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
 
 void batch_norm_backward_elemt(const BatchNormBackwardElemtArgs& a) {
   const BatchNormLayout& g = a.layout;
-  const bool* pad = a.padding_mask.defined() ? a.padding_mask.const_data_ptr<bool>() : nullptr;
+  const MaskByte* pad = mask_bytes(a.padding_mask);
   const bool batch_stats = a.sum_dy.defined();
   const int64_t count = batch_stats ? *a.count.const_data_ptr<int64_t>() : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_backward_elemt", [&] {

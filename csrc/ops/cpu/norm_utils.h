@@ -205,6 +205,16 @@ class PerThreadBuffers {
   std::vector<T> data_;
 };
 
+// A padding mask's elements, read as bytes: a bool tensor may hold bytes
+// other than 0 and 1 (a uint8 tensor viewed as bool, a buffer from
+// elsewhere), which torch reads as True when nonzero (c10::load<bool>). Read
+// as `bool`, such a byte is undefined behaviour, and was in practice taken as
+// padding by some loops and as valid by others. Test `!= 0`.
+using MaskByte = uint8_t;
+inline const MaskByte* mask_bytes(const at::Tensor& mask) {
+  return mask.defined() ? reinterpret_cast<const MaskByte*>(mask.const_data_ptr<bool>()) : nullptr;
+}
+
 // The padding mask of an (N, L) batch as lane masks (keep_bits), and the number of
 // valid positions in each of the N rows. Used where masked positions sit
 // inside a contiguous row (channels-first batch norm).
@@ -214,12 +224,12 @@ struct MaskLanes {
   std::vector<int64_t> valid;    // N counts of valid positions
   int64_t total = 0;
 
-  MaskLanes(const bool* pad, int64_t N, int64_t L)
+  MaskLanes(const MaskByte* pad, int64_t N, int64_t L)
       : keep(static_cast<size_t>(N * L)), valid(static_cast<size_t>(N)) {
     for (int64_t n = 0; n < N; ++n) {
       int64_t v = 0;
       for (int64_t l = 0; l < L; ++l) {
-        const bool ok = !pad[n * L + l];
+        const bool ok = pad[n * L + l] == 0;
         keep[n * L + l] = keep_bits<opmath_t>(ok);
         v += ok;
       }
@@ -230,10 +240,10 @@ struct MaskLanes {
 };
 
 // Number of valid (non-padding) rows.
-inline int64_t count_valid(const bool* pad, int64_t rows) {
+inline int64_t count_valid(const MaskByte* pad, int64_t rows) {
   if (pad == nullptr) return rows;
   int64_t padded = 0;
-  for (int64_t r = 0; r < rows; ++r) padded += pad[r];
+  for (int64_t r = 0; r < rows; ++r) padded += pad[r] != 0;
   return rows - padded;
 }
 

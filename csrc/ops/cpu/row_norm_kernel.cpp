@@ -32,7 +32,7 @@ at::opmath_type<scalar_t> mean_of_squares(const scalar_t* x, int64_t len) {
 // w, b and mean_out may be null (no weight, no bias, RMS norm).
 template <typename scalar_t>
 void row_norm_forward_loop(
-    bool centered, const scalar_t* x, const bool* pad, int64_t rows, int64_t D,
+    bool centered, const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t D,
     const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b, double eps,
     scalar_t* out, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out) {
   using IO = VecIO<scalar_t>;
@@ -43,7 +43,7 @@ void row_norm_forward_loop(
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = x + r * D;
       scalar_t* yr = out + r * D;
-      if (pad && pad[r]) {
+      if (pad && pad[r] != 0) {
         fill_zero(yr, D);
         if (mean_out) mean_out[r] = 0;
         rstd_out[r] = 0;
@@ -79,7 +79,7 @@ void row_norm_forward_loop(
 // dx, dw, db may each be null (not requested); w and mean may be null.
 template <typename scalar_t>
 void row_norm_backward_loop(
-    bool centered, const scalar_t* dy, const scalar_t* x, const bool* pad, int64_t rows, int64_t D,
+    bool centered, const scalar_t* dy, const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t D,
     const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
     const at::opmath_type<scalar_t>* w, scalar_t* dx, at::opmath_type<scalar_t>* dw,
     at::opmath_type<scalar_t>* db) {
@@ -94,7 +94,7 @@ void row_norm_backward_loop(
     opmath_t* dw_local = dw ? columns.local(0) : nullptr;
     opmath_t* db_local = db ? columns.local(1) : nullptr;
     for (int64_t r = begin; r < end; ++r) {
-      if (pad && pad[r]) {
+      if (pad && pad[r] != 0) {
         if (dx) fill_zero(dx + r * D, D);
         continue;
       }
@@ -143,7 +143,7 @@ void row_norm_forward(const RowNormForwardArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_row_norm_forward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     row_norm_forward_loop<scalar_t>(
-        a.centered, a.input.const_data_ptr<scalar_t>(), data_or_null<bool>(a.padding_mask), a.rows, a.width,
+        a.centered, a.input.const_data_ptr<scalar_t>(), mask_bytes(a.padding_mask), a.rows, a.width,
         data_or_null<opmath_t>(a.weight), data_or_null<opmath_t>(a.bias), a.eps,
         a.output.mutable_data_ptr<scalar_t>(), data_or_null<opmath_t>(a.mean), a.rstd.mutable_data_ptr<opmath_t>());
   });
@@ -154,7 +154,7 @@ void row_norm_backward(const RowNormBackwardArgs& a) {
     using opmath_t = at::opmath_type<scalar_t>;
     row_norm_backward_loop<scalar_t>(
         a.centered, a.grad_output.const_data_ptr<scalar_t>(), a.input.const_data_ptr<scalar_t>(),
-        data_or_null<bool>(a.padding_mask), a.rows, a.width, data_or_null<opmath_t>(a.mean),
+        mask_bytes(a.padding_mask), a.rows, a.width, data_or_null<opmath_t>(a.mean),
         a.rstd.const_data_ptr<opmath_t>(), data_or_null<opmath_t>(a.weight),
         data_or_null<scalar_t>(a.grad_input), data_or_null<opmath_t>(a.grad_weight),
         data_or_null<opmath_t>(a.grad_bias));
