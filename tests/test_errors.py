@@ -592,3 +592,27 @@ def test_whole_counts_of_any_dtype_are_taken(dtype):
     actual = ops.batch_norm_merge_stats(P(mean), P(m2), P(count).to(dtype), None, None, None, 0.1, 1e-5)
     for a, b in zip(actual, expected):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# None for a tensor the schema requires
+# ---------------------------------------------------------------------------
+
+
+def _required_tensor_cases():
+    for op in samples.OPS:
+        sample = samples.common.by_name(samples.SAMPLES[op](), samples.WRONG[op][0])
+        for i, arg in enumerate(getattr(ops, op).default._schema.arguments):
+            if isinstance(arg.type, torch.TensorType):
+                yield op, arg.name, sample.replace(f"{sample.name}-{arg.name}-none", **{f"a{i}": None})
+
+
+REQUIRED_NONE = list(_required_tensor_cases())
+
+
+@pytest.mark.parametrize("op,arg,sample", REQUIRED_NONE, ids=[s.name for *_, s in REQUIRED_NONE])
+def test_none_for_a_required_tensor_is_named(op, arg, sample):
+    """torch's op binding passes None for a required tensor as an undefined
+    tensor: the ops met it deep inside ("tensor does not have a device")."""
+    with pytest.raises(RuntimeError, match=rf"masknorm::{op}: expected {arg} to be a tensor, but got None"):
+        sample.call(getattr(ops, op))

@@ -300,6 +300,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_op(
     const std::optional<Tensor>& weight, const Tensor& save_mean, const Tensor& save_invstd, bool training,
     bool channels_last, std::array<bool, 3> output_mask) {
   constexpr const char* op = "masknorm::batch_norm_backward";
+  check_given(op, {{"grad_output", grad_output}, {"input", input}, {"save_mean", save_mean}, {"save_invstd", save_invstd}});
   check_batch_norm_args(
       op, input, padding_mask, channels_last,
       {{"weight", value_or_undefined(weight)}, {"save_mean", save_mean}, {"save_invstd", save_invstd}});
@@ -331,6 +332,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_merge_stats_op(
     const std::optional<Tensor>& running_var, const std::optional<Tensor>& num_batches_tracked,
     std::optional<double> momentum, double eps) {
   constexpr const char* op = "masknorm::batch_norm_merge_stats";
+  check_given(op, {{"mean", mean}, {"m2", m2}, {"count", count}});
   TORCH_CHECK(
       mean.dim() == 2 && (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble),
       op, ": expected mean to be a (parts, C) float32 or float64 tensor, but got dtype ", mean.scalar_type(),
@@ -360,6 +362,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_merge_stats_op(
 Tensor batch_norm_elemt_op(
     const Tensor& input, const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, bool channels_last) {
+  check_given("masknorm::batch_norm_elemt", {{"input", input}, {"mean", mean}, {"invstd", invstd}});
   check_batch_norm_args(
       "masknorm::batch_norm_elemt", input, padding_mask, channels_last,
       {{"weight", value_or_undefined(weight)}, {"bias", value_or_undefined(bias)}, {"mean", mean},
@@ -371,6 +374,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_op(
     const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& padding_mask, const Tensor& mean,
     const Tensor& invstd, bool channels_last) {
   constexpr const char* op = "masknorm::batch_norm_backward_reduce";
+  check_given(op, {{"grad_output", grad_output}, {"input", input}, {"mean", mean}, {"invstd", invstd}});
   check_batch_norm_args(op, input, padding_mask, channels_last, {{"mean", mean}, {"invstd", invstd}});
   check_grad_output(grad_output, input, op);
   return run_backward_reduce(prepare(input, padding_mask, channels_last), grad_output, mean, invstd);
@@ -382,6 +386,7 @@ Tensor batch_norm_backward_elemt_op(
     const std::optional<Tensor>& sum_dy, const std::optional<Tensor>& sum_dy_xhat,
     const std::optional<Tensor>& count, bool channels_last) {
   constexpr const char* op = "masknorm::batch_norm_backward_elemt";
+  check_given(op, {{"grad_output", grad_output}, {"input", input}, {"mean", mean}, {"invstd", invstd}});
   const Tensor s1 = value_or_undefined(sum_dy), s2 = value_or_undefined(sum_dy_xhat), n = value_or_undefined(count);
   check_batch_norm_args(
       op, input, padding_mask, channels_last,

@@ -11,7 +11,14 @@
 
 namespace masknorm {
 
+void check_given(const char* op, std::initializer_list<std::pair<const char*, at::Tensor>> tensors) {
+  for (const auto& [name, t] : tensors) {
+    TORCH_CHECK(t.defined(), op, ": expected ", name, " to be a tensor, but got None");
+  }
+}
+
 void check_input(const at::Tensor& input, const char* op, int64_t min_dim) {
+  check_given(op, {{"input", input}});
   TORCH_CHECK(
       at::isFloatingType(input.scalar_type()),
       op, ": expected input to be a floating-point tensor (float32, float64, bfloat16 or float16), but got ",
@@ -54,6 +61,7 @@ void check_feature_tensor(
 }
 
 void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const char* op) {
+  check_given(op, {{"grad_output", grad_output}});
   TORCH_CHECK(
       grad_output.sizes() == input.sizes(),
       op, ": expected grad_output of input's shape ", input.sizes(), ", but got ", grad_output.sizes());
@@ -185,6 +193,8 @@ void check_row_norm_backward_args(
     const std::optional<at::Tensor>& mean, const at::Tensor& rstd) {
   check_row_norm_args(op, input, normalized_shape, padding_mask, weight, std::nullopt);
   check_grad_output(grad_output, input, op);
+  check_given(op, {{"rstd", rstd}});
+  if (mean.has_value()) check_given(op, {{"mean", *mean}});
   const auto leading = input.sizes().slice(0, input.dim() - normalized_shape.size());
   check_feature_tensor(mean, "mean", leading, input, op);
   check_feature_tensor(rstd, "rstd", leading, input, op);

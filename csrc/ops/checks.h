@@ -10,6 +10,11 @@
 
 namespace masknorm {
 
+// Tensors the schema requires (`Tensor`, not `Tensor?`) are given: Python's
+// op binding passes None for them as an undefined tensor, which the ops
+// would otherwise meet deep inside (an error naming no argument).
+void check_given(const char* op, std::initializer_list<std::pair<const char*, at::Tensor>> tensors);
+
 // input: a floating-point tensor with at least `min_dim` dimensions.
 void check_input(const at::Tensor& input, const char* op, int64_t min_dim);
 

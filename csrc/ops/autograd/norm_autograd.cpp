@@ -183,6 +183,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(
     const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
     const std::optional<Tensor>& running_var, const std::optional<Tensor>& num_batches_tracked, bool training,
     std::optional<double> momentum, double eps, bool channels_last) {
+  check_given("masknorm::batch_norm", {{"input", input}});  // before autograd reads it
   auto out = NormFunction<BatchNorm>::apply(
       input, padding_mask, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
       channels_last);
@@ -192,6 +193,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(
 std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(
     const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
+  check_given("masknorm::layer_norm", {{"input", input}});
   auto out = NormFunction<LayerNorm>::apply(input, normalized_shape, padding_mask, weight, bias, eps);
   return {out[0], out[1], out[2]};
 }
@@ -199,6 +201,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(
 std::tuple<Tensor, Tensor> rms_norm_autograd(
     const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, std::optional<double> eps) {
+  check_given("masknorm::rms_norm", {{"input", input}});
   auto out = NormFunction<RMSNorm>::apply(input, normalized_shape, padding_mask, weight, eps);
   return {out[0], out[1]};
 }
@@ -216,6 +219,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_autograd(
         grad_output, input, padding_mask, weight, save_mean, save_invstd, training, channels_last, output_mask);
   }
   constexpr const char* op = "masknorm::batch_norm_backward";
+  check_given(op, {{"grad_output", grad_output}, {"input", input}, {"save_mean", save_mean}, {"save_invstd", save_invstd}});
   check_batch_norm_args(
       op, input, padding_mask, channels_last,
       {{"weight", weight.value_or(Tensor())}, {"save_mean", save_mean}, {"save_invstd", save_invstd}});
