@@ -13,7 +13,8 @@ well-formed calls (``samples.WRONG``):
 
 * every tensor argument: one size too many, one dim too many, a wrong dtype
   (``samples.wrong_cases``), on another device ("meta": a CPU-only machine's
-  second device), None where a tensor is required, a Python list;
+  second device), None where a tensor is required, a Python list; masks
+  holding bytes other than 0 and 1;
   broadcast (stride 0) and overlapping (``as_strided``) views of the inputs an
   op reads; expanded, shared or aliased tensors an op updates in place;
 * the input of each op: integer, bool and complex dtypes, too few and too many dims;
@@ -49,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # as a script: c
 
 import masknorm  # noqa: E402,F401  (registers the ops)
 import samples  # noqa: E402
-from samples.common import by_name  # noqa: E402
+from samples.common import by_name, noncanonical_bool  # noqa: E402
 
 ops = torch.ops.masknorm
 ERR = (RuntimeError, ValueError, TypeError)
@@ -127,9 +128,15 @@ def fresh(args: Sequence) -> tuple:
 
 
 def well_formed(args: Sequence) -> tuple:
-    """The arguments with every tensor contiguous (same values, own memory)."""
-    return tuple(v.contiguous().clone() if isinstance(v, torch.Tensor) and v.device.type != "meta" else v
-                 for v in args)
+    """The arguments with every tensor contiguous (same values, own memory),
+    bool tensors holding only the bytes 0 and 1."""
+    def form(v):
+        if not isinstance(v, torch.Tensor) or v.device.type == "meta":
+            return v
+        if v.dtype == torch.bool:
+            return v.contiguous().view(torch.uint8) != 0
+        return v.contiguous().clone()
+    return tuple(form(v) for v in args)
 
 
 def replaced(args: Sequence, i: int, value) -> tuple:
@@ -326,6 +333,9 @@ def _tensor_argument_cases(op: str) -> Iterator[Fuzz]:
             yield Fuzz(f"{op}-{name}_broadcast", op, replaced(sample.args, i, broadcast_view(t)))
         if t.dim() >= 2:
             yield Fuzz(f"{op}-{name}_overlapping", op, replaced(sample.args, i, overlapping_view(t, gen)))
+        if t.dtype == torch.bool and bool(t.any()):
+            # bytes 2 and 255 where True (a uint8 tensor viewed as bool): nonzero is True, as for torch
+            yield Fuzz(f"{op}-{name}_bytes_2_255", op, replaced(sample.args, i, noncanonical_bool(t)))
 
 
 def _aliasing_cases() -> Iterator[Fuzz]:
