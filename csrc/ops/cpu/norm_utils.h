@@ -61,6 +61,12 @@ inline opmath_t keep_bits(bool valid) {
 }
 
 // Count, mean and sum of squared deviations (M2) of a set of values.
+// Statistics are merged in MergeT (double): a part's mean, rounded to float,
+// is off by up to half an ulp, which on data with a large common offset is a
+// sizeable fraction of the spread, and Chan's between-part term would carry
+// it into the variance.
+using MergeT = double;
+
 template <typename opmath_t>
 struct Moments {
   int64_t count = 0;
@@ -109,15 +115,16 @@ inline opmath_t sum_lanes(const Vectorized<opmath_t>& v) {
 // `keep` is a per-element lane mask (see keep_bits), or nullptr when every
 // element is valid. Corrected two-pass: the row is small enough to be re-read
 // from cache, and the second pass subtracts the residual of the first pass's
-// mean, so data with a large offset keeps its variance.
+// mean, so data with a large offset keeps its variance. The corrected mean
+// and M2 are formed in MergeT (the correction is below the float mean's ulp).
 template <typename scalar_t>
-Moments<at::opmath_type<scalar_t>> row_moments(
+Moments<MergeT> row_moments(
     const scalar_t* x, const at::opmath_type<scalar_t>* keep, int64_t len, int64_t count) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
-  Moments<opmath_t> m;
+  Moments<MergeT> m;
   if (count == 0) return m;
   const fVec zero(0);
   auto load_valid = [&](int64_t i, int64_t n) {
@@ -155,10 +162,10 @@ Moments<at::opmath_type<scalar_t>> row_moments(
     dsum0 += d;
     d2sum0 = at::vec::fmadd(d, d, d2sum0);
   });
-  const opmath_t ds = sum_lanes(dsum0 + dsum1);
+  const MergeT ds = sum_lanes(dsum0 + dsum1);
   m.count = count;
-  m.mean = mean + ds / opmath_t(count);
-  m.m2 = std::max(sum_lanes(d2sum0 + d2sum1) - ds * ds / opmath_t(count), opmath_t(0));
+  m.mean = MergeT(mean) + ds / MergeT(count);
+  m.m2 = std::max(MergeT(sum_lanes(d2sum0 + d2sum1)) - ds * ds / MergeT(count), MergeT(0));
   return m;
 }
 

@@ -52,8 +52,8 @@ void row_norm_forward_loop(
       opmath_t mean = 0, var;
       if (centered) {
         const auto m = row_moments<scalar_t>(xr, nullptr, D, D);
-        mean = m.mean;
-        var = m.m2 / opmath_t(D);
+        mean = opmath_t(m.mean);
+        var = opmath_t(m.m2 / MergeT(D));
       } else {
         var = mean_of_squares(xr, D);
       }
