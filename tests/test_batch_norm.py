@@ -40,7 +40,7 @@ from conftest import (
     zip_strict,
 )
 from samples import batch_norm as S
-from samples.common import MASKS, lengths_mask, make_mask
+from samples.common import MASKS, lengths_mask, make_mask, noncanonical_bool
 
 pytestmark = pytest.mark.kernels
 
@@ -275,6 +275,53 @@ def test_empty_batch_like_torch(layout, training, with_mask, device):
     assert_buffers_match(m, r)
     y.sum().backward()
     assert xl.grad is not None and xl.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_channels(layout, training, masked, device):
+    """C = 0 (a SIGFPE in the CPU statistics, which divided by C to size their
+    chunks; torch's own nn.BatchNorm1d(0) raises IndexError): empty outputs and
+    gradients, num_batches_tracked counted in training, a count of the valid
+    positions."""
+    cl = is_channels_last(layout)
+    m = masknorm.MaskedBatchNorm1d(0, channels_last=cl).to(device).train(training)
+    x = torch.randn(bn_input_shape(layout, N, 0, L), device=device)
+    mask = make_mask("padded", bn_mask_shape(layout, N, L)).to(device) if masked else None
+    xl = x.clone().requires_grad_(True)
+    y = call_masked(m, xl, mask)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert xl.grad is not None and xl.grad.shape == x.shape
+    assert m.weight.grad.shape == m.bias.grad.shape == (0,)
+    assert m.running_mean.shape == m.running_var.shape == (0,)
+    assert int(m.num_batches_tracked) == int(training)
+    mean, m2, count = ops.batch_norm_stats(x, mask, cl)
+    assert mean.shape == m2.shape == (0,)
+    valid = N * (1 if layout == "NC" else L) if mask is None else int((~mask).sum())
+    assert int(count) == valid
+
+
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_mask_bytes_other_than_one_are_true(layout, training, device):
+    """A bool mask holding bytes 2 or 255 (a uint8 tensor viewed as bool) is
+    read as torch reads it, nonzero = True: the CPU kernels read such bytes
+    as bool (undefined behaviour), and the channels-first loops took them as
+    valid, the channels-last count as 2 or 255 padded rows each."""
+    case = S.parity_case(layout)
+    m, r = make_bn_pair(case.C, channels_last=case.channels_last, device=device)
+    m.train(training), r.train(training)
+    x, mask = S.inputs(case, device=device)
+    raw = noncanonical_bool(mask)
+    assert torch.equal(raw.view(torch.uint8) != 0, mask) and not torch.equal(raw.view(torch.uint8), mask.to(torch.uint8))
+    y, gx = _step(m, r, x, raw, layout)
+    assert (y[bn_full_mask(mask, x, case.channels_last)] == 0).all()
+    assert_buffers_match(m, r)
+    expected = ops.batch_norm_stats(x, mask, case.channels_last)
+    for a, b in zip(ops.batch_norm_stats(x, raw, case.channels_last), expected):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------

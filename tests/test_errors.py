@@ -411,6 +411,208 @@ def test_bn_training_needs_positive_eps_like_torch(eps):
         masknorm.MaskedBatchNorm1d(C, eps=eps)(torch.randn(N, C))
     with pytest.raises(ValueError, match="eps"):
         ops.batch_norm(torch.randn(N, C, L), None, None, None, None, None, None, True, 0.1, eps, False)
-    # eval normalizes with the running variance and accepts it, as torch does
-    m = masknorm.MaskedBatchNorm1d(C, eps=eps).eval()
-    assert torch.isfinite(m(torch.randn(N, C))).all()
+
+
+def test_bn_eval_takes_eps_zero_and_rejects_negative_eps():
+    # eval normalizes with the running variance: eps = 0 is fine (as torch);
+    # a negative eps raises (as torch >= 2.13 does), instead of NaN where the
+    # running variance is below -eps
+    m = masknorm.MaskedBatchNorm1d(C, eps=0.0).eval()
+    x = torch.randn(N, C)
+    torch.testing.assert_close(m(x), torch.nn.functional.batch_norm(x, m.running_mean, m.running_var, eps=0.0))
+    with pytest.raises(ValueError, match=r"masknorm::batch_norm: expected eps to be finite and >= 0 in eval"):
+        masknorm.MaskedBatchNorm1d(C, eps=-1e-5).eval()(x)
+
+
+# eps NaN or inf, or negative: a ValueError naming eps, from the op and its
+# fake kernel alike (each would otherwise give NaN, or outputs of 0)
+BAD_EPS = [float("nan"), float("inf"), -float("inf"), -1e-5]
+
+
+def _eps_calls():
+    x, x2 = torch.randn(N, C, L), torch.randn(N, L, D)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    mean, m2, count = ops.batch_norm_stats(x, None, False)
+    return {
+        "batch_norm-train": lambda eps: ops.batch_norm(x, None, None, None, rm, rv, None, True, 0.1, eps, False),
+        "batch_norm-eval": lambda eps: ops.batch_norm(x, None, None, None, rm, rv, None, False, 0.1, eps, False),
+        "batch_norm_merge_stats": lambda eps: ops.batch_norm_merge_stats(
+            mean[None], m2[None], count[None], None, None, None, 0.1, eps),
+        "layer_norm": lambda eps: ops.layer_norm(x2, [D], None, None, None, eps),
+        "rms_norm": lambda eps: ops.rms_norm(x2, [D], None, None, eps),
+    }
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["op", "fake"])
+@pytest.mark.parametrize("eps", BAD_EPS, ids=str)
+@pytest.mark.parametrize("call", list(_eps_calls()))
+def test_eps_must_be_finite_and_non_negative(call, eps, fake):
+    op = call.split("-")[0]
+    fn = _eps_calls()[call]
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError, match=rf"masknorm::{op}: .*\beps\b"):
+            fn(eps)
+    else:
+        with pytest.raises(ValueError, match=rf"masknorm::{op}: expected eps to be finite"):
+            fn(eps)
+
+
+# ---------------------------------------------------------------------------
+# num_batches_tracked: checked whenever given, in every mode
+# ---------------------------------------------------------------------------
+
+BAD_NBT = {
+    "meta": lambda: torch.tensor(0, device="meta"),
+    "float": lambda: torch.tensor(0.0),
+    "int32": lambda: torch.tensor(0, dtype=torch.int32),
+    "three": lambda: torch.zeros(3, dtype=torch.long),
+}
+
+
+def _nbt_calls():
+    x = torch.randn(N, C, L)
+    mean, m2, count = ops.batch_norm_stats(x, None, False)
+    return {
+        "batch_norm-train-no-running": lambda nbt: ops.batch_norm(x, None, None, None, None, None, nbt, True, 0.1,
+                                                                  1e-5, False),
+        "batch_norm-eval": lambda nbt: ops.batch_norm(x, None, None, None, torch.zeros(C), torch.ones(C), nbt, False,
+                                                      0.1, 1e-5, False),
+        "batch_norm_merge_stats-no-running": lambda nbt: ops.batch_norm_merge_stats(
+            mean[None], m2[None], count[None], None, None, nbt, 0.1, 1e-5),
+    }
+
+
+@pytest.mark.parametrize("bad", list(BAD_NBT))
+@pytest.mark.parametrize("call", list(_nbt_calls()))
+def test_num_batches_tracked_is_checked_whenever_given(call, bad):
+    """Without running statistics, or in eval, num_batches_tracked went
+    unchecked: a meta one sent the CPU call to the fake kernel, which returned
+    uninitialized outputs; a float or int32 one raised from inside the kernel
+    without naming it; a (3,) one was counted in its first element."""
+    nbt = BAD_NBT[bad]()
+    before = nbt.clone() if nbt.device.type != "meta" else None
+    op = call.split("-")[0]
+    with pytest.raises(ERR, match=rf"masknorm::{op}: expected num_batches_tracked"):
+        _nbt_calls()[call](nbt)
+    if before is not None:
+        assert torch.equal(nbt, before)  # nothing counted
+
+
+# ---------------------------------------------------------------------------
+# tensors updated in place: no internal overlap, no memory shared
+# ---------------------------------------------------------------------------
+
+
+def _aliased_running_stats():
+    """(name of the argument the error names, running_mean, running_var, nbt, x) for batch_norm."""
+    x = torch.randn(N, C, L)
+    buf = torch.zeros(2 * C)
+    nbt = torch.tensor(0)
+    return {
+        "expanded_mean": ("running_mean", torch.zeros(1).expand(C), torch.ones(C), nbt, x),
+        "expanded_var": ("running_var", torch.zeros(C), torch.ones(1).expand(C), nbt, x),
+        "same_tensor": ("running_var", buf[:C], buf[:C], nbt, x),
+        "overlapping": ("running_var", buf[:C], buf[1:C + 1], nbt, x),
+        "mean_in_input": ("input", x.view(-1)[:C], torch.ones(C), nbt, x),
+        "nbt_in_mean": ("num_batches_tracked", torch.zeros(C, dtype=torch.float64), torch.ones(C), None, x),
+    }
+
+
+@pytest.mark.parametrize("case", list(_aliased_running_stats()))
+@pytest.mark.parametrize("op", ["batch_norm", "batch_norm_merge_stats"])
+def test_tensors_updated_in_place_must_not_alias(op, case):
+    """An expanded running statistic made the update fail halfway (after
+    num_batches_tracked was counted) with an error naming no argument; running
+    statistics sharing memory with each other or with the input were updated
+    silently wrong (the same tensor twice: the variance overwrote the mean)."""
+    name, rm, rv, nbt, x = _aliased_running_stats()[case]
+    if nbt is None:  # num_batches_tracked inside the float64 running mean's memory
+        nbt = rm.view(torch.int64)[:1].view(())
+    if op == "batch_norm_merge_stats":
+        mean, m2, count = ops.batch_norm_stats(x, None, False)
+        if name == "input":  # the running mean inside the parts' means
+            name, rm = "mean", mean.view(-1)
+        call = lambda: ops.batch_norm_merge_stats(mean[None], m2[None], count[None], rm, rv, nbt, 0.1, 1e-5)  # noqa
+    else:
+        call = lambda: ops.batch_norm(x, None, None, None, rm, rv, nbt, True, 0.1, 1e-5, False)  # noqa
+    saved = [t.clone() for t in (rm, rv, nbt, x)]
+    with pytest.raises(RuntimeError, match=rf"masknorm::{op}: expected .*\b{name}\b"):
+        call()
+    for before, t in zip(saved, (rm, rv, nbt, x)):
+        assert torch.equal(before, t)  # checked before anything is written
+
+
+# ---------------------------------------------------------------------------
+# counts: whole numbers >= 0 (CPU tensors; accelerators with data checks on)
+# ---------------------------------------------------------------------------
+
+BAD_COUNTS = {
+    "fraction": [2.5], "nan": [float("nan")], "inf": [float("inf")], "negative": [-1], "negative_float": [-3.0],
+    "huge_float": [1e30], "int64_max": [2**63 - 1], "total_overflows": [2**62, 2**62],
+}
+
+
+def _count_tensor(values):
+    return torch.tensor(values, dtype=torch.float64 if any(isinstance(v, float) for v in values) else torch.long)
+
+
+@pytest.mark.parametrize("bad", list(BAD_COUNTS))
+@pytest.mark.parametrize("op", ["batch_norm_merge_stats", "batch_norm_backward_elemt"])
+def test_counts_must_be_whole_and_non_negative(op, bad):
+    """Fractional counts were rounded, NaN and too large float counts became
+    INT64_MIN, negative counts and overflowing totals were used as they came:
+    silently wrong statistics and gradients."""
+    count = _count_tensor(BAD_COUNTS[bad])
+    x = torch.randn(N, C, L)
+    mean, m2, _ = ops.batch_norm_stats(x, None, False)
+    if op == "batch_norm_merge_stats":
+        P = count.numel()
+        rm, rv, nbt = torch.zeros(C), torch.ones(C), torch.tensor(0)
+        with pytest.raises(ValueError, match=r"masknorm::batch_norm_merge_stats: expected count to"):
+            ops.batch_norm_merge_stats(mean.expand(P, C), m2.expand(P, C), count, rm, rv, nbt, 0.1, 1e-5)
+        assert int(nbt) == 0 and torch.equal(rm, torch.zeros(C))  # checked before anything is written
+    else:
+        if count.numel() > 1:
+            pytest.skip("backward_elemt takes one count")
+        g = torch.randn_like(x)
+        sum_dy, sum_dy_xhat = ops.batch_norm_backward_reduce(g, x, None, mean, m2.rsqrt(), False)
+        with pytest.raises(ValueError, match=r"masknorm::batch_norm_backward_elemt: expected count to"):
+            ops.batch_norm_backward_elemt(g, x, None, None, mean, m2.rsqrt(), sum_dy, sum_dy_xhat, count.reshape(()),
+                                          False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.int64], ids=str)
+def test_whole_counts_of_any_dtype_are_taken(dtype):
+    x = torch.randn(N, C, L)
+    mean, m2, count = ops.batch_norm_stats(x, None, False)
+    P = lambda t: t[None]  # noqa: E731
+    expected = ops.batch_norm_merge_stats(P(mean), P(m2), P(count), None, None, None, 0.1, 1e-5)
+    actual = ops.batch_norm_merge_stats(P(mean), P(m2), P(count).to(dtype), None, None, None, 0.1, 1e-5)
+    for a, b in zip(actual, expected):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# None for a tensor the schema requires
+# ---------------------------------------------------------------------------
+
+
+def _required_tensor_cases():
+    for op in samples.OPS:
+        sample = samples.common.by_name(samples.SAMPLES[op](), samples.WRONG[op][0])
+        for i, arg in enumerate(getattr(ops, op).default._schema.arguments):
+            if isinstance(arg.type, torch.TensorType):
+                yield op, arg.name, sample.replace(f"{sample.name}-{arg.name}-none", **{f"a{i}": None})
+
+
+REQUIRED_NONE = list(_required_tensor_cases())
+
+
+@pytest.mark.parametrize("op,arg,sample", REQUIRED_NONE, ids=[s.name for *_, s in REQUIRED_NONE])
+def test_none_for_a_required_tensor_is_named(op, arg, sample):
+    """torch's op binding passes None for a required tensor as an undefined
+    tensor: the ops met it deep inside ("tensor does not have a device")."""
+    with pytest.raises(RuntimeError, match=rf"masknorm::{op}: expected {arg} to be a tensor, but got None"):
+        sample.call(getattr(ops, op))

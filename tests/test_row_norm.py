@@ -31,7 +31,7 @@ from conftest import (
     zip_strict,
 )
 from samples import row_norm as R
-from samples.common import make_mask
+from samples.common import make_mask, noncanonical_bool
 
 pytestmark = pytest.mark.kernels
 
@@ -99,6 +99,20 @@ def test_parity(norm, affine, case, device):
     if mask is not None:
         full = row_full_mask(mask, x)
         assert (y[full] == 0).all() and (gx[full] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["rows", "seq", "mask3d"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_mask_bytes_other_than_one_are_true(norm, name, device):
+    """A bool mask holding bytes 2 or 255 (a uint8 tensor viewed as bool) is
+    read as torch reads it, nonzero = True (the CPU kernels read such bytes as
+    bool: undefined behaviour)."""
+    case = R.parity_case(name)
+    x, mask = R.inputs(case, device=device)
+    m, r = make_row_pair(norm, case.ns, device=device)
+    raw = noncanonical_bool(mask)
+    y, gx = check_step(m, r, lambda t: ref_rows(r, t, mask), x, raw)
+    assert (y[row_full_mask(mask, x)] == 0).all() and (gx[row_full_mask(mask, x)] == 0).all()
 
 
 @pytest.mark.parametrize("case", R.EDGE_CASES, ids=str)

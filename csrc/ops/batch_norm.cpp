@@ -185,7 +185,8 @@ std::tuple<Tensor, Tensor, Tensor> run_merge_stats(
   const auto options = part_mean.options();
   a.part_mean = part_mean.contiguous();
   a.part_m2 = part_m2.to(options).contiguous();
-  // Counts gathered in a floating-point tensor are whole numbers: round, not truncate.
+  // Counts gathered in a floating-point tensor are whole numbers (checked where
+  // data checks run, check_count_values): round, not truncate, where unchecked.
   a.part_count = as_count(part_count);
   // Running statistics of another dtype (or strided) are updated through a
   // contiguous copy in the accumulation dtype, written back below.
@@ -278,11 +279,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
       rm.defined() == rv.defined(),
       op, ": expected running_mean and running_var both given or both None, but got only ",
       rm.defined() ? "running_mean" : "running_var");
+  check_num_batches_tracked(num_batches_tracked, input, op);
   const Prepared p = prepare(input, padding_mask, channels_last);
   Tensor mean, invstd;
   if (training) {
     check_eps(eps, op, "when training");
-    if (rm.defined()) check_momentum(momentum, num_batches_tracked, input, op);
+    if (rm.defined()) check_momentum(momentum, num_batches_tracked.has_value() && num_batches_tracked->defined(), op);
+    check_in_place_updates(
+        op, {{"running_mean", rm}, {"running_var", rv}, {"num_batches_tracked", value_or_undefined(num_batches_tracked)}},
+        {{"input", input}, {"padding_mask", value_or_undefined(padding_mask)}, {"weight", value_or_undefined(weight)},
+         {"bias", value_or_undefined(bias)}});
     auto [part_mean, part_m2, part_count] = run_stats(p);
     std::tie(mean, invstd, std::ignore) = run_merge_stats(
         op, part_mean.unsqueeze(0), part_m2.unsqueeze(0), part_count.reshape({1}), rm, rv,
@@ -293,6 +299,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
         p.mask.defined() || p.layout.rows() != 1,
         op, ": expected more than 1 value per channel when training, got input of shape ", input.sizes());
   } else {
+    check_eps(eps, op, "in eval", /*positive=*/false);
     TORCH_CHECK(rm.defined(), op, ": expected running_mean and running_var when training=False, but got None");
     mean = rm.to(p.stat_options, /*non_blocking=*/false, /*copy=*/true);
     invstd = (rv.to(p.stat_options) + eps).rsqrt();
@@ -335,6 +342,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_merge_stats_op(
     const std::optional<Tensor>& running_var, const std::optional<Tensor>& num_batches_tracked,
     std::optional<double> momentum, double eps) {
   constexpr const char* op = "masknorm::batch_norm_merge_stats";
+  check_given(op, {{"mean", mean}, {"m2", m2}, {"count", count}});
   TORCH_CHECK(
       mean.dim() == 2 && (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble),
       op, ": expected mean to be a (parts, C) float32 or float64 tensor, but got dtype ", mean.scalar_type(),
@@ -344,6 +352,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_merge_stats_op(
       op, ": expected m2 of mean's shape ", mean.sizes(), " and device ", mean.device(),
       ", floating point, but got dtype ", m2.scalar_type(), ", shape ", m2.sizes(), " on ", m2.device());
   check_count(count, "count", {mean.size(0)}, mean, op, /*allow_float=*/true);
+  check_count_values(count, "count", op);
   const Tensor rm = value_or_undefined(running_mean), rv = value_or_undefined(running_var);
   check_feature_tensor(rm, "running_mean", {mean.size(1)}, mean, op);
   check_feature_tensor(rv, "running_var", {mean.size(1)}, mean, op);
@@ -351,13 +360,19 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_merge_stats_op(
       rm.defined() == rv.defined(),
       op, ": expected running_mean and running_var both given or both None");
   check_eps(eps, op, "");
-  if (rm.defined()) check_momentum(momentum, num_batches_tracked, mean, op);
+  check_num_batches_tracked(num_batches_tracked, mean, op);
+  const Tensor nbt = value_or_undefined(num_batches_tracked);
+  if (rm.defined()) check_momentum(momentum, nbt.defined(), op);
+  check_in_place_updates(
+      op, {{"running_mean", rm}, {"running_var", rv}, {"num_batches_tracked", nbt}},
+      {{"mean", mean}, {"m2", m2}, {"count", count}});
   return run_merge_stats(op, mean, m2, count, rm, rv, value_or_undefined(num_batches_tracked), momentum, eps);
 }
 
 Tensor batch_norm_elemt_op(
     const Tensor& input, const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, bool channels_last) {
+  check_given("masknorm::batch_norm_elemt", {{"input", input}, {"mean", mean}, {"invstd", invstd}});
   check_batch_norm_args(
       "masknorm::batch_norm_elemt", input, padding_mask, channels_last,
       {{"weight", value_or_undefined(weight)}, {"bias", value_or_undefined(bias)}, {"mean", mean},
@@ -369,6 +384,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_op(
     const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& padding_mask, const Tensor& mean,
     const Tensor& invstd, bool channels_last) {
   constexpr const char* op = "masknorm::batch_norm_backward_reduce";
+  check_given(op, {{"grad_output", grad_output}, {"input", input}, {"mean", mean}, {"invstd", invstd}});
   check_batch_norm_args(op, input, padding_mask, channels_last, {{"mean", mean}, {"invstd", invstd}});
   check_grad_output(grad_output, input, op);
   const Prepared p = prepare(input, padding_mask, channels_last);
@@ -381,6 +397,7 @@ Tensor batch_norm_backward_elemt_op(
     const std::optional<Tensor>& sum_dy, const std::optional<Tensor>& sum_dy_xhat,
     const std::optional<Tensor>& count, bool channels_last) {
   constexpr const char* op = "masknorm::batch_norm_backward_elemt";
+  check_given(op, {{"grad_output", grad_output}, {"input", input}, {"mean", mean}, {"invstd", invstd}});
   const Tensor s1 = value_or_undefined(sum_dy), s2 = value_or_undefined(sum_dy_xhat), n = value_or_undefined(count);
   check_batch_norm_args(
       op, input, padding_mask, channels_last,
@@ -390,7 +407,10 @@ Tensor batch_norm_backward_elemt_op(
   TORCH_CHECK(
       s1.defined() == s2.defined() && s1.defined() == n.defined(),
       op, ": expected sum_dy, sum_dy_xhat and count all given (batch statistics) or all None (given statistics)");
-  if (n.defined()) check_count(n, "count", {}, input, op, /*allow_float=*/true);
+  if (n.defined()) {
+    check_count(n, "count", {}, input, op, /*allow_float=*/true);
+    check_count_values(n, "count", op);
+  }
   const Prepared p = prepare(input, padding_mask, channels_last);
   return run_backward_elemt(p, prepare_grad_output(grad_output, p), mean, invstd, weight, s1, s2, n);
 }

@@ -1,11 +1,24 @@
 // Argument checks (see checks.h).
 #include "checks.h"
 
+#include "kernel_registry.h"
+
+#include <ATen/MemoryOverlap.h>
+
 #include <cmath>
+#include <iterator>
+#include <string>
 
 namespace masknorm {
 
+void check_given(const char* op, std::initializer_list<std::pair<const char*, at::Tensor>> tensors) {
+  for (const auto& [name, t] : tensors) {
+    TORCH_CHECK(t.defined(), op, ": expected ", name, " to be a tensor, but got None");
+  }
+}
+
 void check_input(const at::Tensor& input, const char* op, int64_t min_dim) {
+  check_given(op, {{"input", input}});
   TORCH_CHECK(
       at::isFloatingType(input.scalar_type()),
       op, ": expected input to be a floating-point tensor (float32, float64, bfloat16 or float16), but got ",
@@ -48,6 +61,7 @@ void check_feature_tensor(
 }
 
 void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const char* op) {
+  check_given(op, {{"grad_output", grad_output}});
   TORCH_CHECK(
       grad_output.sizes() == input.sizes(),
       op, ": expected grad_output of input's shape ", input.sizes(), ", but got ", grad_output.sizes());
@@ -75,33 +89,79 @@ void check_count(
       op, ": expected ", name, " of shape ", expected_shape, ", but got ", count.sizes());
 }
 
-void check_eps(double eps, const char* op, const char* what) {
+void check_count_values(const at::Tensor& count, const char* name, const char* op) {
+  if (count.numel() == 0 || !data_checks_enabled(count.device())) return;
+  // 2^62: far from int64 overflow when the kernels add the counts up.
+  constexpr double kMax = 4611686018427387904.0;
+  const at::Tensor values = count.to(at::kCPU, at::kDouble).contiguous();
+  const double* v = values.const_data_ptr<double>();
+  double total = 0;
+  for (int64_t i = 0; i < values.numel(); ++i) {
+    TORCH_CHECK_VALUE(
+        v[i] >= 0 && v[i] <= kMax && std::nearbyint(v[i]) == v[i],
+        op, ": expected ", name, " to hold whole numbers of valid positions (0 to 2^62), but got ", v[i],
+        count.dim() ? " at index " + std::to_string(i) : std::string());
+    total += v[i];
+  }
   TORCH_CHECK_VALUE(
-      std::isfinite(eps) && eps > 0,
-      op, ": expected eps > 0 ", what, " (as torch.nn.BatchNorm1d), but got ", eps);
+      total <= kMax, op, ": expected ", name, " to add up to at most 2^62 valid positions, but got ", total);
 }
 
-void check_momentum(
-    std::optional<double> momentum, const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& like,
-    const char* op) {
-  const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  if (has_nbt) {
-    const at::Tensor& nbt = *num_batches_tracked;
-    TORCH_CHECK(
-        nbt.numel() == 1 && nbt.scalar_type() == at::kLong,
-        op, ": expected num_batches_tracked to be a one-element int64 tensor, but got dtype ", nbt.scalar_type(),
-        " and shape ", nbt.sizes());
-    TORCH_CHECK(
-        nbt.device() == like.device(),
-        op, ": expected num_batches_tracked on input's device ", like.device(), ", but got ", nbt.device());
-  }
+void check_eps(double eps, const char* op, const char* what, bool positive) {
+  TORCH_CHECK_VALUE(
+      std::isfinite(eps) && (positive ? eps > 0 : eps >= 0),
+      op, ": expected eps to be finite and ", positive ? "> 0" : ">= 0", what[0] ? " " : "", what, ", but got ", eps);
+}
+
+void check_num_batches_tracked(
+    const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& like, const char* op) {
+  if (!num_batches_tracked.has_value() || !num_batches_tracked->defined()) return;
+  const at::Tensor& nbt = *num_batches_tracked;
+  TORCH_CHECK(
+      nbt.numel() == 1 && nbt.scalar_type() == at::kLong,
+      op, ": expected num_batches_tracked to be a one-element int64 tensor, but got dtype ", nbt.scalar_type(),
+      " and shape ", nbt.sizes());
+  TORCH_CHECK(
+      nbt.device() == like.device(),
+      op, ": expected num_batches_tracked on input's device ", like.device(), ", but got ", nbt.device());
+}
+
+void check_momentum(std::optional<double> momentum, bool has_num_batches_tracked, const char* op) {
   if (momentum.has_value()) {
     TORCH_CHECK_VALUE(
         *momentum >= 0.0 && *momentum <= 1.0, op, ": expected momentum in [0, 1] or None, but got ", *momentum);
   } else {
     TORCH_CHECK_VALUE(
-        has_nbt,
+        has_num_batches_tracked,
         op, ": momentum=None (cumulative moving average) needs num_batches_tracked, but got None");
+  }
+}
+
+void check_in_place_updates(
+    const char* op, std::initializer_list<std::pair<const char*, at::Tensor>> written,
+    std::initializer_list<std::pair<const char*, at::Tensor>> read) {
+  const auto shares_memory = [](const at::Tensor& a, const at::Tensor& b) {
+    const auto status = at::get_overlap_status(a, b);
+    return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+  };
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    const auto& [name, t] = *w;
+    if (!t.defined()) continue;
+    TORCH_CHECK(
+        at::has_internal_overlap(t) != at::MemOverlap::Yes,
+        op, ": expected ", name, " without internal overlap (it is updated in place), but got strides ", t.strides(),
+        " for shape ", t.sizes(), " (an expanded tensor?); pass a clone()");
+    for (auto other = std::next(w); other != written.end(); ++other) {
+      TORCH_CHECK(
+          !other->second.defined() || !shares_memory(t, other->second),
+          op, ": expected ", name, " and ", other->first, " not to share memory (both are updated in place)");
+    }
+    for (const auto& [read_name, r] : read) {
+      TORCH_CHECK(
+          !r.defined() || !shares_memory(t, r),
+          op, ": expected ", name, " not to share memory with ", read_name, " (", name,
+          " is updated in place while ", read_name, " is read)");
+    }
   }
 }
 
@@ -133,6 +193,8 @@ void check_row_norm_backward_args(
     const std::optional<at::Tensor>& mean, const at::Tensor& rstd) {
   check_row_norm_args(op, input, normalized_shape, padding_mask, weight, std::nullopt);
   check_grad_output(grad_output, input, op);
+  check_given(op, {{"rstd", rstd}});
+  if (mean.has_value()) check_given(op, {{"mean", *mean}});
   const auto leading = input.sizes().slice(0, input.dim() - normalized_shape.size());
   check_feature_tensor(mean, "mean", leading, input, op);
   check_feature_tensor(rstd, "rstd", leading, input, op);
@@ -162,6 +224,7 @@ void check_batch_norm_backward_args(
     const char* op, const at::Tensor& grad_output, const at::Tensor& input,
     const std::optional<at::Tensor>& padding_mask, const std::optional<at::Tensor>& weight,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool channels_last) {
+  check_given(op, {{"grad_output", grad_output}, {"input", input}, {"save_mean", save_mean}, {"save_invstd", save_invstd}});
   check_batch_norm_args(
       op, input, padding_mask, channels_last,
       {{"weight", weight.value_or(at::Tensor())}, {"save_mean", save_mean}, {"save_invstd", save_invstd}});

@@ -10,6 +10,11 @@
 
 namespace masknorm {
 
+// Tensors the schema requires (`Tensor`, not `Tensor?`) are given: Python's
+// op binding passes None for them as an undefined tensor, which the ops
+// would otherwise meet deep inside (an error naming no argument).
+void check_given(const char* op, std::initializer_list<std::pair<const char*, at::Tensor>> tensors);
+
 // input: a floating-point tensor with at least `min_dim` dimensions.
 void check_input(const at::Tensor& input, const char* op, int64_t min_dim);
 
@@ -38,14 +43,37 @@ void check_count(
     const at::Tensor& count, const char* name, at::IntArrayRef expected_shape, const at::Tensor& like, const char* op,
     bool allow_float);
 
-// eps: finite and > 0 (`what` says when it is needed).
-void check_eps(double eps, const char* op, const char* what);
+// The values of a count (check_count has checked the tensor), where
+// data-dependent checks run (kernel_registry.h: always for CPU tensors):
+// whole numbers >= 0 whose total is at most 2^62. A negative, fractional,
+// NaN or overflowing count would otherwise be rounded or wrapped into a
+// silently wrong result.
+void check_count_values(const at::Tensor& count, const char* name, const char* op);
 
-// momentum in [0, 1], or None with num_batches_tracked (a one-element int64
-// tensor on `like`'s device) to take the cumulative average.
-void check_momentum(
-    std::optional<double> momentum, const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& like,
-    const char* op);
+// eps: finite and > 0 where a batch's own variance is normalized
+// (`positive`: batch norm in training, merge_stats), finite and >= 0
+// elsewhere (batch norm in eval, layer and RMS norm): NaN, inf and negative
+// values raise a ValueError naming eps instead of giving NaN or 0 outputs.
+// `what` says when the rule applies ("when training"), or is "".
+void check_eps(double eps, const char* op, const char* what, bool positive = true);
+
+// num_batches_tracked, when given (whatever the mode: a tensor on another
+// device would send the call elsewhere): a one-element int64 tensor on
+// `like`'s device.
+void check_num_batches_tracked(const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& like, const char* op);
+
+// momentum in [0, 1], or None with num_batches_tracked (checked above) to
+// take the cumulative average.
+void check_momentum(std::optional<double> momentum, bool has_num_batches_tracked, const char* op);
+
+// The tensors an op updates in place (`written`: running statistics,
+// num_batches_tracked) may neither overlap themselves (an expanded tensor
+// would write several elements to one place), nor each other, nor a tensor
+// the op reads (`read`), which the update would change under it. Undefined
+// tensors are skipped.
+void check_in_place_updates(
+    const char* op, std::initializer_list<std::pair<const char*, at::Tensor>> written,
+    std::initializer_list<std::pair<const char*, at::Tensor>> read);
 
 // ------------------------------------------------------------ layer / RMS norm
 

@@ -127,6 +127,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_op(
     const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
   check_row_norm_args("masknorm::layer_norm", input, normalized_shape, padding_mask, weight, bias);
+  check_eps(eps, "masknorm::layer_norm", "", /*positive=*/false);
   return row_norm_forward(input, normalized_shape, padding_mask, weight, bias, eps, /*centered=*/true);
 }
 
@@ -144,6 +145,7 @@ std::tuple<Tensor, Tensor> rms_norm_op(
     const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, std::optional<double> eps) {
   check_row_norm_args("masknorm::rms_norm", input, normalized_shape, padding_mask, weight, std::nullopt);
+  if (eps.has_value()) check_eps(*eps, "masknorm::rms_norm", "", /*positive=*/false);
   // eps=None: the machine epsilon of the accumulation type, as torch.nn.RMSNorm.
   const double eps_value = eps.has_value() ? *eps
       : opmath_dtype(input) == at::kDouble ? std::numeric_limits<double>::epsilon()

@@ -9,6 +9,7 @@ bfloat16 and float32 inputs, float64 for float64.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -115,18 +116,25 @@ def _check_count(op: str, name: str, count: Tensor, shape: Sequence, like: Tenso
     _check_shape(op, name, count, shape, like)
 
 
-def _check_momentum(op: str, momentum: Optional[float], num_batches_tracked: Optional[Tensor], like: Tensor) -> None:
-    if num_batches_tracked is not None:
-        torch._check(
-            num_batches_tracked.numel() == 1 and num_batches_tracked.dtype == torch.int64,
-            lambda: f"masknorm::{op}: expected num_batches_tracked to be a one-element int64 tensor, but got dtype "
-            f"{num_batches_tracked.dtype} and shape {tuple(num_batches_tracked.shape)}",
-        )
-        torch._check(
-            num_batches_tracked.device == like.device,
-            lambda: f"masknorm::{op}: expected num_batches_tracked on input's device {like.device}, but got "
-            f"{num_batches_tracked.device}",
-        )
+def _check_num_batches_tracked(op: str, num_batches_tracked: Optional[Tensor], like: Tensor) -> None:
+    """Checked whenever given: a meta num_batches_tracked with CPU input sends
+    the real call here, which must then raise rather than return
+    uninitialized outputs."""
+    if num_batches_tracked is None:
+        return
+    torch._check(
+        num_batches_tracked.numel() == 1 and num_batches_tracked.dtype == torch.int64,
+        lambda: f"masknorm::{op}: expected num_batches_tracked to be a one-element int64 tensor, but got dtype "
+        f"{num_batches_tracked.dtype} and shape {tuple(num_batches_tracked.shape)}",
+    )
+    torch._check(
+        num_batches_tracked.device == like.device,
+        lambda: f"masknorm::{op}: expected num_batches_tracked on input's device {like.device}, but got "
+        f"{num_batches_tracked.device}",
+    )
+
+
+def _check_momentum(op: str, momentum: Optional[float], num_batches_tracked: Optional[Tensor]) -> None:
     if momentum is not None:
         torch._check_value(
             0.0 <= momentum <= 1.0, lambda: f"masknorm::{op}: expected momentum in [0, 1] or None, but got {momentum}"
@@ -138,8 +146,13 @@ def _check_momentum(op: str, momentum: Optional[float], num_batches_tracked: Opt
         )
 
 
-def _check_eps(op: str, eps: float, what: str) -> None:
-    torch._check_value(eps > 0, lambda: f"masknorm::{op}: expected eps > 0 {what} (as torch.nn.BatchNorm1d), but got {eps}")
+def _check_eps(op: str, eps: float, what: str, positive: bool = True) -> None:
+    ok = math.isfinite(eps) and (eps > 0 if positive else eps >= 0)
+    torch._check_value(
+        ok,
+        lambda: f"masknorm::{op}: expected eps to be finite and {'>' if positive else '>='} 0{' ' if what else ''}{what}, "
+        f"but got {eps}",
+    )
 
 
 @torch.library.register_fake("masknorm::batch_norm")
@@ -156,11 +169,13 @@ def _batch_norm_fake(
         (running_mean is None) == (running_var is None),
         lambda: f"masknorm::{op}: expected running_mean and running_var both given or both None",
     )
+    _check_num_batches_tracked(op, num_batches_tracked, input)
     if training:
         _check_eps(op, eps, "when training")
         if running_mean is not None:
-            _check_momentum(op, momentum, num_batches_tracked, input)
+            _check_momentum(op, momentum, num_batches_tracked)
     else:
+        _check_eps(op, eps, "in eval", positive=False)
         torch._check(
             running_mean is not None,
             lambda: f"masknorm::{op}: expected running_mean and running_var when training=False, but got None",
@@ -212,8 +227,9 @@ def _batch_norm_merge_stats_fake(mean, m2, count, running_mean, running_var, num
         lambda: f"masknorm::{op}: expected running_mean and running_var both given or both None",
     )
     _check_eps(op, eps, "")
+    _check_num_batches_tracked(op, num_batches_tracked, mean)
     if running_mean is not None:
-        _check_momentum(op, momentum, num_batches_tracked, mean)
+        _check_momentum(op, momentum, num_batches_tracked)
     stat = mean.new_empty((mean.shape[1],))
     return stat, torch.empty_like(stat), mean.new_empty((), dtype=torch.int64)
 
@@ -290,6 +306,7 @@ def _check_row_norm(op: str, input: Tensor, normalized_shape: Sequence[int], pad
 @torch.library.register_fake("masknorm::layer_norm")
 def _layer_norm_fake(input, normalized_shape, padding_mask, weight, bias, eps):
     leading = _check_row_norm("layer_norm", input, normalized_shape, padding_mask, weight=weight, bias=bias)
+    _check_eps("layer_norm", eps, "", positive=False)
     stat = input.new_empty(leading, dtype=_opmath_dtype(input.dtype))
     return torch.empty_like(input, memory_format=torch.contiguous_format), stat, torch.empty_like(stat)
 
@@ -310,6 +327,8 @@ def _layer_norm_backward_fake(grad_output, input, normalized_shape, padding_mask
 @torch.library.register_fake("masknorm::rms_norm")
 def _rms_norm_fake(input, normalized_shape, padding_mask, weight, eps):
     leading = _check_row_norm("rms_norm", input, normalized_shape, padding_mask, weight=weight)
+    if eps is not None:
+        _check_eps("rms_norm", eps, "", positive=False)
     rstd = input.new_empty(leading, dtype=_opmath_dtype(input.dtype))
     return torch.empty_like(input, memory_format=torch.contiguous_format), rstd
 

@@ -240,6 +240,155 @@ void bad_input_raises() {
   }
 }
 
+// Every op over odd shapes (vector tails: C and widths around 8 and 16, and
+// primes), empty ones, masks with padded rows and nothing valid, four dtypes,
+// training and eval, 1 to 4 threads, each compared with torch on the valid
+// positions. Its point is to run the kernels' loops where an out-of-bounds
+// access or undefined behaviour would be (built with -DMASKNORM_SANITIZE=ON,
+// AddressSanitizer and UndefinedBehaviorSanitizer abort on the first one).
+at::Tensor random_mask(int64_t N, int64_t L, int which) {
+  if (which == 0) return torch::zeros({N, L}, torch::kBool);
+  if (which == 1) return torch::ones({N, L}, torch::kBool);
+  auto mask = torch::rand({N, L}) < 0.4;
+  if (N > 1) mask[1].fill_(true);  // a fully padded row
+  if (which == 3) return (mask.to(torch::kByte) * 255).view(torch::kBool);  // bytes 255 where True
+  return mask;
+}
+
+void expect_close_to(const at::Tensor& actual, const at::Tensor& expected, double tol, const std::string& what) {
+  const bool ok = actual.sizes() == expected.sizes() &&
+      (actual.numel() == 0 || at::allclose(actual.to(torch::kDouble), expected.to(torch::kDouble), tol, tol));
+  if (!ok) std::cerr << what << ": sizes " << actual.sizes() << " / " << expected.sizes() << "\n";
+  expect(ok, what);
+}
+
+void shapes_workout() {
+  const std::vector<at::ScalarType> dtypes = {torch::kFloat, torch::kDouble, torch::kBFloat16, torch::kHalf};
+  int calls = 0;
+  for (const int threads : {1, 3}) {
+    at::set_num_threads(threads);
+    for (const auto dtype : dtypes) {
+      const double tol = dtype == torch::kDouble ? 1e-9 : dtype == torch::kFloat ? 1e-4 : 3e-2;
+      for (const int64_t C : {1, 7, 8, 9, 15, 16, 17, 33}) {
+        for (const auto& [N, L] : std::vector<std::pair<int64_t, int64_t>>{{0, 3}, {1, 1}, {3, 5}, {2, 70}, {5, 0}}) {
+          for (int which = 0; which < 4; ++which) {
+            const auto mask = random_mask(N, L, which);
+            const auto valid = mask.logical_not();
+            const int64_t count = valid.sum().item<int64_t>();
+            for (const bool channels_last : {true, false}) {
+              // (N, L, C) data; channels-first input is its transpose, made contiguous
+              const auto data = torch::randn({N, L, C}, torch::kDouble) * 2 + 1;
+              const auto x = (channels_last ? data : data.transpose(1, 2).contiguous()).to(dtype);
+              const auto g = torch::randn_like(x);
+              const auto w = torch::rand({C}).add(0.5).to(dtype), b = torch::randn({C}).to(dtype);
+              for (const bool training : {true, false}) {
+                if (training && count == 1) continue;  // raises, as torch's
+                auto rm = torch::zeros({C}, dtype), rv = torch::ones({C}, dtype);
+                const auto nbt = torch::zeros({}, torch::kLong);
+                auto [y, mean, invstd] = masknorm::batch_norm(
+                    x, mask, w, b, rm, rv, nbt, training, 0.1, 1e-5, channels_last);
+                auto [dx, dw, db] = masknorm::batch_norm_backward(
+                    g, x, mask, w, mean, invstd, training, channels_last, {true, true, true});
+                ++calls;
+                // torch on the packed valid tokens (K, C)
+                const auto rows = channels_last ? x : x.transpose(1, 2);
+                const auto packed = rows.index({valid}).to(torch::kDouble);
+                if (count >= 2 || !training) {
+                  auto rm_ref = torch::zeros({C}, torch::kDouble), rv_ref = torch::ones({C}, torch::kDouble);
+                  const auto y_ref = at::batch_norm(packed, w.to(torch::kDouble), b.to(torch::kDouble), rm_ref,
+                                                    rv_ref, training, 0.1, 1e-5, false);
+                  const auto y_rows = channels_last ? y : y.transpose(1, 2);
+                  expect_close_to(y_rows.index({valid}), y_ref, tol, "batch_norm output");
+                  if (training) expect_close_to(rm, rm_ref, tol, "batch_norm running_mean");
+                }
+                expect(!mask.any().item<bool>() ||
+                           (channels_last ? y.index({mask}) : y.transpose(1, 2).index({mask})).eq(0).all().item<bool>(),
+                       "batch_norm output 0 at padding");
+                expect(dx.sizes() == x.sizes() && dw.sizes() == w.sizes() && db.sizes() == w.sizes(),
+                       "batch_norm_backward shapes");
+              }
+              // the stages
+              auto [mean, m2, cnt] = masknorm::batch_norm_stats(x, mask, channels_last);
+              expect(cnt.item<int64_t>() == count, "batch_norm_stats count");
+              auto [mu, invstd, total] = masknorm::batch_norm_merge_stats(
+                  torch::stack({mean, mean}), torch::stack({m2, m2}), torch::stack({cnt, cnt}), std::nullopt,
+                  std::nullopt, std::nullopt, 0.1, 1e-5);
+              const auto y = masknorm::batch_norm_elemt(x, mask, w, b, mu, invstd, channels_last);
+              auto [sum_dy, sum_dy_xhat] = masknorm::batch_norm_backward_reduce(g, x, mask, mu, invstd, channels_last);
+              const auto dx = masknorm::batch_norm_backward_elemt(
+                  g, x, mask, w, mu, invstd, sum_dy, sum_dy_xhat, total, channels_last);
+              expect(y.sizes() == x.sizes() && dx.sizes() == x.sizes(), "stage shapes");
+              calls += 5;
+            }
+            // layer / RMS norm over rows of C (C is the width here)
+            const auto x = (torch::randn({N, L, C}, torch::kDouble) * 3 - 1).to(dtype);
+            const auto g = torch::randn_like(x);
+            const auto w = torch::rand({C}).add(0.5).to(dtype), b = torch::randn({C}).to(dtype);
+            auto [y, mean, rstd] = masknorm::layer_norm(x, {C}, mask, w, b, 1e-5);
+            auto [dx, dw, db] = masknorm::layer_norm_backward(g, x, {C}, mask, mean, rstd, w, {true, true, true});
+            auto [r, rrstd] = masknorm::rms_norm(x, {C}, mask, w, std::nullopt);
+            auto [rdx, rdw] = masknorm::rms_norm_backward(g, x, {C}, mask, rrstd, w, {true, true});
+            calls += 4;
+            const auto rows = x.index({valid}).to(torch::kDouble);
+            if (C > 2) {  // LN of one or two values: all cancellation
+              expect_close_to(y.index({valid}),
+                              at::layer_norm(rows, {C}, w.to(torch::kDouble), b.to(torch::kDouble), 1e-5), tol,
+                              "layer_norm output");
+            }
+            expect_close_to(r.index({valid}), at::rms_norm(rows, {C}, w.to(torch::kDouble),
+                                                           dtype == torch::kDouble ? 2.220446049250313e-16
+                                                                                   : 1.1920928955078125e-07),
+                            tol, "rms_norm output");
+            expect(dx.sizes() == x.sizes() && rdx.sizes() == x.sizes() && dw.sizes() == w.sizes() &&
+                       rdw.sizes() == w.sizes(), "row norm backward shapes");
+          }
+        }
+      }
+    }
+  }
+  at::set_num_threads(1);
+  std::cout << "shapes workout: " << calls << " op calls\n";
+}
+
+// Malformed arguments from C++: each raises a c10::Error, none crashes.
+void malformed_arguments_raise() {
+  const auto x = torch::randn({3, 4, 5});
+  const auto mask = torch::zeros({3, 5}, torch::kBool);
+  const auto w = torch::ones({4});
+  const std::vector<std::pair<std::string, std::function<void()>>> calls = {
+      {"eps NaN", [&] { masknorm::batch_norm(x, mask, w, std::nullopt, std::nullopt, std::nullopt, std::nullopt, true,
+                                             0.1, NAN, false); }},
+      {"weight too long", [&] { masknorm::batch_norm(x, mask, torch::ones({5}), std::nullopt, std::nullopt,
+                                                     std::nullopt, std::nullopt, true, 0.1, 1e-5, false); }},
+      {"mask of uint8", [&] { masknorm::batch_norm_stats(x, mask.to(torch::kByte), false); }},
+      {"expanded running_mean", [&] {
+         masknorm::batch_norm(x, mask, w, std::nullopt, torch::zeros({1}).expand({4}), torch::ones({4}),
+                              std::nullopt, true, 0.1, 1e-5, false); }},
+      {"negative count", [&] {
+         auto [mean, m2, count] = masknorm::batch_norm_stats(x, mask, false);
+         masknorm::batch_norm_merge_stats(mean.unsqueeze(0), m2.unsqueeze(0), torch::full({1}, -3, torch::kLong),
+                                          std::nullopt, std::nullopt, std::nullopt, 0.1, 1e-5); }},
+      {"fractional count", [&] {
+         auto [mean, m2, count] = masknorm::batch_norm_stats(x, mask, false);
+         masknorm::batch_norm_merge_stats(mean.unsqueeze(0), m2.unsqueeze(0), torch::full({1}, 2.5),
+                                          std::nullopt, std::nullopt, std::nullopt, 0.1, 1e-5); }},
+      {"undefined save_mean", [&] {
+         masknorm::batch_norm_backward(x, x, mask, w, at::Tensor(), torch::ones({4}), true, false,
+                                       {true, true, true}); }},
+      {"empty normalized_shape", [&] { masknorm::layer_norm(x, {}, std::nullopt, std::nullopt, std::nullopt, 1e-5); }},
+      {"negative eps", [&] { masknorm::rms_norm(x, {5}, std::nullopt, std::nullopt, -1.0); }},
+      {"rstd of another shape", [&] {
+         masknorm::rms_norm_backward(x, x, {5}, std::nullopt, torch::ones({3}), std::nullopt, {true, true}); }},
+  };
+  for (const auto& [what, call] : calls) {
+    try {
+      call();
+      expect(false, what + ": accepted");
+    } catch (const c10::Error&) {
+    }
+  }
+}
+
 void kernel_build_is_the_best_one() {
   const std::string isa = masknorm::cpu_kernels_isa();
   std::cout << "CPU kernels: " << isa << " (torch CPU capability " << at::get_cpu_capability() << ")\n";
@@ -262,6 +411,8 @@ int main() {
   masked_row_norms_match_torch();
   double_backward_matches_torch();
   bad_input_raises();
+  shapes_workout();
+  malformed_arguments_raise();
   kernel_build_is_the_best_one();
   expect(!python_in_process(), "no Python library in the process");
   if (failures > 0) {

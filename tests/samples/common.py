@@ -174,6 +174,16 @@ def make_mask(kind: Optional[str], batch_shape: Sequence[int], gen: Optional[tor
     return mask
 
 
+def noncanonical_bool(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a bool view of uint8 bytes holding 2, 255 or 1 where it is
+    True (cycling): what a uint8 mask viewed as bool, or a buffer from
+    elsewhere, holds. torch reads any nonzero byte as True."""
+    raw = mask.to(torch.uint8)
+    n = int(mask.sum())
+    raw[mask] = torch.tensor([2, 255, 1], dtype=torch.uint8, device=mask.device).repeat(n // 3 + 1)[:n]
+    return raw.view(torch.bool)
+
+
 def inputs(case, *, dtype=torch.float32, device="cpu", tag: str = "", scale: float = 2.0,
            offset: float = 0.5) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(x, padding_mask) of a case (anything with ``name``, ``shape``, ``mask``

@@ -186,6 +186,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(
     const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
     const std::optional<Tensor>& running_var, const std::optional<Tensor>& num_batches_tracked, bool training,
     std::optional<double> momentum, double eps, bool channels_last) {
+  check_given("masknorm::batch_norm", {{"input", input}});  // before autograd reads it
   if (!records_graph({input, weight.value_or(Tensor()), bias.value_or(Tensor())})) {
     at::AutoDispatchBelowAutograd guard;
     return batch_norm(
@@ -201,6 +202,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(
 std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(
     const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
+  check_given("masknorm::layer_norm", {{"input", input}});
   if (!records_graph({input, weight.value_or(Tensor()), bias.value_or(Tensor())})) {
     at::AutoDispatchBelowAutograd guard;
     return layer_norm(input, normalized_shape, padding_mask, weight, bias, eps);
@@ -212,6 +214,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(
 std::tuple<Tensor, Tensor> rms_norm_autograd(
     const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, std::optional<double> eps) {
+  check_given("masknorm::rms_norm", {{"input", input}});
   if (!records_graph({input, weight.value_or(Tensor())})) {
     at::AutoDispatchBelowAutograd guard;
     return rms_norm(input, normalized_shape, padding_mask, weight, eps);

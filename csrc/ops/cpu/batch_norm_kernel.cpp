@@ -22,72 +22,146 @@ using at::Tensor;
 
 // ---------------------------------------------------------------- statistics
 
+// The two passes of moments_channels_inner over one chunk's valid rows
+// [first, last), for a block of NV vectors of channels from c0 (the last
+// vector holding `last_lanes` lanes): accumulators stay in registers while
+// the rows go by (the chunk is in cache), and are stored once.
+template <typename scalar_t, int NV>
+struct ChunkColumns {
+  using IO = VecIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using fVec = typename IO::fVec;
+  static constexpr int64_t V = IO::size();
+
+  static C10_ALWAYS_INLINE fVec load(const scalar_t* p, int j, int64_t last_lanes) {
+    return j + 1 < NV ? IO::load(p + j * V) : IO::load(p + j * V, last_lanes);
+  }
+  static C10_ALWAYS_INLINE void store(opmath_t* p, const fVec& v, int j, int64_t last_lanes) {
+    v.store(p + j * V, j + 1 < NV ? V : last_lanes);
+  }
+
+  // sum[c] = sum of x over the valid rows.
+  static void sums(
+      const scalar_t* x, const MaskByte* pad, int64_t first, int64_t last, int64_t C, int64_t c0,
+      int64_t last_lanes, opmath_t* sum) {
+    fVec s[NV];
+    for (int j = 0; j < NV; ++j) s[j] = fVec(0);
+    for (int64_t r = first; r < last; ++r) {
+      if (pad && pad[r] != 0) continue;
+      const scalar_t* xr = x + r * C + c0;
+      for (int j = 0; j < NV; ++j) s[j] += load(xr, j, last_lanes);
+    }
+    for (int j = 0; j < NV; ++j) store(sum + c0, s[j], j, last_lanes);
+  }
+
+  // With d = x - mean over the valid rows: dsum[c] = sum d, m2[c] = sum d^2.
+  static void deviations(
+      const scalar_t* x, const MaskByte* pad, int64_t first, int64_t last, int64_t C, int64_t c0,
+      int64_t last_lanes, const opmath_t* mean, opmath_t* dsum, opmath_t* m2) {
+    fVec m[NV], ds[NV], d2[NV];
+    for (int j = 0; j < NV; ++j) {
+      m[j] = j + 1 < NV ? fVec::loadu(mean + c0 + j * V) : fVec::loadu(mean + c0 + j * V, last_lanes);
+      ds[j] = fVec(0);
+      d2[j] = fVec(0);
+    }
+    for (int64_t r = first; r < last; ++r) {
+      if (pad && pad[r] != 0) continue;
+      const scalar_t* xr = x + r * C + c0;
+      for (int j = 0; j < NV; ++j) {
+        // Scalar math: d = x - mean; dsum += d; m2 += d * d   (tail lanes: 0 - 0)
+        const fVec d = load(xr, j, last_lanes) - m[j];
+        ds[j] += d;
+        d2[j] = at::vec::fmadd(d, d, d2[j]);
+      }
+    }
+    for (int j = 0; j < NV; ++j) {
+      store(dsum + c0, ds[j], j, last_lanes);
+      store(m2 + c0, d2[j], j, last_lanes);
+    }
+  }
+};
+
+// Runs block(std::integral_constant<int, NV>, c0, last_lanes) over the C
+// channels in blocks of 4, 2 and 1 vectors (independent accumulators, more
+// in flight), the last one partial.
+template <int64_t V, typename Block>
+C10_ALWAYS_INLINE void column_blocks(int64_t C, const Block& block) {
+  int64_t c = 0;
+  for (; c + 4 * V <= C; c += 4 * V) block(std::integral_constant<int, 4>{}, c, V);
+  for (; c + 2 * V <= C; c += 2 * V) block(std::integral_constant<int, 2>{}, c, V);
+  for (; c < C; c += V) block(std::integral_constant<int, 1>{}, c, std::min(V, C - c));
+}
+
 // Per-channel moments of rows of C channels. Rows are taken in chunks small
-// enough to stay in L2: a two-pass (mean, then squared deviations) over each
-// chunk, merged into the thread's running moments with Chan's formula,
-// vectorized over channels. Far fewer operations per element than a
-// per-row Welford update, and as stable on data with a large offset. (Half
+// enough to stay in L2: a corrected two-pass over each chunk, vectorized over
+// channels in the accumulation type (the chunk's mean, then the deviations
+// from it and their squares: M2 = sum d^2 - (sum d)^2 / k, so the first
+// pass's rounding leaves no bias), merged into the thread's running moments
+// in MergeT with Chan's formula. Far fewer operations per element than a
+// per-row Welford update, and as accurate as the float mean allows on data
+// with a large offset. (Half
 // types convert in both passes: a float copy of the chunk for the second
 // pass measured 40% slower, its traffic outweighing the conversions.)
 template <typename scalar_t>
 void moments_channels_inner(
-    const scalar_t* x, const bool* pad, int64_t rows, int64_t C,
+    const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t C,
     at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
-  const int64_t chunk_rows = std::max<int64_t>(1, (256 * 1024) / (C * int64_t(sizeof(scalar_t))));
-  // Per thread: running mean and m2, and the current chunk's mean and m2.
-  PerThreadBuffers<opmath_t> partial(C, 4);
-  std::vector<int64_t> seen(partial.threads(), 0);
+  if (C == 0) return;  // nothing to compute (and no chunk size: it divides by C)
+  // Chunks of at most 64 rows: float sums of at most 64 terms (their rounding
+  // error grows with the count), merged in MergeT; and small enough to stay in L2.
+  const int64_t chunk_rows = std::clamp<int64_t>((256 * 1024) / (C * int64_t(sizeof(scalar_t))), 1, 64);
+  // Per thread: the current chunk's mean, sum of deviations and of their squares;
+  // the thread's running mean and M2 (MergeT).
+  PerThreadBuffers<opmath_t> chunk(C, 3);
+  PerThreadBuffers<MergeT> running(C, 2);
+  std::vector<int64_t> seen(chunk.threads(), 0);
   at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
-    opmath_t* mean = partial.local(0);
-    opmath_t* m2 = partial.local(1);
-    opmath_t* chunk_mean = partial.local(2);
-    opmath_t* chunk_m2 = partial.local(3);
+    opmath_t* chunk_mean = chunk.local(0);
+    opmath_t* chunk_dsum = chunk.local(1);
+    opmath_t* chunk_m2 = chunk.local(2);
+    MergeT* mean = running.local(0);
+    MergeT* m2 = running.local(1);
     int64_t& n = seen[at::get_thread_num()];
     for (int64_t first = begin; first < end; first += chunk_rows) {
       const int64_t last = std::min(end, first + chunk_rows);
       const int64_t k = pad ? count_valid(pad + first, last - first) : last - first;
       if (k == 0) continue;
-      std::fill(chunk_mean, chunk_mean + C, opmath_t(0));
-      std::fill(chunk_m2, chunk_m2 + C, opmath_t(0));
-      for (int64_t r = first; r < last; ++r) {
-        if (pad && pad[r]) continue;
-        vec_loop<V>(C, [&](int64_t c, int64_t w) {
-          (fVec::loadu(chunk_mean + c, w) + IO::load(x + r * C + c, w)).store(chunk_mean + c, w);
-        });
-      }
+      column_blocks<V>(C, [&](auto nv, int64_t c0, int64_t lanes) {
+        ChunkColumns<scalar_t, decltype(nv)::value>::sums(x, pad, first, last, C, c0, lanes, chunk_mean);
+      });
       const fVec inv_k(opmath_t(1) / opmath_t(k));
       vec_loop<V>(C, [&](int64_t c, int64_t w) { (fVec::loadu(chunk_mean + c, w) * inv_k).store(chunk_mean + c, w); });
-      for (int64_t r = first; r < last; ++r) {
-        if (pad && pad[r]) continue;
-        vec_loop<V>(C, [&](int64_t c, int64_t w) {
-          // Scalar math: d = x - chunk_mean; chunk_m2 += d * d
-          const fVec d = IO::load(x + r * C + c, w) - fVec::loadu(chunk_mean + c, w);
-          at::vec::fmadd(d, d, fVec::loadu(chunk_m2 + c, w)).store(chunk_m2 + c, w);
-        });
-      }
-      // Scalar math: delta = chunk_mean - mean; f = k / (n + k);
-      //              mean += delta * f; m2 += chunk_m2 + delta^2 * n * f
-      const fVec f(opmath_t(k) / opmath_t(n + k)), nf(opmath_t(n) * opmath_t(k) / opmath_t(n + k));
-      vec_loop<V>(C, [&](int64_t c, int64_t w) {
-        const fVec mv = fVec::loadu(mean + c, w);
-        const fVec delta = fVec::loadu(chunk_mean + c, w) - mv;
-        at::vec::fmadd(delta, f, mv).store(mean + c, w);
-        at::vec::fmadd(delta * delta, nf, fVec::loadu(m2 + c, w) + fVec::loadu(chunk_m2 + c, w)).store(m2 + c, w);
+      column_blocks<V>(C, [&](auto nv, int64_t c0, int64_t lanes) {
+        ChunkColumns<scalar_t, decltype(nv)::value>::deviations(
+            x, pad, first, last, C, c0, lanes, chunk_mean, chunk_dsum, chunk_m2);
       });
+      // Scalar math (MergeT): the chunk's corrected moments
+      //   cm = chunk_mean + dsum / k; cm2 = chunk_m2 - dsum^2 / k
+      // merged into the thread's (Chan): delta = cm - mean; f = k / (n + k);
+      //   mean += delta * f; m2 += cm2 + delta^2 * n * f
+      const MergeT kd = MergeT(k), f = kd / MergeT(n + k), nf = MergeT(n) * f;
+      for (int64_t c = 0; c < C; ++c) {
+        const MergeT ds = chunk_dsum[c];
+        const MergeT cm = MergeT(chunk_mean[c]) + ds / kd;
+        const MergeT cm2 = std::max(MergeT(chunk_m2[c]) - ds * ds / kd, MergeT(0));
+        const MergeT delta = cm - mean[c];
+        mean[c] += delta * f;
+        m2[c] += cm2 + delta * delta * nf;
+      }
       n += k;
     }
   });
   for (int64_t c = 0; c < C; ++c) {
-    Moments<opmath_t> acc;
-    for (int64_t t = 0; t < partial.threads(); ++t) {
-      acc.merge({seen[t], partial.of_thread(t, 0)[c], partial.of_thread(t, 1)[c]});
+    Moments<MergeT> acc;  // threads in order: the same result for a given thread count
+    for (int64_t t = 0; t < chunk.threads(); ++t) {
+      acc.merge({seen[t], running.of_thread(t, 0)[c], running.of_thread(t, 1)[c]});
     }
-    mean_out[c] = acc.mean;
-    m2_out[c] = acc.m2;
+    mean_out[c] = opmath_t(acc.mean);
+    m2_out[c] = opmath_t(acc.m2);
   }
 }
 
@@ -97,9 +171,9 @@ void moments_channels_outer(
     int64_t L, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
   using opmath_t = at::opmath_type<scalar_t>;
   // Moments of every (n, c) row, visited in memory order (prefetch-friendly),
-  // then merged per channel in order of n: the same result for any thread
-  // count. Half types convert each row once (RowScratch) for its two passes.
-  std::vector<Moments<opmath_t>> rows(static_cast<size_t>(N * C));
+  // then merged per channel in order of n (in MergeT): the same result for any
+  // thread count. Half types convert each row once (RowScratch) for its two passes.
+  std::vector<Moments<MergeT>> rows(static_cast<size_t>(N * C));
   at::parallel_for(0, N * C, row_grain(L), [&](int64_t begin, int64_t end) {
     RowScratch<scalar_t> scratch(L);
     for (int64_t row = begin; row < end; ++row) {
@@ -111,10 +185,10 @@ void moments_channels_outer(
     }
   });
   for (int64_t c = 0; c < C; ++c) {
-    Moments<opmath_t> acc;
+    Moments<MergeT> acc;
     for (int64_t n = 0; n < N; ++n) acc.merge(rows[n * C + c]);
-    mean_out[c] = acc.mean;
-    m2_out[c] = acc.m2;
+    mean_out[c] = opmath_t(acc.mean);
+    m2_out[c] = opmath_t(acc.m2);
   }
 }
 
@@ -123,7 +197,7 @@ void moments_channels_outer(
 // out = (x - mean) * alpha + beta at valid positions, 0 at padding.
 template <typename scalar_t>
 void normalize(
-    const BatchNormLayout& g, const scalar_t* x, const bool* pad,
+    const BatchNormLayout& g, const scalar_t* x, const MaskByte* pad,
     const MaskLanes<at::opmath_type<scalar_t>>* lanes, const at::opmath_type<scalar_t>* mean,
     const at::opmath_type<scalar_t>* alpha, const at::opmath_type<scalar_t>* beta, scalar_t* out) {
   using IO = VecIO<scalar_t>;
@@ -133,7 +207,7 @@ void normalize(
   if (g.channels_inner) {
     at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        if (pad && pad[r]) { fill_zero(out + r * C, C); continue; }
+        if (pad && pad[r] != 0) { fill_zero(out + r * C, C); continue; }
         vec_loop<V>(C, [&](int64_t c, int64_t k) {
           // Scalar math: out = (x - mean) * alpha + beta
           const fVec y = at::vec::fmadd(
@@ -169,7 +243,7 @@ void normalize(
 // Per channel over valid positions: sum(dy) and sum(dy * (x - mean)).
 template <typename scalar_t>
 void grad_sums(
-    const BatchNormLayout& g, const scalar_t* dy, const scalar_t* x, const bool* pad,
+    const BatchNormLayout& g, const scalar_t* dy, const scalar_t* x, const MaskByte* pad,
     const MaskLanes<at::opmath_type<scalar_t>>* lanes, const at::opmath_type<scalar_t>* mean,
     at::opmath_type<scalar_t>* sum_dy, at::opmath_type<scalar_t>* sum_dy_xmu) {
   using IO = VecIO<scalar_t>;
@@ -183,7 +257,7 @@ void grad_sums(
       opmath_t* s1 = partial.local(0);
       opmath_t* s2 = partial.local(1);
       for (int64_t r = begin; r < end; ++r) {
-        if (pad && pad[r]) continue;
+        if (pad && pad[r] != 0) continue;
         vec_loop<V>(C, [&](int64_t c, int64_t k) {
           // Scalar math: s1 += dy; s2 += dy * (x - mean)
           const fVec d = IO::load(dy + r * C + c, k);
@@ -232,7 +306,7 @@ void grad_sums(
 // dx = dy * a + (x - mean) * b + k at valid positions, 0 at padding.
 template <typename scalar_t>
 void grad_input(
-    const BatchNormLayout& g, const scalar_t* dy, const scalar_t* x, const bool* pad,
+    const BatchNormLayout& g, const scalar_t* dy, const scalar_t* x, const MaskByte* pad,
     const MaskLanes<at::opmath_type<scalar_t>>* lanes, const at::opmath_type<scalar_t>* mean,
     const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b,
     const at::opmath_type<scalar_t>* k0, scalar_t* dx) {
@@ -243,7 +317,7 @@ void grad_input(
   if (g.channels_inner) {
     at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        if (pad && pad[r]) { fill_zero(dx + r * C, C); continue; }
+        if (pad && pad[r] != 0) { fill_zero(dx + r * C, C); continue; }
         vec_loop<V>(C, [&](int64_t c, int64_t k) {
           // Scalar math: dx = dy * a + (x - mean) * b + k0
           const fVec xm = IO::load(x + r * C + c, k) - fVec::loadu(mean + c, k);
@@ -281,7 +355,7 @@ void grad_input(
 
 void batch_norm_stats(const BatchNormStatsArgs& a) {
   const BatchNormLayout& g = a.layout;
-  const bool* pad = a.padding_mask.defined() ? a.padding_mask.const_data_ptr<bool>() : nullptr;
+  const MaskByte* pad = mask_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_stats", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
@@ -319,12 +393,12 @@ void batch_norm_merge_stats(const BatchNormMergeStatsArgs& a) {
     scalar_t* running_mean = update ? a.running_mean.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* running_var = update ? a.running_var.mutable_data_ptr<scalar_t>() : nullptr;
     for (int64_t c = 0; c < a.C; ++c) {
-      Moments<scalar_t> acc;  // parts in order: the same result for any thread count
+      Moments<MergeT> acc;  // parts in order: the same result for any thread count
       for (int64_t p = 0; p < a.parts; ++p) {
-        acc.merge({part_count[p], part_mean[p * a.C + c], part_m2[p * a.C + c]});
+        acc.merge({part_count[p], MergeT(part_mean[p * a.C + c]), MergeT(part_m2[p * a.C + c])});
       }
-      mean[c] = acc.mean;
-      invstd[c] = acc.count > 0 ? scalar_t(1) / std::sqrt(acc.m2 / scalar_t(acc.count) + scalar_t(a.eps)) : scalar_t(0);
+      mean[c] = scalar_t(acc.mean);
+      invstd[c] = acc.count > 0 ? scalar_t(1 / std::sqrt(acc.m2 / MergeT(acc.count) + a.eps)) : scalar_t(0);
       if (update) {
         // Scalar math: running = (1 - factor) * running + factor * batch, unbiased variance
         const double unbiased = double(acc.m2) / double(acc.count - 1);
@@ -337,7 +411,7 @@ void batch_norm_merge_stats(const BatchNormMergeStatsArgs& a) {
 
 void batch_norm_elemt(const BatchNormElemtArgs& a) {
   const BatchNormLayout& g = a.layout;
-  const bool* pad = a.padding_mask.defined() ? a.padding_mask.const_data_ptr<bool>() : nullptr;
+  const MaskByte* pad = mask_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_elemt", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t* invstd = a.invstd.const_data_ptr<opmath_t>();
@@ -359,7 +433,7 @@ void batch_norm_elemt(const BatchNormElemtArgs& a) {
 
 void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
   const BatchNormLayout& g = a.layout;
-  const bool* pad = a.padding_mask.defined() ? a.padding_mask.const_data_ptr<bool>() : nullptr;
+  const MaskByte* pad = mask_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_backward_reduce", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     std::optional<MaskLanes<opmath_t>> lanes;
@@ -376,7 +450,7 @@ void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
 
 void batch_norm_backward_elemt(const BatchNormBackwardElemtArgs& a) {
   const BatchNormLayout& g = a.layout;
-  const bool* pad = a.padding_mask.defined() ? a.padding_mask.const_data_ptr<bool>() : nullptr;
+  const MaskByte* pad = mask_bytes(a.padding_mask);
   const bool batch_stats = a.sum_dy.defined();
   const int64_t count = batch_stats ? *a.count.const_data_ptr<int64_t>() : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_backward_elemt", [&] {

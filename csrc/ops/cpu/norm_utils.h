@@ -89,6 +89,12 @@ inline opmath_t keep_bits(bool valid) {
 }
 
 // Count, mean and sum of squared deviations (M2) of a set of values.
+// Statistics are merged in MergeT (double): a part's mean, rounded to float,
+// is off by up to half an ulp, which on data with a large common offset is a
+// sizeable fraction of the spread, and Chan's between-part term would carry
+// it into the variance.
+using MergeT = double;
+
 template <typename opmath_t>
 struct Moments {
   int64_t count = 0;
@@ -137,15 +143,16 @@ inline opmath_t sum_lanes(const Vectorized<opmath_t>& v) {
 // `keep` is a per-element lane mask (see keep_bits), or nullptr when every
 // element is valid. Corrected two-pass: the row is small enough to be re-read
 // from cache, and the second pass subtracts the residual of the first pass's
-// mean, so data with a large offset keeps its variance.
+// mean, so data with a large offset keeps its variance. The corrected mean
+// and M2 are formed in MergeT (the correction is below the float mean's ulp).
 template <typename scalar_t>
-Moments<at::opmath_type<scalar_t>> row_moments(
+Moments<MergeT> row_moments(
     const scalar_t* x, const at::opmath_type<scalar_t>* keep, int64_t len, int64_t count) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
-  Moments<opmath_t> m;
+  Moments<MergeT> m;
   if (count == 0) return m;
   const fVec zero(0);
   auto load_valid = [&](int64_t i, int64_t n) {
@@ -183,10 +190,10 @@ Moments<at::opmath_type<scalar_t>> row_moments(
     dsum0 += d;
     d2sum0 = at::vec::fmadd(d, d, d2sum0);
   });
-  const opmath_t ds = sum_lanes(dsum0 + dsum1);
+  const MergeT ds = sum_lanes(dsum0 + dsum1);
   m.count = count;
-  m.mean = mean + ds / opmath_t(count);
-  m.m2 = std::max(sum_lanes(d2sum0 + d2sum1) - ds * ds / opmath_t(count), opmath_t(0));
+  m.mean = MergeT(mean) + ds / MergeT(count);
+  m.m2 = std::max(MergeT(sum_lanes(d2sum0 + d2sum1)) - ds * ds / MergeT(count), MergeT(0));
   return m;
 }
 
@@ -233,6 +240,16 @@ class PerThreadBuffers {
   std::vector<T> data_;
 };
 
+// A padding mask's elements, read as bytes: a bool tensor may hold bytes
+// other than 0 and 1 (a uint8 tensor viewed as bool, a buffer from
+// elsewhere), which torch reads as True when nonzero (c10::load<bool>). Read
+// as `bool`, such a byte is undefined behaviour, and was in practice taken as
+// padding by some loops and as valid by others. Test `!= 0`.
+using MaskByte = uint8_t;
+inline const MaskByte* mask_bytes(const at::Tensor& mask) {
+  return mask.defined() ? reinterpret_cast<const MaskByte*>(mask.const_data_ptr<bool>()) : nullptr;
+}
+
 // The padding mask of an (N, L) batch as lane masks (keep_bits), and the number of
 // valid positions in each of the N rows. Used where masked positions sit
 // inside a contiguous row (channels-first batch norm).
@@ -242,12 +259,12 @@ struct MaskLanes {
   std::vector<int64_t> valid;    // N counts of valid positions
   int64_t total = 0;
 
-  MaskLanes(const bool* pad, int64_t N, int64_t L)
+  MaskLanes(const MaskByte* pad, int64_t N, int64_t L)
       : keep(static_cast<size_t>(N * L)), valid(static_cast<size_t>(N)) {
     for (int64_t n = 0; n < N; ++n) {
       int64_t v = 0;
       for (int64_t l = 0; l < L; ++l) {
-        const bool ok = !pad[n * L + l];
+        const bool ok = pad[n * L + l] == 0;
         keep[n * L + l] = keep_bits<opmath_t>(ok);
         v += ok;
       }
@@ -258,10 +275,10 @@ struct MaskLanes {
 };
 
 // Number of valid (non-padding) rows.
-inline int64_t count_valid(const bool* pad, int64_t rows) {
+inline int64_t count_valid(const MaskByte* pad, int64_t rows) {
   if (pad == nullptr) return rows;
   int64_t padded = 0;
-  for (int64_t r = 0; r < rows; ++r) padded += pad[r];
+  for (int64_t r = 0; r < rows; ++r) padded += pad[r] != 0;
   return rows - padded;
 }
 

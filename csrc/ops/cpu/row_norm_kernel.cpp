@@ -33,7 +33,7 @@ at::opmath_type<scalar_t> mean_of_squares(const scalar_t* x, int64_t len) {
 // convert each row once (RowScratch); the passes then read floats.
 template <typename scalar_t>
 void row_norm_forward_loop(
-    bool centered, const scalar_t* x, const bool* pad, int64_t rows, int64_t D,
+    bool centered, const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t D,
     const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b, double eps,
     scalar_t* out, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out) {
   using IO = VecIO<scalar_t>;
@@ -44,7 +44,7 @@ void row_norm_forward_loop(
     RowScratch<scalar_t> scratch(D);
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* yr = out + r * D;
-      if (pad && pad[r]) {
+      if (pad && pad[r] != 0) {
         fill_zero(yr, D);
         if (mean_out) mean_out[r] = 0;
         rstd_out[r] = 0;
@@ -54,8 +54,8 @@ void row_norm_forward_loop(
       opmath_t mean = 0, var;
       if (centered) {
         const auto m = row_moments<opmath_t>(xr, nullptr, D, D);
-        mean = m.mean;
-        var = m.m2 / opmath_t(D);
+        mean = opmath_t(m.mean);
+        var = opmath_t(m.m2 / MergeT(D));
       } else {
         var = mean_of_squares(xr, D);
       }
@@ -82,7 +82,7 @@ void row_norm_forward_loop(
 // types convert each row of x and dy once (RowScratch).
 template <typename scalar_t>
 void row_norm_backward_loop(
-    bool centered, const scalar_t* dy, const scalar_t* x, const bool* pad, int64_t rows, int64_t D,
+    bool centered, const scalar_t* dy, const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t D,
     const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
     const at::opmath_type<scalar_t>* w, scalar_t* dx, at::opmath_type<scalar_t>* dw,
     at::opmath_type<scalar_t>* db) {
@@ -98,7 +98,7 @@ void row_norm_backward_loop(
     opmath_t* db_local = db ? columns.local(1) : nullptr;
     RowScratch<scalar_t> x_scratch(D), dy_scratch(D);
     for (int64_t r = begin; r < end; ++r) {
-      if (pad && pad[r]) {
+      if (pad && pad[r] != 0) {
         if (dx) fill_zero(dx + r * D, D);
         continue;
       }
@@ -147,7 +147,7 @@ void row_norm_forward(const RowNormForwardArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_row_norm_forward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     row_norm_forward_loop<scalar_t>(
-        a.centered, a.input.const_data_ptr<scalar_t>(), data_or_null<bool>(a.padding_mask), a.rows, a.width,
+        a.centered, a.input.const_data_ptr<scalar_t>(), mask_bytes(a.padding_mask), a.rows, a.width,
         data_or_null<opmath_t>(a.weight), data_or_null<opmath_t>(a.bias), a.eps,
         a.output.mutable_data_ptr<scalar_t>(), data_or_null<opmath_t>(a.mean), a.rstd.mutable_data_ptr<opmath_t>());
   });
@@ -158,7 +158,7 @@ void row_norm_backward(const RowNormBackwardArgs& a) {
     using opmath_t = at::opmath_type<scalar_t>;
     row_norm_backward_loop<scalar_t>(
         a.centered, a.grad_output.const_data_ptr<scalar_t>(), a.input.const_data_ptr<scalar_t>(),
-        data_or_null<bool>(a.padding_mask), a.rows, a.width, data_or_null<opmath_t>(a.mean),
+        mask_bytes(a.padding_mask), a.rows, a.width, data_or_null<opmath_t>(a.mean),
         a.rstd.const_data_ptr<opmath_t>(), data_or_null<opmath_t>(a.weight),
         data_or_null<scalar_t>(a.grad_input), data_or_null<opmath_t>(a.grad_weight),
         data_or_null<opmath_t>(a.grad_bias));

@@ -24,11 +24,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
-}
-
 // (outer, C, inner) view of a layout.
 struct Geometry {
   int64_t outer, C, inner;
@@ -81,7 +76,7 @@ template <typename scalar_t>
 struct ReduceParams {
   const scalar_t* x;
   const scalar_t* dy;     // GradReduction only
-  const bool* pad;
+  const MaskByte* pad;
   const opmath_t<scalar_t>* mean;  // GradReduction only
   opmath_t<scalar_t>* partial;     // (chunks, C, kFields)
   int64_t outer, C, inner, outer_per_chunk;
@@ -170,13 +165,13 @@ __global__ void __launch_bounds__(kThreads) reduce_outer_kernel(const ReducePara
   for (int64_t n = begin; n < end; ++n) {
     const scalar_t* xr = p.x + (n * p.C + c) * p.inner;
     const scalar_t* dyr = R::kNeedsDy ? p.dy + (n * p.C + c) * p.inner : nullptr;
-    const bool* padr = p.pad != nullptr ? p.pad + n * p.inner : nullptr;
+    const MaskByte* padr = p.pad != nullptr ? p.pad + n * p.inner : nullptr;
     for (int64_t l = int64_t(threadIdx.x) * VEC; l < p.inner; l += int64_t(blockDim.x) * VEC) {
       acc_t xv[VEC], dyv[VEC];
       load<VEC>(xr + l, xv);
       if (R::kNeedsDy) load<VEC>(dyr + l, dyv);
-      Pack<bool, VEC> pad;
-      if (padr != nullptr) pad = *reinterpret_cast<const Pack<bool, VEC>*>(padr + l);
+      Pack<MaskByte, VEC> pad;
+      if (padr != nullptr) pad = *reinterpret_cast<const Pack<MaskByte, VEC>*>(padr + l);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         if (padr == nullptr || !pad.v[i]) R::add(acc, xv[i], R::kNeedsDy ? dyv[i] : acc_t(0), mean);
@@ -249,7 +244,7 @@ at::Tensor reduce_channels(
   const int64_t target_blocks = int64_t(multiprocessors()) * 8;  // two waves: a short tail
   ReduceParams<scalar_t> p{
       input.const_data_ptr<scalar_t>(), R::kNeedsDy ? grad_output.const_data_ptr<scalar_t>() : nullptr,
-      data_or_null<bool>(mask), R::kNeedsDy ? mean.const_data_ptr<acc_t>() : nullptr, nullptr, g.outer, g.C,
+      mask_bytes(mask), R::kNeedsDy ? mean.const_data_ptr<acc_t>() : nullptr, nullptr, g.outer, g.C,
       g.inner, 0};
   const bool vec = vector_ok<scalar_t>(
       g.channels_inner ? g.C : g.inner,
@@ -295,7 +290,7 @@ template <typename scalar_t>
 struct ElemtParams {
   const scalar_t* x;
   const scalar_t* dy;  // HAS_DY only
-  const bool* pad;
+  const MaskByte* pad;
   const opmath_t<scalar_t>* mean;
   const opmath_t<scalar_t>* coef;  // (3, C): coef_x, coef_dy, coef_k
   scalar_t* out;
@@ -307,7 +302,7 @@ template <typename scalar_t, int VEC, bool HAS_DY>
 __device__ __forceinline__ void elemt_vector(
     const ElemtParams<scalar_t>& p, int64_t offset, const opmath_t<scalar_t> (&mean)[VEC],
     const opmath_t<scalar_t> (&cx)[VEC], const opmath_t<scalar_t> (&cdy)[VEC], const opmath_t<scalar_t> (&ck)[VEC],
-    const bool* pad) {
+    const MaskByte* pad) {
   using acc_t = opmath_t<scalar_t>;
   acc_t xv[VEC], dyv[VEC], out[VEC];
   load<VEC>(p.x + offset, xv);
@@ -320,7 +315,7 @@ __device__ __forceinline__ void elemt_vector(
     out[i] = v;
   }
   if (pad != nullptr) {
-    const Pack<bool, VEC> padded = *reinterpret_cast<const Pack<bool, VEC>*>(pad);
+    const Pack<MaskByte, VEC> padded = *reinterpret_cast<const Pack<MaskByte, VEC>*>(pad);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) out[i] = padded.v[i] ? acc_t(0) : out[i];
   }
@@ -403,7 +398,7 @@ void elementwise(
   constexpr int V = kVec<scalar_t>;
   const ElemtParams<scalar_t> p{
       input.const_data_ptr<scalar_t>(), HAS_DY ? grad_output.const_data_ptr<scalar_t>() : nullptr,
-      data_or_null<bool>(mask), mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(),
+      mask_bytes(mask), mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(),
       out.mutable_data_ptr<scalar_t>(), g.outer, g.C, g.inner};
   const int64_t along = g.channels_inner ? g.C : g.inner;
   // Channels inner also loads mean and the coefficient rows as vectors: with

@@ -53,7 +53,7 @@ RowLaunch row_launch(int64_t vectors, const RowTuning& t) {
 template <typename scalar_t>
 struct ForwardParams {
   const scalar_t* x;
-  const bool* pad;
+  const MaskByte* pad;
   const opmath_t<scalar_t>* weight;
   const opmath_t<scalar_t>* bias;
   scalar_t* y;
@@ -136,7 +136,7 @@ template <typename scalar_t>
 struct BackwardParams {
   const scalar_t* dy;
   const scalar_t* x;
-  const bool* pad;
+  const MaskByte* pad;
   const opmath_t<scalar_t>* mean;
   const opmath_t<scalar_t>* rstd;
   const opmath_t<scalar_t>* weight;
@@ -288,16 +288,11 @@ __global__ void sum_partials_kernel(const acc_t* partial, int64_t blocks, int64_
   out[c] = total;
 }
 
-template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
-}
-
 template <typename scalar_t, int VEC>
 void forward_launch(const RowNormForwardArgs& a, const RowLaunch& l) {
   using acc_t = opmath_t<scalar_t>;
   const ForwardParams<scalar_t> p{
-      a.input.const_data_ptr<scalar_t>(), data_or_null<bool>(a.padding_mask), data_or_null<acc_t>(a.weight),
+      a.input.const_data_ptr<scalar_t>(), mask_bytes(a.padding_mask), data_or_null<acc_t>(a.weight),
       data_or_null<acc_t>(a.bias), a.output.mutable_data_ptr<scalar_t>(), data_or_null<acc_t>(a.mean),
       a.rstd.mutable_data_ptr<acc_t>(), a.rows, a.width, acc_t(a.eps), a.centered};
   const dim3 block(l.threads_x, l.rows_per_block);
@@ -320,7 +315,7 @@ void backward_launch(const RowNormBackwardArgs& a, const RowLaunch& l) {
   at::Tensor partial;
   if (columns) partial = at::empty({2, blocks, a.width}, a.rstd.options());
   const BackwardParams<scalar_t> p{
-      a.grad_output.const_data_ptr<scalar_t>(), a.input.const_data_ptr<scalar_t>(), data_or_null<bool>(a.padding_mask),
+      a.grad_output.const_data_ptr<scalar_t>(), a.input.const_data_ptr<scalar_t>(), mask_bytes(a.padding_mask),
       data_or_null<acc_t>(a.mean), a.rstd.const_data_ptr<acc_t>(), data_or_null<acc_t>(a.weight),
       data_or_null<scalar_t>(a.grad_input),
       a.grad_weight.defined() ? partial[0].mutable_data_ptr<acc_t>() : nullptr,

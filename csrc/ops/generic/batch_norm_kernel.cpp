@@ -29,11 +29,14 @@ void batch_norm_stats(const BatchNormStatsArgs& a) {
   const Tensor count = a.padding_mask.defined() ? a.padding_mask.logical_not().sum(at::kLong)
                                                 : at::scalar_tensor(a.layout.rows(), a.count.options());
   const Tensor n = count.to(a.mean.scalar_type()).clamp_min(1);
-  // Two passes: the mean, then squared deviations from it.
+  // Corrected two passes: the mean, then deviations from it and their squares;
+  // the deviations' sum corrects the first pass's rounding (no bias in M2 on
+  // data with a large offset).
   const Tensor mean = sum_over(x, axes.stat_dims, /*keepdim=*/true) / n;
   const Tensor d = where_valid(x - mean, axes.valid);
-  a.mean.copy_(mean.reshape({-1}));
-  a.m2.copy_(sum_over(d * d, axes.stat_dims, /*keepdim=*/false));
+  const Tensor ds = sum_over(d, axes.stat_dims, /*keepdim=*/true);
+  a.mean.copy_((mean + ds / n).reshape({-1}));
+  a.m2.copy_((sum_over(d * d, axes.stat_dims, /*keepdim=*/true) - ds * ds / n).clamp_min(0).reshape({-1}));
   a.count.copy_(count);
 }
 
