@@ -25,6 +25,9 @@ Environment:
   MASKNORM_CPU_ISAS     instruction-set builds to make, comma-separated
                         (default: all of build.json's; empty: none)
   MASKNORM_DEBUG=1      -O0 -g
+  MASKNORM_SANITIZE=1   AddressSanitizer + UndefinedBehaviorSanitizer (build.json's
+                        sanitize_flags; run Python with the runtimes preloaded,
+                        README "Reliability")
   MAX_JOBS              parallel compile jobs (torch's ninja builds)
 """
 import glob
@@ -135,7 +138,8 @@ def common_args(cuda):
     # OpenMP: at::parallel_for is inline and runs its loop through OpenMP;
     # without the flag it runs on one thread. The runtime is torch's
     # (libgomp.so.1, already loaded with torch).
-    cxx = (["-O0", "-g"] if debug else ["-O3", "-g0"]) + BUILD["openmp_flags"] + BUILD["cxx_flags"]
+    sanitize = BUILD["sanitize_flags"] if os.environ.get("MASKNORM_SANITIZE", "0") == "1" else []
+    cxx = (["-O0", "-g"] if debug else ["-O3", "-g0"]) + BUILD["openmp_flags"] + BUILD["cxx_flags"] + sanitize
     args = dict(
         include_dirs=[os.path.join(ROOT, d) for d in BUILD["include_dirs"]],
         define_macros=[
@@ -147,7 +151,7 @@ def common_args(cuda):
             ("MASKNORM_ISA_LIBRARY_INFIX", f'"{BUILD["isa_library_infix"]}"'),
         ],
         extra_compile_args={"cxx": cxx},
-        extra_link_args=list(BUILD["openmp_flags"]),
+        extra_link_args=BUILD["openmp_flags"] + sanitize,
     )
     if cuda:
         args["extra_compile_args"]["nvcc"] = list(BUILD["nvcc_flags"])
