@@ -231,6 +231,7 @@ def main(argv=None) -> int:
                 print(f"the unmutated tests fail ({t or 'default'} threads): {first}", file=sys.stderr)
                 return 1
             print(f"unmutated tests pass ({t or 'default'} threads, {secs:.0f} s)", file=sys.stderr)
+        stale = False  # the built libraries hold a restored C++ mutant
         for m in tqdm(mutants, desc="mutants", unit="mutant", file=sys.stderr):
             path = os.path.join(copy, m.path)
             with open(path) as f:
@@ -239,7 +240,8 @@ def main(argv=None) -> int:
             try:
                 with open(path, "w") as f:
                     f.write(original.replace(m.old, m.new, 1))
-                built = m.path.endswith(".py") or build(copy, isas, log)
+                built = (m.path.endswith(".py") and not stale) or build(copy, isas, log)
+                stale = False
                 build_secs = time.monotonic() - start
                 for t in threads:
                     if not built:
@@ -251,6 +253,7 @@ def main(argv=None) -> int:
             finally:
                 with open(path, "w") as f:
                     f.write(original)
+                stale = stale or not m.path.endswith(".py")
     finally:
         if args.keep:
             print(f"kept {tmp}", file=sys.stderr)
