@@ -21,7 +21,10 @@ mutant: applies it, rebuilds (C++ only; ninja recompiles the changed file),
 runs pytest with PYTHONPATH on the copy's python/ (the installed masknorm of
 the environment is never touched), and restores the file. `--threads 1,2,8,16`
 runs each mutant once per thread count (OMP_NUM_THREADS, which sets torch's).
-A mutant is killed when pytest fails, survived when it passes.
+A mutant is killed when pytest fails, survived when it passes. The table
+(markdown, on stdout): mutant, file, threads, killed / survived, the first
+failing test, seconds (rebuild, counted in a mutant's first row, and pytest).
+The exit status is 1 when a mutant survived.
 
 The build uses the interpreter running this script and its environment
 (setuptools >= 77, ninja, torch). `--isas` picks the instruction-set kernel
@@ -249,6 +252,7 @@ def main(argv=None) -> int:
                         continue
                     ok, first, secs = run_tests(copy, args.tests, t, args.timeout)
                     rows.append((m, t, "survived" if ok else "killed", first, build_secs + secs))
+                    build_secs = 0.0  # counted once, in the mutant's first row
                     tqdm.write(f"{m.name} ({t or 'default'} threads): {rows[-1][2]} {first}", file=sys.stderr)
             finally:
                 with open(path, "w") as f:
