@@ -580,6 +580,10 @@ def test_batch_norm_backward_op_output_mask(layout, training, device):
     gi3, gw3, gb3 = ops.batch_norm_backward(g, x, mask, w, sm, si, training, cl, [False, True, True])
     assert gi3 is None
     assert torch.equal(gw3, gw) and torch.equal(gb3, gb)
+    for only in (1, 2):  # one parameter gradient alone
+        out = ops.batch_norm_backward(g, x, mask, w, sm, si, training, cl, [False, only == 1, only == 2])
+        assert [t is None for t in out] == [True, only != 1, only != 2]
+        assert torch.equal(out[only], (gw, gb)[only - 1])
 
 
 # ---------------------------------------------------------------------------
@@ -609,16 +613,18 @@ def test_large_shapes(layout, training, dtype, device):
 @pytest.mark.parametrize("layout", BN_LAYOUTS)
 def test_large_offset_is_numerically_stable(layout, device):
     """float32 input around 1000 with unit spread: a naive E[x^2]-E[x]^2 variance
-    loses all precision; the result must match a float64 computation."""
+    loses all precision; the result must match a float64 computation (measured:
+    output 2.0e-5 off, running variance 4.7e-8 relative, running mean 4.8e-6 on
+    values of 100, in every layout)."""
     case = S.Case(layout, 300, 5) if layout == "NC" else S.Case(layout, 8, 5, 40)
     m, _ = make_bn_pair(case.C, channels_last=case.channels_last, device=device)
     r64 = nn.BatchNorm1d(case.C, dtype=torch.float64).to(device)
     copy_state(r64, m)
     x, mask = S.inputs(case, device=device, scale=1.0, offset=1000.0)
     y = m(x, padding_mask=mask)
-    assert_close(y, ref_bn(r64, x.double(), mask, case.channels_last), rtol=1e-3, atol=1e-3)
+    assert_close(y, ref_bn(r64, x.double(), mask, case.channels_last), rtol=1e-4, atol=1e-4)
     assert_close(m.running_mean, r64.running_mean, **running_tol(torch.float32))
-    assert_close(m.running_var, r64.running_var, rtol=1e-4, atol=1e-6)
+    assert_close(m.running_var, r64.running_var, **running_tol(torch.float32))
 
 
 # ---------------------------------------------------------------------------
@@ -654,17 +660,26 @@ def test_no_grad_and_inference_mode(layout, ctx, device):
         assert_close(m(x, padding_mask=mask), ref_bn(r, x, mask, cl))
 
 
+@pytest.mark.parametrize("frozen", [None, "weight", "bias"])
 @pytest.mark.parametrize("layout", BN_LAYOUTS)
 @pytest.mark.parametrize("training", [True, False])
-def test_param_grads_without_input_grad(layout, training, device):
+def test_param_grads_without_input_grad(layout, training, frozen, device):
+    """Parameter gradients alone (x needs none), one parameter frozen too:
+    bias-only fine-tuning asks the backward for the bias gradient only."""
     cl = is_channels_last(layout)
     m, r = _pair(layout, "train" if training else "eval", device)
+    if frozen:
+        getattr(m, frozen).requires_grad_(False), getattr(r, frozen).requires_grad_(False)
     x, mask = _small(layout, device)  # x does not require grad
     g = torch.randn_like(x)
     m(x, padding_mask=mask).backward(g)
     ref_bn(r, x, mask, cl).backward(g)
-    assert_close(m.weight.grad, r.weight.grad)
-    assert_close(m.bias.grad, r.bias.grad)
+    for name in ("weight", "bias"):
+        got, want = getattr(m, name).grad, getattr(r, name).grad
+        assert (got is None) == (name == frozen) == (want is None)
+        if want is not None:
+            assert want.abs().min() > 1e-3  # not a gradient that zeros would match
+            assert_close(got, want)
 
 
 def test_functional_non_contiguous_params(device):

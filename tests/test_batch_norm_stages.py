@@ -101,10 +101,12 @@ def test_stats_dtypes(layout, dtype, device):
 
 @pytest.mark.parametrize("layout", BN_LAYOUTS)
 def test_stats_large_offset(layout, device):
-    # float32 values around 1000 with unit spread: E[x^2] - E[x]^2 would lose the variance
+    # float32 values around 1000 with unit spread: E[x^2] - E[x]^2 would lose the variance.
+    # CPU (native and generic kernels) measured: mean 2.9e-8, M2 1.9e-7 relative.
     case = S.Case(layout, 40, 5, 9) if layout != "NC" else S.Case(layout, 300, 5)
     x, mask = S.inputs(case, device=device, scale=1.0, offset=1000.0)
-    _check_stats(x, mask, case.channels_last, rtol=1e-4, atol=1e-3)
+    tol = dict(rtol=2e-6, atol=0) if torch.device(device).type == "cpu" else dict(rtol=1e-4, atol=1e-3)
+    _check_stats(x, mask, case.channels_last, **tol)
 
 
 @pytest.mark.parametrize("layout", BN_LAYOUTS)

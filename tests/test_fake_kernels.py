@@ -75,3 +75,29 @@ def test_meta_device_gives_shapes_and_dtypes(op, name):
         if e is not None:
             assert a.device.type == "meta"
             assert (a.shape, a.dtype) == (e.shape, e.dtype)
+
+
+# 2-D (N, C) input ignores channels_last: the fake kernels must too (a fake
+# reading C from dim 2 fails torch.compile of MaskedBatchNorm1d(channels_last=True))
+NC_CASES = [(op, name) for op, name in META_CASES if op.startswith("batch_norm") and "NC_" in name]
+
+def test_every_batch_norm_op_with_channels_last_has_a_2d_sample():
+    assert {op for op, _ in NC_CASES} == {op for op in samples.OPS if "channels_last" in _argument_names(op)}
+
+def _argument_names(op):
+    return [a.name for a in getattr(ops, op).default._schema.arguments]
+
+@pytest.mark.parametrize("op,name", NC_CASES, ids=[f"{op}-{name}" for op, name in NC_CASES])
+def test_fake_kernels_take_2d_input_with_channels_last(op, name):
+    at = _argument_names(op).index("channels_last")
+    sample = by_name(samples.SAMPLES[op](), name).replace(f"{name}-channels_last", **{f"a{at}": True})
+    assert sample.args[0].dim() == 2
+    fn = getattr(ops, op)
+    expected = _flat(sample.clone().call(fn))
+    mode = FakeTensorMode()
+    with mode:
+        actual = _flat(sample.map(mode.from_tensor).call(fn))
+    for a, e in zip(actual, expected, strict=True):
+        assert (a is None) == (e is None)
+        if e is not None:
+            assert (a.shape, a.dtype) == (e.shape, e.dtype)

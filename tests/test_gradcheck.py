@@ -17,8 +17,9 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import samples
-from conftest import bn_full_mask, poison, row_full_mask
-from samples.common import by_name
+from conftest import bn_full_mask, is_channels_last, poison, ref_bn, ref_rows, row_full_mask
+from samples import batch_norm as SB, row_norm as SR
+from samples.common import by_name, inputs
 
 pytestmark = pytest.mark.kernels
 
@@ -217,3 +218,55 @@ def test_backward_op_composite_matches_kernel(op):
     stats_grad = composite_sample.replace("stats", **{f"a{stat_at}": sample.args[stat_at].clone().requires_grad_()})
     with pytest.raises(RuntimeError, match=f"masknorm::{op}: derivatives with respect to the saved statistics"):
         fn(*stats_grad.args)
+
+
+# ------------------------------------------------------- double backward vs torch
+
+# gradgradcheck compares the composite with itself; here its second
+# derivatives meet torch's own (nn.BatchNorm1d's batch_norm, F.layer_norm,
+# F.rms_norm on the packed valid tokens), with random grad_output and random
+# grad-of-grad: a dropped term of the composite changes them.
+SECOND_ORDER = [("batch_norm", c) for c in ("NC", "NCL", "NLC")] + [
+    (op, c) for op in ("layer_norm", "rms_norm") for c in ("seq", "rows_ns2", "mask3d")]
+
+
+def _masked_and_torch(op, case, device):
+    """(x, masknorm's f(x, w, b), torch's on the packed valid tokens, w, b)."""
+    eps = 1e-5
+    if op == "batch_norm":
+        c, cl = SB.parity_case(case), is_channels_last(case)
+        x, mask = inputs(c, dtype=DT, device=device)
+        w, b = (torch.rand(c.C, dtype=DT, device=device) + 0.5 for _ in range(2))
+        f = lambda x, w, b: ops.batch_norm(x, mask, w, b, None, None, None, True, 0.1, eps, cl)[0]
+        ref = lambda x, w, b: ref_bn(lambda t: torch.nn.functional.batch_norm(t, None, None, w, b, True, 0.1, eps),
+                                     x, mask, cl)
+        return x, f, ref, w, b
+    c = SR.Case(*SR.PARITY_SHAPES[case])
+    ns = c.ns
+    x, mask = inputs(c, dtype=DT, device=device)
+    w, b = (torch.rand(ns, dtype=DT, device=device) + 0.5 for _ in range(2))
+    if op == "layer_norm":
+        f = lambda x, w, b: ops.layer_norm(x, list(ns), mask, w, b, eps)[0]
+        ref = lambda x, w, b: ref_rows(lambda t: torch.nn.functional.layer_norm(t, ns, w, b, eps), x, mask)
+    else:
+        f = lambda x, w, b: ops.rms_norm(x, list(ns), mask, w, eps)[0] + b
+        ref = lambda x, w, b: ref_rows(lambda t: torch.nn.functional.rms_norm(t, ns, w, eps), x, mask) + b
+    return x, f, ref, w, b
+
+
+@pytest.mark.parametrize("op,case", SECOND_ORDER, ids=[f"{op}-{c}" for op, c in SECOND_ORDER])
+def test_double_backward_matches_torch(op, case, device):
+    x, f, ref, w, b = _masked_and_torch(op, case, device)
+    g = torch.randn(x.shape, dtype=DT, device=device)
+    vs = [torch.randn(t.shape, dtype=DT, device=device) for t in (x, w, b)]
+    results = []
+    for fn in (f, ref):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b, g)]
+        first = torch.autograd.grad(fn(*leaves[:3]), leaves[:3], leaves[3], create_graph=True)
+        inner = sum((d * v).sum() for d, v in zip(first, vs))
+        second = torch.autograd.grad(inner, leaves[:2] + leaves[3:], allow_unused=True)
+        results.append([d.detach() for d in first] + [torch.zeros_like(t) if d is None else d
+                                                      for d, t in zip(second, leaves[:2] + leaves[3:])])
+    for name, a, e in zip(("dx", "dw", "db", "d2x", "d2w", "d2g"), *results):
+        assert e.abs().max() > 1e-3, name  # nothing that zeros would match
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=name)
