@@ -192,53 +192,7 @@ void moments_channels_outer(
   }
 }
 
-// ------------------------------------------------------------------- forward
-
-// out = (x - mean) * alpha + beta at valid positions, 0 at padding.
-template <typename scalar_t>
-void normalize(
-    const BatchNormLayout& g, const scalar_t* x, const MaskByte* pad,
-    const MaskLanes<at::opmath_type<scalar_t>>* lanes, const at::opmath_type<scalar_t>* mean,
-    const at::opmath_type<scalar_t>* alpha, const at::opmath_type<scalar_t>* beta, scalar_t* out) {
-  using IO = VecIO<scalar_t>;
-  using fVec = typename IO::fVec;
-  constexpr int64_t V = IO::size();
-  const int64_t C = g.C;
-  if (g.channels_inner) {
-    at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        if (pad && pad[r] != 0) { fill_zero(out + r * C, C); continue; }
-        vec_loop<V>(C, [&](int64_t c, int64_t k) {
-          // Scalar math: out = (x - mean) * alpha + beta
-          const fVec y = at::vec::fmadd(
-              IO::load(x + r * C + c, k) - fVec::loadu(mean + c, k), fVec::loadu(alpha + c, k),
-              fVec::loadu(beta + c, k));
-          IO::store(out + r * C + c, y, k);
-        });
-      }
-    });
-    return;
-  }
-  const int64_t L = g.L;
-  at::parallel_for(0, g.N * C, row_grain(L), [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / C, c = plane % C;
-      const scalar_t* xr = x + plane * L;
-      scalar_t* yr = out + plane * L;
-      if (lanes && lanes->valid[n] == 0) { fill_zero(yr, L); continue; }
-      const auto* keep = lanes ? lanes->keep.data() + n * L : nullptr;
-      const fVec m(mean[c]), a(alpha[c]), b(beta[c]);
-      vec_loop<V>(L, [&](int64_t l, int64_t k) {
-        // Scalar math: out = valid ? (x - mean) * alpha + beta : 0
-        fVec y = at::vec::fmadd(IO::load(xr + l, k) - m, a, b);
-        if (keep) y = y & fVec::loadu(keep + l, k);
-        IO::store(yr + l, y, k);
-      });
-    }
-  });
-}
-
-// ---------------------------------------------------------------- backward
+// ------------------------------------------------------- backward reductions
 
 // Per channel over valid positions: sum(dy) and sum(dy * (x - mean)).
 template <typename scalar_t>
@@ -303,13 +257,18 @@ void grad_sums(
   });
 }
 
-// dx = dy * a + (x - mean) * b + k at valid positions, 0 at padding.
-template <typename scalar_t>
-void grad_input(
+// ----------------------------------------------- elementwise (fwd and bwd)
+
+// out = dy * a + (x - mean) * b + k0 at valid positions, 0 at padding, per
+// channel: the normalization (kHasDy false: b = alpha, k0 = beta, no dy term)
+// and the input gradient. One loop, so both stages see the same traversal of
+// both layouts.
+template <bool kHasDy, typename scalar_t>
+void affine_per_channel(
     const BatchNormLayout& g, const scalar_t* dy, const scalar_t* x, const MaskByte* pad,
     const MaskLanes<at::opmath_type<scalar_t>>* lanes, const at::opmath_type<scalar_t>* mean,
     const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b,
-    const at::opmath_type<scalar_t>* k0, scalar_t* dx) {
+    const at::opmath_type<scalar_t>* k0, scalar_t* out) {
   using IO = VecIO<scalar_t>;
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
@@ -317,14 +276,13 @@ void grad_input(
   if (g.channels_inner) {
     at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        if (pad && pad[r] != 0) { fill_zero(dx + r * C, C); continue; }
+        if (pad && pad[r] != 0) { fill_zero(out + r * C, C); continue; }
         vec_loop<V>(C, [&](int64_t c, int64_t k) {
-          // Scalar math: dx = dy * a + (x - mean) * b + k0
-          const fVec xm = IO::load(x + r * C + c, k) - fVec::loadu(mean + c, k);
-          const fVec v = at::vec::fmadd(
-              IO::load(dy + r * C + c, k), fVec::loadu(a + c, k),
-              at::vec::fmadd(xm, fVec::loadu(b + c, k), fVec::loadu(k0 + c, k)));
-          IO::store(dx + r * C + c, v, k);
+          // Scalar math: out = dy * a + (x - mean) * b + k0
+          fVec v = at::vec::fmadd(
+              IO::load(x + r * C + c, k) - fVec::loadu(mean + c, k), fVec::loadu(b + c, k), fVec::loadu(k0 + c, k));
+          if constexpr (kHasDy) v = at::vec::fmadd(IO::load(dy + r * C + c, k), fVec::loadu(a + c, k), v);
+          IO::store(out + r * C + c, v, k);
         });
       }
     });
@@ -334,16 +292,16 @@ void grad_input(
   at::parallel_for(0, g.N * C, row_grain(L), [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / C, c = plane % C;
-      if (lanes && lanes->valid[n] == 0) { fill_zero(dx + plane * L, L); continue; }
+      if (lanes && lanes->valid[n] == 0) { fill_zero(out + plane * L, L); continue; }
       const auto* keep = lanes ? lanes->keep.data() + n * L : nullptr;
-      const fVec m(mean[c]), av(a[c]), bv(b[c]), kv(k0[c]);
+      const fVec m(mean[c]), bv(b[c]), kv(k0[c]);
+      const fVec av(kHasDy ? a[c] : 0);
       vec_loop<V>(L, [&](int64_t l, int64_t k) {
-        // Scalar math: dx = valid ? dy * a + (x - mean) * b + k0 : 0
-        fVec v = at::vec::fmadd(
-            IO::load(dy + plane * L + l, k), av,
-            at::vec::fmadd(IO::load(x + plane * L + l, k) - m, bv, kv));
+        // Scalar math: out = valid ? dy * a + (x - mean) * b + k0 : 0
+        fVec v = at::vec::fmadd(IO::load(x + plane * L + l, k) - m, bv, kv);
+        if constexpr (kHasDy) v = at::vec::fmadd(IO::load(dy + plane * L + l, k), av, v);
         if (keep) v = v & fVec::loadu(keep + l, k);
-        IO::store(dx + plane * L + l, v, k);
+        IO::store(out + plane * L + l, v, k);
       });
     }
   });
@@ -425,9 +383,9 @@ void batch_norm_elemt(const BatchNormElemtArgs& a) {
     }
     std::optional<MaskLanes<opmath_t>> lanes;
     if (pad && !g.channels_inner) lanes.emplace(pad, g.N, g.L);
-    normalize<scalar_t>(
-        g, a.input.const_data_ptr<scalar_t>(), pad, lanes ? &*lanes : nullptr, a.mean.const_data_ptr<opmath_t>(),
-        alpha.data(), beta.data(), a.output.mutable_data_ptr<scalar_t>());
+    affine_per_channel</*kHasDy=*/false, scalar_t>(
+        g, nullptr, a.input.const_data_ptr<scalar_t>(), pad, lanes ? &*lanes : nullptr,
+        a.mean.const_data_ptr<opmath_t>(), nullptr, alpha.data(), beta.data(), a.output.mutable_data_ptr<scalar_t>());
   });
 }
 
@@ -471,7 +429,7 @@ void batch_norm_backward_elemt(const BatchNormBackwardElemtArgs& a) {
     }
     std::optional<MaskLanes<opmath_t>> lanes;
     if (pad && !g.channels_inner) lanes.emplace(pad, g.N, g.L);
-    grad_input<scalar_t>(
+    affine_per_channel</*kHasDy=*/true, scalar_t>(
         g, a.grad_output.const_data_ptr<scalar_t>(), a.input.const_data_ptr<scalar_t>(), pad,
         lanes ? &*lanes : nullptr, a.mean.const_data_ptr<opmath_t>(), k_dy.data(), k_x.data(), k.data(),
         a.grad_input.mutable_data_ptr<scalar_t>());
