@@ -79,7 +79,8 @@ void row_norm_forward_loop(
 //   dx = rstd * (g - xhat * mean(g * xhat))               (RMS)
 // and over valid rows dw = sum(dy * xhat), db = sum(dy).
 // dx, dw, db may each be null (not requested); w and mean may be null. Half
-// types convert each row of x and dy once (RowScratch).
+// types convert in each of the two passes: converting x and dy into float
+// scratch first measured 40% slower (bf16 (32, 256, 512), 1 thread).
 template <typename scalar_t>
 void row_norm_backward_loop(
     bool centered, const scalar_t* dy, const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t D,
@@ -96,21 +97,20 @@ void row_norm_backward_loop(
   at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
     opmath_t* dw_local = dw ? columns.local(0) : nullptr;
     opmath_t* db_local = db ? columns.local(1) : nullptr;
-    RowScratch<scalar_t> x_scratch(D), dy_scratch(D);
     for (int64_t r = begin; r < end; ++r) {
       if (pad && pad[r] != 0) {
         if (dx) fill_zero(dx + r * D, D);
         continue;
       }
-      const opmath_t* xr = x_scratch.as_opmath(x + r * D, D);
-      const opmath_t* dyr = dy_scratch.as_opmath(dy + r * D, D);
+      const scalar_t* xr = x + r * D;
+      const scalar_t* dyr = dy + r * D;
       const fVec mean_v(centered ? mean[r] : opmath_t(0)), rstd_v(rstd[r]);
       fVec sum_g(0), sum_gx(0);
       vec_loop<V>(D, [&](int64_t d, int64_t k) {
         // Scalar math: xhat = (x - mean) * rstd; g = dy * w;
         //              sum_g += g; sum_gx += g * xhat; dw += dy * xhat; db += dy
-        const fVec dyv = fVec::loadu(dyr + d, k);
-        const fVec xhat = (fVec::loadu(xr + d, k) - mean_v) * rstd_v;
+        const fVec dyv = IO::load(dyr + d, k);
+        const fVec xhat = (IO::load(xr + d, k) - mean_v) * rstd_v;
         if (dw_local) at::vec::fmadd(dyv, xhat, fVec::loadu(dw_local + d, k)).store(dw_local + d, k);
         if (db_local) (fVec::loadu(db_local + d, k) + dyv).store(db_local + d, k);
         if (dx) {
@@ -125,9 +125,9 @@ void row_norm_backward_loop(
       scalar_t* dxr = dx + r * D;
       vec_loop<V>(D, [&](int64_t d, int64_t k) {
         // Scalar math: dx = rstd * (g + c_g + xhat * c_x)
-        const fVec dyv = fVec::loadu(dyr + d, k);
+        const fVec dyv = IO::load(dyr + d, k);
         const fVec g = w ? dyv * fVec::loadu(w + d, k) : dyv;
-        const fVec xhat = (fVec::loadu(xr + d, k) - mean_v) * rstd_v;
+        const fVec xhat = (IO::load(xr + d, k) - mean_v) * rstd_v;
         IO::store(dxr + d, rstd_v * at::vec::fmadd(xhat, c_x, g + c_g_v), k);
       });
     }
