@@ -271,28 +271,23 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
     std::optional<double> momentum, double eps, bool channels_last) {
   constexpr const char* op = "masknorm::batch_norm";
   const Tensor rm = value_or_undefined(running_mean), rv = value_or_undefined(running_var);
+  const Tensor nbt = value_or_undefined(num_batches_tracked);
   check_batch_norm_args(
       op, input, padding_mask, channels_last,
       {{"weight", value_or_undefined(weight)}, {"bias", value_or_undefined(bias)}, {"running_mean", rm},
        {"running_var", rv}});
-  TORCH_CHECK(
-      rm.defined() == rv.defined(),
-      op, ": expected running_mean and running_var both given or both None, but got only ",
-      rm.defined() ? "running_mean" : "running_var");
-  check_num_batches_tracked(num_batches_tracked, input, op);
+  check_running_stats(op, rm, rv, nbt, input);
   const Prepared p = prepare(input, padding_mask, channels_last);
   Tensor mean, invstd;
   if (training) {
     check_eps(eps, op, "when training");
-    if (rm.defined()) check_momentum(momentum, num_batches_tracked.has_value() && num_batches_tracked->defined(), op);
-    check_in_place_updates(
-        op, {{"running_mean", rm}, {"running_var", rv}, {"num_batches_tracked", value_or_undefined(num_batches_tracked)}},
+    check_running_stats_update(
+        op, rm, rv, nbt, momentum,
         {{"input", input}, {"padding_mask", value_or_undefined(padding_mask)}, {"weight", value_or_undefined(weight)},
          {"bias", value_or_undefined(bias)}});
     auto [part_mean, part_m2, part_count] = run_stats(p);
     std::tie(mean, invstd, std::ignore) = run_merge_stats(
-        op, part_mean.unsqueeze(0), part_m2.unsqueeze(0), part_count.reshape({1}), rm, rv,
-        value_or_undefined(num_batches_tracked), momentum, eps);
+        op, part_mean.unsqueeze(0), part_m2.unsqueeze(0), part_count.reshape({1}), rm, rv, nbt, momentum, eps);
     // Without a mask the count is the shape's, as nn.BatchNorm1d checks it:
     // raised on every device, with no data check (after counting the batch, as torch).
     TORCH_CHECK_VALUE(
@@ -354,19 +349,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_merge_stats_op(
   check_count(count, "count", {mean.size(0)}, mean, op, /*allow_float=*/true);
   check_count_values(count, "count", op);
   const Tensor rm = value_or_undefined(running_mean), rv = value_or_undefined(running_var);
+  const Tensor nbt = value_or_undefined(num_batches_tracked);
   check_feature_tensor(rm, "running_mean", {mean.size(1)}, mean, op);
   check_feature_tensor(rv, "running_var", {mean.size(1)}, mean, op);
-  TORCH_CHECK(
-      rm.defined() == rv.defined(),
-      op, ": expected running_mean and running_var both given or both None");
   check_eps(eps, op, "");
-  check_num_batches_tracked(num_batches_tracked, mean, op);
-  const Tensor nbt = value_or_undefined(num_batches_tracked);
-  if (rm.defined()) check_momentum(momentum, nbt.defined(), op);
-  check_in_place_updates(
-      op, {{"running_mean", rm}, {"running_var", rv}, {"num_batches_tracked", nbt}},
-      {{"mean", mean}, {"m2", m2}, {"count", count}});
-  return run_merge_stats(op, mean, m2, count, rm, rv, value_or_undefined(num_batches_tracked), momentum, eps);
+  check_running_stats(op, rm, rv, nbt, mean);
+  check_running_stats_update(op, rm, rv, nbt, momentum, {{"mean", mean}, {"m2", m2}, {"count", count}});
+  return run_merge_stats(op, mean, m2, count, rm, rv, nbt, momentum, eps);
 }
 
 Tensor batch_norm_elemt_op(

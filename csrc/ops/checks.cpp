@@ -113,18 +113,7 @@ void check_eps(double eps, const char* op, const char* what, bool positive) {
       op, ": expected eps to be finite and ", positive ? "> 0" : ">= 0", what[0] ? " " : "", what, ", but got ", eps);
 }
 
-void check_num_batches_tracked(
-    const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& like, const char* op) {
-  if (!num_batches_tracked.has_value() || !num_batches_tracked->defined()) return;
-  const at::Tensor& nbt = *num_batches_tracked;
-  TORCH_CHECK(
-      nbt.numel() == 1 && nbt.scalar_type() == at::kLong,
-      op, ": expected num_batches_tracked to be a one-element int64 tensor, but got dtype ", nbt.scalar_type(),
-      " and shape ", nbt.sizes());
-  TORCH_CHECK(
-      nbt.device() == like.device(),
-      op, ": expected num_batches_tracked on input's device ", like.device(), ", but got ", nbt.device());
-}
+namespace {
 
 void check_momentum(std::optional<double> momentum, bool has_num_batches_tracked, const char* op) {
   if (momentum.has_value()) {
@@ -163,6 +152,36 @@ void check_in_place_updates(
           " is updated in place while ", read_name, " is read)");
     }
   }
+}
+
+}  // namespace
+
+void check_running_stats(
+    const char* op, const at::Tensor& running_mean, const at::Tensor& running_var,
+    const at::Tensor& num_batches_tracked, const at::Tensor& like) {
+  TORCH_CHECK(
+      running_mean.defined() == running_var.defined(),
+      op, ": expected running_mean and running_var both given or both None, but got only ",
+      running_mean.defined() ? "running_mean" : "running_var");
+  if (!num_batches_tracked.defined()) return;
+  const at::Tensor& nbt = num_batches_tracked;
+  TORCH_CHECK(
+      nbt.numel() == 1 && nbt.scalar_type() == at::kLong,
+      op, ": expected num_batches_tracked to be a one-element int64 tensor, but got dtype ", nbt.scalar_type(),
+      " and shape ", nbt.sizes());
+  TORCH_CHECK(
+      nbt.device() == like.device(),
+      op, ": expected num_batches_tracked on input's device ", like.device(), ", but got ", nbt.device());
+}
+
+void check_running_stats_update(
+    const char* op, const at::Tensor& running_mean, const at::Tensor& running_var,
+    const at::Tensor& num_batches_tracked, std::optional<double> momentum,
+    std::initializer_list<std::pair<const char*, at::Tensor>> read) {
+  if (running_mean.defined()) check_momentum(momentum, num_batches_tracked.defined(), op);
+  check_in_place_updates(
+      op, {{"running_mean", running_mean}, {"running_var", running_var}, {"num_batches_tracked", num_batches_tracked}},
+      read);
 }
 
 // ------------------------------------------------------------ layer / RMS norm

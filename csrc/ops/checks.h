@@ -57,22 +57,23 @@ void check_count_values(const at::Tensor& count, const char* name, const char* o
 // `what` says when the rule applies ("when training"), or is "".
 void check_eps(double eps, const char* op, const char* what, bool positive = true);
 
+// Running statistics as batch_norm and batch_norm_merge_stats take them
+// (undefined = None): running_mean and running_var given together, and
 // num_batches_tracked, when given (whatever the mode: a tensor on another
-// device would send the call elsewhere): a one-element int64 tensor on
-// `like`'s device.
-void check_num_batches_tracked(const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& like, const char* op);
+// device would send the call elsewhere), a one-element int64 tensor on
+// `like`'s device. Their shapes are checked with the op's feature tensors.
+void check_running_stats(
+    const char* op, const at::Tensor& running_mean, const at::Tensor& running_var,
+    const at::Tensor& num_batches_tracked, const at::Tensor& like);
 
-// momentum in [0, 1], or None with num_batches_tracked (checked above) to
-// take the cumulative average.
-void check_momentum(std::optional<double> momentum, bool has_num_batches_tracked, const char* op);
-
-// The tensors an op updates in place (`written`: running statistics,
-// num_batches_tracked) may neither overlap themselves (an expanded tensor
-// would write several elements to one place), nor each other, nor a tensor
-// the op reads (`read`), which the update would change under it. Undefined
-// tensors are skipped.
-void check_in_place_updates(
-    const char* op, std::initializer_list<std::pair<const char*, at::Tensor>> written,
+// Before the running statistics are updated in place: momentum in [0, 1], or
+// None with num_batches_tracked to take the cumulative average (when they are
+// given); and the updated tensors overlap neither themselves (an expanded
+// tensor would write several elements to one place), nor each other, nor a
+// tensor the op reads (`read`), which the update would change under it.
+void check_running_stats_update(
+    const char* op, const at::Tensor& running_mean, const at::Tensor& running_var,
+    const at::Tensor& num_batches_tracked, std::optional<double> momentum,
     std::initializer_list<std::pair<const char*, at::Tensor>> read);
 
 // ------------------------------------------------------------ layer / RMS norm

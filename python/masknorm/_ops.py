@@ -116,10 +116,18 @@ def _check_count(op: str, name: str, count: Tensor, shape: Sequence, like: Tenso
     _check_shape(op, name, count, shape, like)
 
 
-def _check_num_batches_tracked(op: str, num_batches_tracked: Optional[Tensor], like: Tensor) -> None:
-    """Checked whenever given: a meta num_batches_tracked with CPU input sends
-    the real call here, which must then raise rather than return
-    uninitialized outputs."""
+def _check_running_stats(
+    op: str, running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+    like: Tensor,
+) -> None:
+    """running_mean and running_var given together; num_batches_tracked checked
+    whenever given: a meta num_batches_tracked with CPU input sends the real
+    call here, which must then raise rather than return uninitialized outputs."""
+    torch._check(
+        (running_mean is None) == (running_var is None),
+        lambda: f"masknorm::{op}: expected running_mean and running_var both given or both None, but got only "
+        f"{'running_var' if running_mean is None else 'running_mean'}",
+    )
     if num_batches_tracked is None:
         return
     torch._check(
@@ -134,7 +142,13 @@ def _check_num_batches_tracked(op: str, num_batches_tracked: Optional[Tensor], l
     )
 
 
-def _check_momentum(op: str, momentum: Optional[float], num_batches_tracked: Optional[Tensor]) -> None:
+def _check_running_stats_update(
+    op: str, running_mean: Optional[Tensor], num_batches_tracked: Optional[Tensor], momentum: Optional[float]
+) -> None:
+    """Where running statistics are given and updated: momentum in [0, 1], or
+    None with num_batches_tracked (the cumulative average)."""
+    if running_mean is None:
+        return
     if momentum is not None:
         torch._check_value(
             0.0 <= momentum <= 1.0, lambda: f"masknorm::{op}: expected momentum in [0, 1] or None, but got {momentum}"
@@ -165,15 +179,10 @@ def _batch_norm_fake(
         op, input, padding_mask, channels_last, weight=weight, bias=bias, running_mean=running_mean,
         running_var=running_var,
     )
-    torch._check(
-        (running_mean is None) == (running_var is None),
-        lambda: f"masknorm::{op}: expected running_mean and running_var both given or both None",
-    )
-    _check_num_batches_tracked(op, num_batches_tracked, input)
+    _check_running_stats(op, running_mean, running_var, num_batches_tracked, input)
     if training:
         _check_eps(op, eps, "when training")
-        if running_mean is not None:
-            _check_momentum(op, momentum, num_batches_tracked)
+        _check_running_stats_update(op, running_mean, num_batches_tracked, momentum)
     else:
         _check_eps(op, eps, "in eval", positive=False)
         torch._check(
@@ -222,14 +231,9 @@ def _batch_norm_merge_stats_fake(mean, m2, count, running_mean, running_var, num
     _check_shape(op, "m2", m2, mean.shape, mean, " (mean's shape)")
     _check_count(op, "count", count, (mean.shape[0],), mean)
     _check_features(op, (mean.shape[1],), mean, running_mean=running_mean, running_var=running_var)
-    torch._check(
-        (running_mean is None) == (running_var is None),
-        lambda: f"masknorm::{op}: expected running_mean and running_var both given or both None",
-    )
     _check_eps(op, eps, "")
-    _check_num_batches_tracked(op, num_batches_tracked, mean)
-    if running_mean is not None:
-        _check_momentum(op, momentum, num_batches_tracked)
+    _check_running_stats(op, running_mean, running_var, num_batches_tracked, mean)
+    _check_running_stats_update(op, running_mean, num_batches_tracked, momentum)
     stat = mean.new_empty((mean.shape[1],))
     return stat, torch.empty_like(stat), mean.new_empty((), dtype=torch.int64)
 
