@@ -110,6 +110,10 @@ def main():
               f"num_batches_tracked {int(model.norm1.num_batches_tracked)}")
         assert error.item() < 1e-4
     if distributed:
+        # Every rank tears down together: rank 0 prints above while the others
+        # would already be closing their connections (once in CI, rank 0 then
+        # aborted at exit with "terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
