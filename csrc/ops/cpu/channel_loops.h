@@ -100,10 +100,11 @@ C10_ALWAYS_INLINE void column_blocks(int64_t C, const Block& block) {
 // with a large offset. (Half
 // types convert in both passes: a float copy of the chunk for the second
 // pass measured 40% slower, its traffic outweighing the conversions.)
-template <typename scalar_t>
+// (out_t: the accumulation type, or MergeT for callers that merge the
+// channels' moments further, as group norm does.)
+template <typename scalar_t, typename out_t = at::opmath_type<scalar_t>>
 void moments_channels_inner(
-    const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t C,
-    at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
+    const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t C, out_t* mean_out, out_t* m2_out) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
@@ -158,19 +159,19 @@ void moments_channels_inner(
     for (int64_t t = 0; t < chunk.threads(); ++t) {
       acc.merge({seen[t], running.of_thread(t, 0)[c], running.of_thread(t, 1)[c]});
     }
-    mean_out[c] = opmath_t(acc.mean);
-    m2_out[c] = opmath_t(acc.m2);
+    mean_out[c] = out_t(acc.mean);
+    m2_out[c] = out_t(acc.m2);
   }
 }
 
+// Moments of every (n, c) row of (N, C, L) planes over its valid positions,
+// visited in memory order (prefetch-friendly); [n * C + c]. Half types
+// convert each row once (RowScratch) for its two passes. Batch norm merges
+// them per channel, group and instance norm per (sample, group).
 template <typename scalar_t>
-void moments_channels_outer(
-    const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C,
-    int64_t L, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
+std::vector<Moments<MergeT>> plane_row_moments(
+    const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C, int64_t L) {
   using opmath_t = at::opmath_type<scalar_t>;
-  // Moments of every (n, c) row, visited in memory order (prefetch-friendly),
-  // then merged per channel in order of n (in MergeT): the same result for any
-  // thread count. Half types convert each row once (RowScratch) for its two passes.
   std::vector<Moments<MergeT>> rows(static_cast<size_t>(N * C));
   at::parallel_for(0, N * C, row_grain(L), [&](int64_t begin, int64_t end) {
     RowScratch<scalar_t> scratch(L);
@@ -182,6 +183,17 @@ void moments_channels_outer(
           scratch.as_opmath(x + row * L, L), lanes ? lanes->keep.data() + n * L : nullptr, L, valid);
     }
   });
+  return rows;
+}
+
+// Per-channel moments of (N, C, L) planes: the rows' moments merged per
+// channel in order of n (in MergeT), the same result for any thread count.
+template <typename scalar_t>
+void moments_channels_outer(
+    const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C,
+    int64_t L, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const std::vector<Moments<MergeT>> rows = plane_row_moments(x, lanes, N, C, L);
   for (int64_t c = 0; c < C; ++c) {
     Moments<MergeT> acc;
     for (int64_t n = 0; n < N; ++n) acc.merge(rows[n * C + c]);
