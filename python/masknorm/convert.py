@@ -7,7 +7,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .distributed import MaskedSyncBatchNorm, ProcessGroup
-from .modules import MaskedBatchNorm1d, MaskedLayerNorm, MaskedRMSNorm
+from .modules import (
+    MaskedBatchNorm1d,
+    MaskedBatchNorm2d,
+    MaskedBatchNorm3d,
+    MaskedGroupNorm,
+    MaskedInstanceNorm1d,
+    MaskedLayerNorm,
+    MaskedRMSNorm,
+)
 
 __all__ = ["convert_model"]
 
@@ -57,6 +65,8 @@ def _masked_counterpart(
     batch_norm: bool,
     layer_norm: bool,
     rms_norm: bool,
+    group_norm: bool,
+    instance_norm: bool,
     sync: bool,
     process_group: Optional[ProcessGroup],
 ) -> Optional[nn.Module]:
@@ -82,6 +92,15 @@ def _masked_counterpart(
             module.track_running_stats,
             channels_last=False,
             **kwargs,
+        )
+    for torch_bn, masked_bn in ((nn.BatchNorm2d, MaskedBatchNorm2d), (nn.BatchNorm3d, MaskedBatchNorm3d)):
+        if batch_norm and _uses_torch_forward(module, torch_bn):
+            return masked_bn(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+    if group_norm and _uses_torch_forward(module, nn.GroupNorm):
+        return MaskedGroupNorm(module.num_groups, module.num_channels, module.eps, module.affine)
+    if instance_norm and _uses_torch_forward(module, nn.InstanceNorm1d):
+        return MaskedInstanceNorm1d(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
         )
     if layer_norm and _uses_torch_forward(module, nn.LayerNorm):
         return MaskedLayerNorm(
@@ -128,20 +147,28 @@ def convert_model(
     batch_norm: bool = True,
     layer_norm: bool = True,
     rms_norm: bool = True,
+    group_norm: bool = True,
+    instance_norm: bool = True,
     sync_batch_norm: bool = False,
     process_group: Optional[ProcessGroup] = None,
 ) -> nn.Module:
-    """Replaces every ``nn.BatchNorm1d``, ``nn.LayerNorm`` and ``nn.RMSNorm`` in
-    ``module`` with its masked counterpart, as
-    ``nn.SyncBatchNorm.convert_sync_batchnorm`` does for SyncBatchNorm.
+    """Replaces every ``nn.BatchNorm1d/2d/3d``, ``nn.LayerNorm``, ``nn.RMSNorm``,
+    ``nn.GroupNorm`` and ``nn.InstanceNorm1d`` in ``module`` with its masked
+    counterpart, as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does for
+    SyncBatchNorm.
 
     Args:
         module: a model, or a single norm module.
         batch_norm: convert ``nn.BatchNorm1d`` to :class:`MaskedBatchNorm1d`
             (``channels_last=False``: the same ``(N, C)`` / ``(N, C, L)`` input
-            as before).
+            as before), ``nn.BatchNorm2d``/``3d`` to
+            :class:`MaskedBatchNorm2d`/``3d``.
         layer_norm: convert ``nn.LayerNorm`` to :class:`MaskedLayerNorm`.
         rms_norm: convert ``nn.RMSNorm`` to :class:`MaskedRMSNorm`.
+        group_norm: convert ``nn.GroupNorm`` to :class:`MaskedGroupNorm`
+            (channels first, as before).
+        instance_norm: convert ``nn.InstanceNorm1d`` to
+            :class:`MaskedInstanceNorm1d` (channels first, as before).
         sync_batch_norm: convert batch norms to :class:`MaskedSyncBatchNorm`
             (statistics shared by the ranks of ``process_group``) instead:
             ``nn.BatchNorm1d``, ``nn.SyncBatchNorm`` and
@@ -181,4 +208,6 @@ def convert_model(
         raise ValueError("convert_model: sync_batch_norm=True converts batch norms, so it needs batch_norm=True")
     if process_group is not None and not sync_batch_norm:
         raise ValueError("convert_model: process_group is for sync_batch_norm=True, but sync_batch_norm is False")
-    return _convert(module, {}, batch_norm, layer_norm, rms_norm, sync_batch_norm, process_group)
+    return _convert(
+        module, {}, batch_norm, layer_norm, rms_norm, group_norm, instance_norm, sync_batch_norm, process_group
+    )
