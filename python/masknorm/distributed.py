@@ -304,6 +304,6 @@ class MaskedSyncBatchNorm(MaskedBatchNorm1d):
         from .convert import convert_model
 
         return convert_model(
-            module, batch_norm=True, layer_norm=False, rms_norm=False, sync_batch_norm=True,
-            process_group=process_group,
+            module, batch_norm=True, layer_norm=False, rms_norm=False, group_norm=False, instance_norm=False,
+            sync_batch_norm=True, process_group=process_group,
         )
