@@ -373,3 +373,22 @@ def test_compile_gives_eager_results_without_recompiling_per_batch():
     # one graph per mode: new lengths never recompile
     assert counters["stats"]["unique_graphs"] == 2
     assert not counters["graph_break"]
+
+
+def test_export_inside_the_context_masks_when_run_inside_one():
+    torch.manual_seed(0)
+    model = masknorm.convert_model(TimeModel()).eval()
+    x = torch.randn(3, 3, 40)
+    lengths = torch.tensor([40, 20, 7])
+    outside = torch.export.export(model, (x,))
+    assert not [n for n in outside.graph.nodes if "masknorm_padding" in str(n.target)]
+    with masknorm.padding(lengths=lengths):
+        program = torch.export.export(model, (x,))
+        want = model(x)
+        got = program.module()(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert [str(n.target) for n in program.graph.nodes if "masknorm_padding" in str(n.target)] == [
+        "masknorm_padding.conv_mask.default", "masknorm_padding.mask.default",
+        "masknorm_padding.conv_mask.default", "masknorm_padding.mask.default", "masknorm_padding.mask.default",
+    ]
+    torch.testing.assert_close(program.module()(x), model(x), rtol=1e-6, atol=1e-6)  # outside: unmasked
