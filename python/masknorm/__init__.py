@@ -28,6 +28,7 @@ from .convert import convert_model
 from .distributed import MaskedSyncBatchNorm
 from .kernels import enable_device_data_checks, kernels_for, use_fused_cuda_kernels
 from .masks import padding_mask_from_lengths
+from .padding import padding
 from .modules import (
     MaskedBatchNorm1d,
     MaskedBatchNorm2d,
@@ -74,6 +75,7 @@ __all__ = [
     "enable_device_data_checks",
     "functional",
     "kernels_for",
+    "padding",
     "padding_mask_from_lengths",
     "use_fused_cuda_kernels",
 ]

@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import padding as _padding
 from .distributed import MaskedSyncBatchNorm, ProcessGroup
 from .modules import (
     MaskedBatchNorm1d,
@@ -158,6 +159,7 @@ def convert_model(
     instance_norm: bool = True,
     sync_batch_norm: bool = False,
     process_group: Optional[ProcessGroup] = None,
+    convolutions: bool = True,
 ) -> nn.Module:
     """Replaces every ``nn.BatchNorm1d/2d/3d``, ``nn.LayerNorm``, ``nn.RMSNorm``,
     ``nn.GroupNorm`` and ``nn.InstanceNorm1d`` in ``module`` with its masked
@@ -184,6 +186,10 @@ def convert_model(
             3-D batch norms are then left as they are. Needs
             ``batch_norm=True``.
         process_group: the group for ``sync_batch_norm`` (default: the world).
+        convolutions: hook ``nn.Conv1d`` and ``nn.ConvTranspose1d`` for
+            :func:`masknorm.padding` (a forward pre-hook that carries lengths
+            through them and zeroes padded input frames inside the context,
+            and returns at once outside it).
 
     Returns:
         ``module``, converted in place; when ``module`` itself is a norm that
@@ -200,9 +206,9 @@ def convert_model(
     by several parents stays shared.
 
     Without a mask the converted modules compute what the originals computed.
-    They skip padding only when given ``padding_mask`` (bool, True marks
-    padding), so the model's ``forward`` must pass it on, e.g.
-    ``self.norm(x, padding_mask=src_key_padding_mask)``.
+    They skip padding when given ``padding_mask`` (bool, True marks padding),
+    e.g. ``self.norm(x, padding_mask=src_key_padding_mask)``, or, with no
+    edit to the model's code, inside ``with masknorm.padding(lengths=...)``.
 
     Example::
 
@@ -216,6 +222,7 @@ def convert_model(
         raise ValueError("convert_model: sync_batch_norm=True converts batch norms, so it needs batch_norm=True")
     if process_group is not None and not sync_batch_norm:
         raise ValueError("convert_model: process_group is for sync_batch_norm=True, but sync_batch_norm is False")
-    return _convert(
+    converted = _convert(
         module, {}, batch_norm, layer_norm, rms_norm, group_norm, instance_norm, sync_batch_norm, process_group
     )
+    return _padding.track_convolutions(converted) if convolutions else converted

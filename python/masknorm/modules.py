@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _layouts
+from . import padding as _padding
 from . import functional as F
 
 __all__ = [
@@ -98,6 +99,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         (N,) for (N, C) input and (N, L) for 3-D input. Without a mask, the
         result is nn.BatchNorm1d's. In training mode the running statistics are
         updated from the valid positions."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
         self._check_input_dim(input)
         _check_channels_first(input, self.num_features, self.channels_last, type(self).__name__)
         return _batch_norm_forward(self, input, padding_mask, self.channels_last)
@@ -154,6 +156,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Normalizes ``input`` over its valid positions (True in
         ``padding_mask`` marks padding)."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
         self._check_input_dim(input)
         return _batch_norm_forward(self, input, padding_mask, False)
 
@@ -185,6 +188,7 @@ class MaskedBatchNorm3d(nn.BatchNorm3d):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Normalizes ``input`` over its valid positions (True in
         ``padding_mask`` marks padding)."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
         self._check_input_dim(input)
         return _batch_norm_forward(self, input, padding_mask, False)
 
@@ -226,6 +230,7 @@ class MaskedGroupNorm(nn.GroupNorm):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Normalizes each sample of ``input`` per group over its valid
         positions (True in ``padding_mask`` marks padding)."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
         _check_channels_first(input, self.num_channels, self.channels_last, type(self).__name__)
         return F.group_norm(
             input, self.num_groups, self.weight, self.bias, self.eps, padding_mask=padding_mask,
@@ -274,6 +279,7 @@ class MaskedInstanceNorm1d(nn.InstanceNorm1d):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Normalizes each sample and channel of ``input`` over its valid
         positions (True in ``padding_mask`` marks padding)."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
         self._check_input_dim(input)
         unbatched = not _layouts.is_jagged(input) and input.dim() == self._get_no_batch_dim()
         if unbatched:
@@ -319,6 +325,7 @@ class MaskedLayerNorm(nn.LayerNorm):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Normalizes each valid row of ``input`` over ``normalized_shape``;
         padded rows (True in ``padding_mask``) output 0."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
         return F.layer_norm(
             input, self.normalized_shape, self.weight, self.bias, self.eps, padding_mask=padding_mask
         )
@@ -347,4 +354,5 @@ class MaskedRMSNorm(nn.RMSNorm):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """RMS-normalizes each valid row of ``input`` over ``normalized_shape``;
         padded rows (True in ``padding_mask``) output 0."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, padding_mask=padding_mask)
