@@ -28,7 +28,7 @@ from .convert import convert_model
 from .distributed import MaskedSyncBatchNorm
 from .kernels import enable_device_data_checks, kernels_for, use_fused_cuda_kernels
 from .masks import padding_mask_from_lengths
-from .padding import padding
+from .padding_context import padding
 from .modules import (
     MaskedBatchNorm1d,
     MaskedBatchNorm2d,

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import padding as _padding
+from . import padding_context as _padding
 from .distributed import MaskedSyncBatchNorm, ProcessGroup
 from .modules import (
     MaskedBatchNorm1d,

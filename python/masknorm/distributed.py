@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from . import padding as _padding
+from . import padding_context as _padding
 from .modules import MaskedBatchNorm1d
 
 try:  # torch builds without distributed support have no ProcessGroup

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _layouts
-from . import padding as _padding
+from . import padding_context as _padding
 from . import functional as F
 
 __all__ = [

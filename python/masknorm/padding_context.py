@@ -1,5 +1,6 @@
-"""``masknorm.padding``: a padding mask for the masked norms inside models
-whose ``forward`` does not pass one on.
+"""The ``masknorm.padding`` context: a padding mask for the masked norms
+inside models whose ``forward`` does not pass one on. (The module has its own
+name, so that ``masknorm.padding`` is the context manager itself.)
 
 While a :func:`padding` context is active, a masked module called without
 ``padding_mask`` takes the mask of its input's time axis (:func:`mask_for`,
