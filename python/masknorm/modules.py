@@ -126,6 +126,42 @@ def _batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, 
     )
 
 
+def _spatial_batch_norm_init(torch_name: str):
+    """The constructor of a masked nn.BatchNorm2d/3d: torch's own, with
+    ``bias`` passed on only when False (older torch has no such argument)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        kwargs = {} if bias else {"bias": False}
+        nn.modules.batchnorm._BatchNorm.__init__(
+            self, num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
+        )
+
+    __init__.__doc__ = f"""Same arguments as {torch_name}: ``num_features`` C; ``eps``;
+        ``momentum`` (None: cumulative average); ``affine``;
+        ``track_running_stats``; ``device``, ``dtype``; ``bias`` (False: a
+        weight without bias, where torch's {torch_name} takes it)."""
+    return __init__
+
+
+def _spatial_batch_norm_forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+    """Normalizes ``input`` over its valid positions (True in
+    ``padding_mask`` marks padding)."""
+    padding_mask = _padding.mask_for(self, input, padding_mask)
+    self._check_input_dim(input)
+    return _batch_norm_forward(self, input, padding_mask, False)
+
+
 class MaskedBatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d whose statistics skip padding: (N, C, H, W) input, the
     mask (N, H, W) or over trailing dims only ((N, W): padding in time for
@@ -133,64 +169,16 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     statistics are nn.BatchNorm2d's on the valid positions; padded positions
     output 0. Channels-last memory format runs without a copy."""
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Optional[torch.dtype] = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        """Same arguments as nn.BatchNorm2d: ``num_features`` C; ``eps``;
-        ``momentum`` (None: cumulative average); ``affine``;
-        ``track_running_stats``; ``device``, ``dtype``; ``bias`` (False: a
-        weight without bias, where torch's nn.BatchNorm2d takes it)."""
-        # bias is passed only when False: older torch versions have no such argument
-        kwargs = {} if bias else {"bias": False}
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
-
-    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
-        """Normalizes ``input`` over its valid positions (True in
-        ``padding_mask`` marks padding)."""
-        padding_mask = _padding.mask_for(self, input, padding_mask)
-        self._check_input_dim(input)
-        return _batch_norm_forward(self, input, padding_mask, False)
+    __init__ = _spatial_batch_norm_init("nn.BatchNorm2d")
+    forward = _spatial_batch_norm_forward
 
 
 class MaskedBatchNorm3d(nn.BatchNorm3d):
     """nn.BatchNorm3d whose statistics skip padding: (N, C, D, H, W) input,
     the mask (N, D, H, W) or over trailing dims only. See MaskedBatchNorm2d."""
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Optional[torch.dtype] = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        """Same arguments as nn.BatchNorm3d: ``num_features`` C; ``eps``;
-        ``momentum`` (None: cumulative average); ``affine``;
-        ``track_running_stats``; ``device``, ``dtype``; ``bias`` (False: a
-        weight without bias, where torch's nn.BatchNorm3d takes it)."""
-        # bias is passed only when False: older torch versions have no such argument
-        kwargs = {} if bias else {"bias": False}
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
-
-    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
-        """Normalizes ``input`` over its valid positions (True in
-        ``padding_mask`` marks padding)."""
-        padding_mask = _padding.mask_for(self, input, padding_mask)
-        self._check_input_dim(input)
-        return _batch_norm_forward(self, input, padding_mask, False)
+    __init__ = _spatial_batch_norm_init("nn.BatchNorm3d")
+    forward = _spatial_batch_norm_forward
 
 
 class MaskedGroupNorm(nn.GroupNorm):
