@@ -122,11 +122,12 @@ def _padded_rows(like: Tensor, max_len) -> Tensor:
 def jagged_to_padded(input: Tensor) -> tuple:
     """(padded (N, L, C), padding_mask (N, L), rows) of a jagged (N, j, C)
     tensor, L its longest sequence; ``rows`` for padded_to_jagged. The values
-    are scattered into zeros (index_copy: its backward is a gather)."""
+    are scattered (index_copy: its backward is a gather) into uninitialized
+    memory: the ops never read padded positions, whatever they hold."""
     values = input.values()
     N, max_len = input.shape[0], input._get_max_seqlen()
     rows = _padded_rows(input, max_len)
-    padded = values.new_zeros((N * max_len, values.shape[1])).index_copy(0, rows, values)
+    padded = values.new_empty((N * max_len, values.shape[1])).index_copy(0, rows, values)
     lengths = input.offsets().diff()
     positions = torch.arange(max_len, device=values.device)
     return padded.view(N, max_len, values.shape[1]), positions.unsqueeze(0) >= lengths.unsqueeze(1), rows
