@@ -1,9 +1,8 @@
 // Per-channel loops over the batch-norm layouts (kernels.h: BatchNormLayout),
 // shared by the CPU batch-norm and group-norm kernels: moments of the valid
-// positions per channel, the backward sums, and one elementwise loop
-// out = dy * a + (x - mean) * b + k0 for the normalization and the input
-// gradient. Group norm calls them once per sample (a layout with N = 1) with
-// per-sample coefficients.
+// positions per channel, the backward sums, and one elementwise loop for the
+// normalization and the input gradient (ChannelAffine). Group norm calls
+// them once per sample (a layout with N = 1) with per-sample coefficients.
 // Neighbours: batch_norm_kernel.cpp, group_norm_kernel.cpp (the kernels),
 // norm_utils.h (vector I/O, mask lanes, row moments).
 #pragma once
@@ -17,6 +16,14 @@
 #include <type_traits>
 
 namespace masknorm::cpu {
+
+// The layout the loops run: NCL input with L = 1 is (N, C) in memory and its
+// (N, 1) mask an (N,) one, so the channels-inner loops (vectorized over
+// channels, parallel over rows) serve it.
+inline BatchNormLayout loop_layout(const BatchNormLayout& g) {
+  if (g.channels_inner || g.L != 1) return g;
+  return BatchNormLayout{g.N, g.C, 1, true};
+}
 
 // ---------------------------------------------------------------- statistics
 
@@ -257,30 +264,50 @@ void grad_sums(
 
 // ----------------------------------------------- elementwise (fwd and bwd)
 
-// out = dy * a + (x - mean) * b + k0 at valid positions, 0 at padding, per
-// channel: the normalization (kHasDy false: b = alpha, k0 = beta, no dy term)
-// and the input gradient. One loop, so both stages see the same traversal of
-// both layouts.
-template <bool kHasDy, typename scalar_t>
+// What affine_per_channel writes at valid positions (0 at padding), with
+// per-channel a, b, k:
+enum class ChannelAffine {
+  kNormalize,     // (x - mean) * b + k: the normalization (b = alpha, k = beta; dy, a unused)
+  kGradient,      // (dy + k) * a + (x - mean) * b: the input gradient with batch
+                  // statistics, k = -sum_dy / n (dy + k is exactly 0 where dy is
+                  // the channel's only value; a * dy - a * dy through an FMA is not)
+  kGradientOfDy,  // dy * a: the input gradient with given statistics (x, mean, b
+                  // and k are not read, so inf/NaN in them cannot reach it)
+};
+
+// One loop for the normalization and the input gradient, so all stages see
+// the same traversal of both layouts.
+template <ChannelAffine kTerms, typename scalar_t>
 void affine_per_channel(
     const BatchNormLayout& g, const scalar_t* dy, const scalar_t* x, const MaskByte* pad,
     const MaskLanes<at::opmath_type<scalar_t>>* lanes, const at::opmath_type<scalar_t>* mean,
     const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b,
-    const at::opmath_type<scalar_t>* k0, scalar_t* out) {
+    const at::opmath_type<scalar_t>* k, scalar_t* out) {
   using IO = VecIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
+  constexpr bool kReadsX = kTerms != ChannelAffine::kGradientOfDy;
+  constexpr bool kReadsDy = kTerms != ChannelAffine::kNormalize;
+  // Scalar math: the formulas of ChannelAffine, from the loaded values.
+  const auto value = [](const fVec& dyv, const fVec& xm, const fVec& av, const fVec& bv, const fVec& kv) {
+    if constexpr (kTerms == ChannelAffine::kNormalize) return at::vec::fmadd(xm, bv, kv);
+    else if constexpr (kTerms == ChannelAffine::kGradient) return at::vec::fmadd(xm, bv, (dyv + kv) * av);
+    else return dyv * av;
+  };
   const int64_t C = g.C;
   if (g.channels_inner) {
     at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         if (pad && pad[r] != 0) { fill_zero(out + r * C, C); continue; }
-        vec_loop<V>(C, [&](int64_t c, int64_t k) {
-          // Scalar math: out = dy * a + (x - mean) * b + k0
-          fVec v = at::vec::fmadd(
-              IO::load(x + r * C + c, k) - fVec::loadu(mean + c, k), fVec::loadu(b + c, k), fVec::loadu(k0 + c, k));
-          if constexpr (kHasDy) v = at::vec::fmadd(IO::load(dy + r * C + c, k), fVec::loadu(a + c, k), v);
-          IO::store(out + r * C + c, v, k);
+        vec_loop<V>(C, [&](int64_t c, int64_t w) {
+          const fVec zero(0);
+          const fVec dyv = kReadsDy ? IO::load(dy + r * C + c, w) : zero;
+          const fVec xm = kReadsX ? IO::load(x + r * C + c, w) - fVec::loadu(mean + c, w) : zero;
+          const fVec av = kReadsDy ? fVec::loadu(a + c, w) : zero;
+          const fVec bv = kReadsX ? fVec::loadu(b + c, w) : zero;
+          const fVec kv = kReadsX ? fVec::loadu(k + c, w) : zero;
+          IO::store(out + r * C + c, value(dyv, xm, av, bv, kv), w);
         });
       }
     });
@@ -292,14 +319,15 @@ void affine_per_channel(
       const int64_t n = plane / C, c = plane % C;
       if (lanes && lanes->valid[n] == 0) { fill_zero(out + plane * L, L); continue; }
       const auto* keep = lanes ? lanes->keep.data() + n * L : nullptr;
-      const fVec m(mean[c]), bv(b[c]), kv(k0[c]);
-      const fVec av(kHasDy ? a[c] : 0);
-      vec_loop<V>(L, [&](int64_t l, int64_t k) {
-        // Scalar math: out = valid ? dy * a + (x - mean) * b + k0 : 0
-        fVec v = at::vec::fmadd(IO::load(x + plane * L + l, k) - m, bv, kv);
-        if constexpr (kHasDy) v = at::vec::fmadd(IO::load(dy + plane * L + l, k), av, v);
-        if (keep) v = v & fVec::loadu(keep + l, k);
-        IO::store(out + plane * L + l, v, k);
+      const fVec m(kReadsX ? mean[c] : opmath_t(0)), bv(kReadsX ? b[c] : opmath_t(0));
+      const fVec kv(kReadsX ? k[c] : opmath_t(0)), av(kReadsDy ? a[c] : opmath_t(0));
+      vec_loop<V>(L, [&](int64_t l, int64_t w) {
+        const fVec zero(0);
+        const fVec dyv = kReadsDy ? IO::load(dy + plane * L + l, w) : zero;
+        const fVec xm = kReadsX ? IO::load(x + plane * L + l, w) - m : zero;
+        fVec v = value(dyv, xm, av, bv, kv);
+        if (keep) v = v & fVec::loadu(keep + l, w);
+        IO::store(out + plane * L + l, v, w);
       });
     }
   });
