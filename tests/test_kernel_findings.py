@@ -284,3 +284,42 @@ def test_std_symbols_bind_to_libstdcxx(tmp_path):
             if not os.path.basename(target).startswith("libstdc++"):
                 wrong.append(f"{os.path.basename(lib)}: {sym} -> {target}")
     assert not wrong, "std:: symbols bound outside libstdc++:\n" + "\n".join(wrong)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_bn_ncl_long_rows(dtype, device):
+    """NCL rows longer than the CPU's segment (16384 positions), few of them:
+    statistics and backward sums of the valid positions, the same for any
+    number of threads."""
+    x = torch.randn(2, 3, 40000, device=device, dtype=dtype) * 2 + 5
+    mask = torch.rand(2, 40000, device=device) < 0.4
+    mask[1, 20000:] = True
+    dy = torch.randn_like(x)
+    valid = ~mask.unsqueeze(1).expand_as(x)
+    xd, dyd = x.double(), dy.double()
+    n = valid[:, 0].sum()
+    mean = torch.where(valid, xd, 0).sum((0, 2)) / n
+    m2 = torch.where(valid, (xd - mean.view(1, -1, 1)) ** 2, 0).sum((0, 2))
+    threads = torch.get_num_threads()
+    results = []
+    for t in sorted({1, max(threads, 2)}):
+        torch.set_num_threads(t)
+        try:
+            got_mean, got_m2, count = ops.batch_norm_stats(x, mask, False)
+            invstd = torch.ones_like(got_mean)
+            sums = ops.batch_norm_backward_reduce(dy, x, mask, got_mean, invstd, False)
+        finally:
+            torch.set_num_threads(threads)
+        results.append((got_mean, got_m2, *sums))
+    assert count.item() == n.item()
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(results[0][0].double(), mean, **tol)
+    torch.testing.assert_close(results[0][1].double(), m2, rtol=tol["rtol"], atol=tol["atol"] * n.item())
+    sum_dy = torch.where(valid, dyd, 0).sum((0, 2))
+    sum_dy_xmu = torch.where(valid, dyd * (xd - results[0][0].double().view(1, -1, 1)), 0).sum((0, 2))
+    torch.testing.assert_close(results[0][2].double(), sum_dy, rtol=tol["rtol"], atol=tol["atol"] * 100)
+    torch.testing.assert_close(results[0][3].double(), sum_dy_xmu, rtol=tol["rtol"], atol=tol["atol"] * 100)
+    if torch.device(device).type == "cpu":
+        for a, b in zip(results[0], results[-1]):
+            assert torch.equal(a, b)

@@ -170,28 +170,51 @@ void moments_channels_inner(
   }
 }
 
+// Channels-outer reductions split each (n, c) row of L into segments of at
+// most this many positions, so that few long rows ((1, 8, 1M)) still keep
+// every thread busy. A fixed length, not one derived from the thread count:
+// the same segments, so the same result, for any number of threads.
+constexpr int64_t kPlaneSegment = 16384;
+
+inline int64_t plane_segments(int64_t L) { return std::max<int64_t>(1, (L + kPlaneSegment - 1) / kPlaneSegment); }
+
 template <typename scalar_t>
 void moments_channels_outer(
     const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C,
     int64_t L, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
   using opmath_t = at::opmath_type<scalar_t>;
-  // Moments of every (n, c) row, visited in memory order (prefetch-friendly),
-  // then merged per channel in order of n (in MergeT): the same result for any
-  // thread count. Half types convert each row once (RowScratch) for its two passes.
-  std::vector<Moments<MergeT>> rows(static_cast<size_t>(N * C));
-  at::parallel_for(0, N * C, row_grain(L), [&](int64_t begin, int64_t end) {
-    RowScratch<scalar_t> scratch(L);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / C;
-      const int64_t valid = lanes ? lanes->valid[n] : L;
-      if (valid == 0) continue;
-      rows[row] = row_moments<opmath_t>(
-          scratch.as_opmath(x + row * L, L), lanes ? lanes->keep.data() + n * L : nullptr, L, valid);
+  // Moments of every segment of every (n, c) row, visited in memory order
+  // (prefetch-friendly), then merged per channel in order of n and segment
+  // (in MergeT): the same result for any thread count. Half types convert
+  // each segment once (RowScratch) for its two passes.
+  const int64_t S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
+  // Valid positions per (n, segment), counted once for all channels.
+  std::vector<int64_t> valid(lanes ? static_cast<size_t>(N * S) : 0);
+  for (int64_t n = 0; lanes && n < N; ++n) {
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
+      int64_t v = S == 1 ? lanes->valid[n] : 0;
+      for (int64_t l = 0; S > 1 && l < len; ++l) v += kept(lanes->keep[n * L + l0 + l]);
+      valid[n * S + s] = v;
+    }
+  }
+  std::vector<Moments<MergeT>> parts(static_cast<size_t>(N * C * S));
+  at::parallel_for(0, N * C * S, row_grain(seg_len), [&](int64_t begin, int64_t end) {
+    RowScratch<scalar_t> scratch(seg_len);
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t row = part / S, s = part % S, n = row / C;
+      const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
+      const int64_t count = lanes ? valid[n * S + s] : len;
+      if (count == 0) continue;
+      parts[part] = row_moments<opmath_t>(
+          scratch.as_opmath(x + row * L + l0, len), lanes ? lanes->keep.data() + n * L + l0 : nullptr, len, count);
     }
   });
   for (int64_t c = 0; c < C; ++c) {
     Moments<MergeT> acc;
-    for (int64_t n = 0; n < N; ++n) acc.merge(rows[n * C + c]);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t s = 0; s < S; ++s) acc.merge(parts[(n * C + c) * S + s]);
+    }
     mean_out[c] = opmath_t(acc.mean);
     m2_out[c] = opmath_t(acc.m2);
   }
@@ -230,36 +253,50 @@ void grad_sums(
     partial.sum_into(sum_dy_xmu, 1);
     return;
   }
-  const int64_t L = g.L;
+  // Channels outer: sums per segment of each (n, c) row in parallel, then
+  // per channel in order of n and segment (the same result for any thread count).
+  const int64_t L = g.L, S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
+  std::vector<opmath_t> parts(static_cast<size_t>(g.N * C * S * 2), opmath_t(0));
   const fVec zero(0);
-  at::parallel_for(0, C, std::max<int64_t>(1, row_grain(g.N * L)), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      fVec s1(0), s2(0);
+  at::parallel_for(0, g.N * C * S, row_grain(seg_len), [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t plane = part / S, s = part % S, n = plane / C, c = plane % C;
+      if (lanes && lanes->valid[n] == 0) continue;
+      const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
+      const auto* keep = lanes ? lanes->keep.data() + n * L + l0 : nullptr;
+      const scalar_t* dyr = dy + plane * L + l0;
+      const scalar_t* xr = x + plane * L + l0;
       const fVec m(mean[c]);
-      for (int64_t n = 0; n < g.N; ++n) {
-        if (lanes && lanes->valid[n] == 0) continue;
-        const auto* keep = lanes ? lanes->keep.data() + n * L : nullptr;
-        const scalar_t* dyr = dy + (n * C + c) * L;
-        const scalar_t* xr = x + (n * C + c) * L;
-        vec_loop<V>(L, [&](int64_t l, int64_t k) {
-          // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
-          fVec d = IO::load(dyr + l, k);
-          fVec dxm = d * (IO::load(xr + l, k) - m);
-          if (keep) {
-            const fVec kv = fVec::loadu(keep + l, k);
-            d = d & kv;
-            dxm = dxm & kv;
-          } else if (k < V) {
-            dxm = fVec::set(zero, dxm, k);  // tail lanes hold 0 * (0 - mean)
-          }
-          s1 += d;
-          s2 += dxm;
-        });
-      }
-      sum_dy[c] = sum_lanes(s1);
-      sum_dy_xmu[c] = sum_lanes(s2);
+      fVec s1(0), s2(0);
+      vec_loop<V>(len, [&](int64_t l, int64_t k) {
+        // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
+        fVec d = IO::load(dyr + l, k);
+        fVec dxm = d * (IO::load(xr + l, k) - m);
+        if (keep) {
+          const fVec kv = fVec::loadu(keep + l, k);
+          d = d & kv;
+          dxm = dxm & kv;
+        } else if (k < V) {
+          dxm = fVec::set(zero, dxm, k);  // tail lanes hold 0 * (0 - mean)
+        }
+        s1 += d;
+        s2 += dxm;
+      });
+      parts[part * 2] = sum_lanes(s1);
+      parts[part * 2 + 1] = sum_lanes(s2);
     }
   });
+  for (int64_t c = 0; c < C; ++c) {
+    opmath_t s1 = 0, s2 = 0;
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t s = 0; s < S; ++s) {
+        s1 += parts[((n * C + c) * S + s) * 2];
+        s2 += parts[((n * C + c) * S + s) * 2 + 1];
+      }
+    }
+    sum_dy[c] = s1;
+    sum_dy_xmu[c] = s2;
+  }
 }
 
 // ----------------------------------------------- elementwise (fwd and bwd)
