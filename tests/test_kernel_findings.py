@@ -323,3 +323,14 @@ def test_bn_ncl_long_rows(dtype, device):
     if torch.device(device).type == "cpu":
         for a, b in zip(results[0], results[-1]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["NC", "NCL"])
+def test_bn_count_above_float_precision(layout, device):
+    """2^25 + 3 positions (beyond float's 2^24 exact integers): the count is
+    exact and the statistics of constant data are exact."""
+    n = 2**25 + 3
+    x = torch.full((n, 1) if layout == "NC" else (1, 1, n), 1.5, device=device)
+    mean, m2, count = ops.batch_norm_stats(x, None, False)
+    assert count.item() == n
+    assert mean.item() == 1.5 and m2.item() == 0
