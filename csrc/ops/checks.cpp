@@ -250,4 +250,45 @@ void check_batch_norm_backward_args(
   check_grad_output(grad_output, input, op);
 }
 
+// ------------------------------------------------------ group / instance norm
+
+void check_group_norm_args(
+    const char* op, const at::Tensor& input, const std::optional<at::Tensor>& padding_mask, int64_t num_groups,
+    bool channels_last, std::initializer_list<std::pair<const char*, at::Tensor>> per_channel) {
+  check_batch_norm_args(op, input, padding_mask, channels_last, per_channel);
+  const int64_t C = input.dim() == 3 && channels_last ? input.size(2) : input.size(1);
+  TORCH_CHECK_VALUE(num_groups > 0, op, ": expected num_groups to be positive, but got ", num_groups);
+  TORCH_CHECK_VALUE(
+      C % num_groups == 0,
+      op, ": expected the number of channels (", C, ", input shape ", input.sizes(),
+      ") to be divisible by num_groups, but got num_groups=", num_groups);
+}
+
+void check_group_norm_backward_args(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+    const std::optional<at::Tensor>& padding_mask, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t num_groups, bool channels_last) {
+  check_given(op, {{"grad_output", grad_output}, {"input", input}, {"mean", mean}, {"rstd", rstd}});
+  check_group_norm_args(op, input, padding_mask, num_groups, channels_last, {{"weight", weight.value_or(at::Tensor())}});
+  check_grad_output(grad_output, input, op);
+  check_feature_tensor(mean, "mean", {input.size(0), num_groups}, input, op);
+  check_feature_tensor(rstd, "rstd", {input.size(0), num_groups}, input, op);
+}
+
+void check_instance_norm_args(
+    const char* op, const at::Tensor& input, const std::optional<at::Tensor>& padding_mask, bool channels_last) {
+  check_batch_norm_args(op, input, padding_mask, channels_last);
+  const int64_t L = input.dim() == 3 ? input.size(channels_last ? 1 : 2) : 1;
+  const bool masked = padding_mask.has_value() && padding_mask->defined();
+  TORCH_CHECK_VALUE(
+      masked || L != 1 || input.numel() == 0,
+      op, ": expected more than 1 spatial element per sample, but got input of shape ", input.sizes());
+  if (!masked || input.numel() == 0 || !data_checks_enabled(input.device())) return;
+  const at::Tensor valid = padding_mask->logical_not().reshape({input.size(0), -1}).sum(1);
+  TORCH_CHECK_VALUE(
+      !valid.eq(1).any().item<bool>(),
+      op, ": expected more than 1 valid (non-padding) position per sample, but sample ",
+      valid.eq(1).nonzero().view(-1)[0].item<int64_t>(), " has 1");
+}
+
 }  // namespace masknorm

@@ -108,4 +108,25 @@ void check_batch_norm_backward_args(
     const std::optional<at::Tensor>& padding_mask, const std::optional<at::Tensor>& weight,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool channels_last);
 
+// ------------------------------------------------------ group / instance norm
+
+// check_batch_norm_args (the layouts and the per-channel tensors), and
+// num_groups: positive, dividing the channel count.
+void check_group_norm_args(
+    const char* op, const at::Tensor& input, const std::optional<at::Tensor>& padding_mask, int64_t num_groups,
+    bool channels_last, std::initializer_list<std::pair<const char*, at::Tensor>> per_channel = {});
+
+// The forward checks, grad_output, and the saved (N, num_groups) statistics.
+void check_group_norm_backward_args(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+    const std::optional<at::Tensor>& padding_mask, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t num_groups, bool channels_last);
+
+// Instance norm normalizes each sample's own variance, which one value does
+// not have: nn.InstanceNorm1d's ValueError for one spatial position, and,
+// where data checks run (kernel_registry.h), for a sample with exactly one
+// valid position. A sample without valid positions gives zeros.
+void check_instance_norm_args(
+    const char* op, const at::Tensor& input, const std::optional<at::Tensor>& padding_mask, bool channels_last);
+
 }  // namespace masknorm

@@ -130,6 +130,45 @@ struct BatchNormBackwardElemtArgs {
   at::Tensor grad_input;           // like input
 };
 
+// Group norm of each sample's valid positions (instance norm: one group per
+// channel), on a batch-norm layout whose N is the number of samples:
+// statistics per (sample, group) over the group's C / groups channels at the
+// sample's valid positions. output = (x - mean) * rstd * weight + bias at
+// valid positions, 0 at padding; mean and rstd are 0 for a sample without
+// valid positions. With running statistics (instance norm in training) each
+// group's running mean and variance move by momentum towards the average,
+// over the samples with at least 2 valid values in the group, of their mean
+// and unbiased variance; unchanged when no sample has 2.
+struct GroupNormForwardArgs {
+  at::Tensor input;
+  at::Tensor padding_mask;               // (N,) or (N, L) bool, or undefined
+  BatchNormLayout layout;
+  int64_t groups = 1;                    // divides layout.C
+  at::Tensor weight, bias;               // (C,) opmath, or undefined
+  double eps = 0;
+  at::Tensor running_mean, running_var;  // (groups,) opmath, updated in place, or undefined
+  double momentum = 0.1;
+  at::Tensor output;                     // like input
+  at::Tensor mean, rstd;                 // (N, groups) opmath
+};
+
+// With g = dy * weight, xhat = (x - mean) * rstd and k the group's valid
+// count, at valid positions:
+//   grad_input = rstd * (g - sum(g) / k - xhat * sum(g * xhat) / k)
+//   grad_weight = sum over samples and valid positions of dy * xhat, grad_bias = sum of dy.
+// grad_input is 0 at padding. Outputs not wanted are undefined.
+struct GroupNormBackwardArgs {
+  at::Tensor grad_output, input;  // the layout's shape, input's dtype
+  at::Tensor padding_mask;        // (N,) or (N, L) bool, or undefined
+  BatchNormLayout layout;
+  int64_t groups = 1;
+  at::Tensor mean, rstd;          // (N, groups) opmath
+  at::Tensor weight;              // (C,) opmath, or undefined
+  at::Tensor grad_input;          // like input, or undefined
+  at::Tensor grad_weight;         // (C,) opmath, or undefined
+  at::Tensor grad_bias;           // (C,) opmath, or undefined
+};
+
 // The one list: (kernel, argument struct). Everything per kernel below (the
 // table, each backend's declarations, the tables' contents) comes from it.
 #define MASKNORM_FOR_EACH_KERNEL(X)                          \
@@ -139,7 +178,9 @@ struct BatchNormBackwardElemtArgs {
   X(batch_norm_merge_stats, BatchNormMergeStatsArgs)        \
   X(batch_norm_elemt, BatchNormElemtArgs)                   \
   X(batch_norm_backward_reduce, BatchNormBackwardReduceArgs) \
-  X(batch_norm_backward_elemt, BatchNormBackwardElemtArgs)
+  X(batch_norm_backward_elemt, BatchNormBackwardElemtArgs) \
+  X(group_norm_forward, GroupNormForwardArgs)               \
+  X(group_norm_backward, GroupNormBackwardArgs)
 
 // Declares a backend's kernels: `namespace masknorm::cpu { MASKNORM_DECLARE_KERNELS }`.
 #define MASKNORM_DECLARE_KERNEL_(name, Args) void name(const Args& args);
@@ -149,7 +190,7 @@ struct BatchNormBackwardElemtArgs {
 // loading it (a stale instruction-set library) is refused: `abi` sums the
 // argument structs' sizes with kVersion, which changes with the list.
 struct KernelTable {
-  static constexpr int kVersion = 2;
+  static constexpr int kVersion = 3;
   int version;
   int64_t abi;
   const char* name;  // "default", "avx2", "avx512", "cuda", "generic"

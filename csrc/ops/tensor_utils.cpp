@@ -61,6 +61,33 @@ NormAxes batch_norm_axes(const at::Tensor& input, const at::Tensor& padding_mask
   return axes;
 }
 
+std::vector<int64_t> group_norm_view(const BatchNormLayout& layout, int64_t groups) {
+  const int64_t D = groups > 0 ? layout.C / groups : 0;
+  if (layout.channels_inner) return {layout.N, layout.L, groups, D};
+  return {layout.N, groups, D, layout.L};
+}
+
+NormAxes group_norm_axes(const BatchNormLayout& layout, int64_t groups, const at::Tensor& padding_mask) {
+  NormAxes axes;
+  const int64_t N = layout.N, L = layout.L, D = groups > 0 ? layout.C / groups : 0;
+  std::vector<int64_t> mask_view;
+  if (layout.channels_inner) {
+    axes.stat_dims = {1, 3};
+    axes.param_dims = {0, 1};
+    axes.param_view = {1, 1, groups, D};
+    axes.stat_view = {N, 1, groups, 1};
+    mask_view = {N, L, 1, 1};
+  } else {
+    axes.stat_dims = {2, 3};
+    axes.param_dims = {0, 3};
+    axes.param_view = {1, groups, D, 1};
+    axes.stat_view = {N, groups, 1, 1};
+    mask_view = {N, 1, 1, L};
+  }
+  if (padding_mask.defined()) axes.valid = padding_mask.logical_not().reshape(mask_view);
+  return axes;
+}
+
 NormAxes row_norm_axes(const at::Tensor& input, at::IntArrayRef normalized_shape, const at::Tensor& padding_mask) {
   NormAxes axes;
   const int64_t lead = input.dim() - static_cast<int64_t>(normalized_shape.size());

@@ -39,6 +39,14 @@ struct NormAxes {
 // Batch norm: statistics per channel over the (N[, L]) valid positions.
 NormAxes batch_norm_axes(const at::Tensor& input, const at::Tensor& padding_mask, bool channels_last);
 
+// Group norm of a batch-norm layout with `groups` groups, on the input
+// viewed as group_norm_view(layout, groups): (N, G, C / G, L) channels outer,
+// (N, L, G, C / G) channels inner. Statistics per (sample, group) over the
+// group's channels and the sample's valid positions; parameter gradients per
+// channel, summed over samples and positions.
+std::vector<int64_t> group_norm_view(const BatchNormLayout& layout, int64_t groups);
+NormAxes group_norm_axes(const BatchNormLayout& layout, int64_t groups, const at::Tensor& padding_mask);
+
 // Layer / RMS norm: statistics per row over the trailing normalized_shape
 // dims, parameter gradients summed over the leading (row) dims.
 NormAxes row_norm_axes(const at::Tensor& input, at::IntArrayRef normalized_shape, const at::Tensor& padding_mask);

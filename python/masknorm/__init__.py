@@ -1,4 +1,5 @@
-"""masknorm: padding-aware BatchNorm, LayerNorm and RMSNorm for PyTorch.
+"""masknorm: padding-aware BatchNorm, LayerNorm, RMSNorm, GroupNorm and
+InstanceNorm for PyTorch.
 
 ``padding_mask`` follows ``src_key_padding_mask``: a bool tensor, True marks
 padding. Padded positions never reach statistics, outputs (exactly 0) or
@@ -27,7 +28,16 @@ from .convert import convert_model
 from .distributed import MaskedSyncBatchNorm
 from .kernels import enable_device_data_checks, kernels_for, use_fused_cuda_kernels
 from .masks import padding_mask_from_lengths
-from .modules import MaskedBatchNorm1d, MaskedLayerNorm, MaskedRMSNorm
+from .padding import padding
+from .modules import (
+    MaskedBatchNorm1d,
+    MaskedBatchNorm2d,
+    MaskedBatchNorm3d,
+    MaskedGroupNorm,
+    MaskedInstanceNorm1d,
+    MaskedLayerNorm,
+    MaskedRMSNorm,
+)
 
 __version__: str = _C.__version__
 
@@ -53,6 +63,10 @@ def build_info() -> Dict[str, Any]:
 
 __all__ = [
     "MaskedBatchNorm1d",
+    "MaskedBatchNorm2d",
+    "MaskedBatchNorm3d",
+    "MaskedGroupNorm",
+    "MaskedInstanceNorm1d",
     "MaskedLayerNorm",
     "MaskedRMSNorm",
     "MaskedSyncBatchNorm",
@@ -61,6 +75,7 @@ __all__ = [
     "enable_device_data_checks",
     "functional",
     "kernels_for",
+    "padding",
     "padding_mask_from_lengths",
     "use_fused_cuda_kernels",
 ]

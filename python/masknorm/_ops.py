@@ -347,3 +347,66 @@ def _rms_norm_backward_fake(grad_output, input, normalized_shape, padding_mask, 
         torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None,
         _param_grad(weight, input, tuple(normalized_shape), output_mask[1]),
     )
+
+
+# ------------------------------------------------------ group / instance norm
+
+
+def _check_group_norm(op: str, input: Tensor, padding_mask, num_groups: int, channels_last: bool, **per_channel):
+    """The checks of check_group_norm_args; returns the channel count."""
+    C = _check_batch_norm(op, input, padding_mask, channels_last, **per_channel)
+    torch._check_value(num_groups > 0, lambda: f"masknorm::{op}: expected num_groups to be positive, but got {num_groups}")
+    torch._check_value(
+        C % num_groups == 0,
+        lambda: f"masknorm::{op}: expected the number of channels ({C}, input shape {tuple(input.shape)}) to be "
+        f"divisible by num_groups, but got num_groups={num_groups}",
+    )
+    return C
+
+
+def _group_norm_outputs(input: Tensor, groups) -> tuple:
+    stat = input.new_empty((input.shape[0], groups), dtype=_opmath_dtype(input.dtype))
+    return torch.empty_like(input, memory_format=torch.contiguous_format), stat, torch.empty_like(stat)
+
+
+@torch.library.register_fake("masknorm::group_norm")
+def _group_norm_fake(input, padding_mask, weight, bias, num_groups, eps, channels_last):
+    _check_group_norm("group_norm", input, padding_mask, num_groups, channels_last, weight=weight, bias=bias)
+    _check_eps("group_norm", eps, "", positive=False)
+    return _group_norm_outputs(input, num_groups)
+
+
+@torch.library.register_fake("masknorm::group_norm_backward")
+def _group_norm_backward_fake(
+    grad_output, input, padding_mask, weight, mean, rstd, num_groups, channels_last, output_mask
+):
+    op = "group_norm_backward"
+    C = _check_group_norm(op, input, padding_mask, num_groups, channels_last, weight=weight)
+    _check_grad_output(op, grad_output, input)
+    _check_features(op, (input.shape[0], num_groups), input, mean=mean, rstd=rstd)
+    return (
+        torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None,
+        _param_grad(weight, input, (C,), output_mask[1]),
+        _param_grad(weight, input, (C,), output_mask[2]),
+    )
+
+
+@torch.library.register_fake("masknorm::instance_norm")
+def _instance_norm_fake(input, padding_mask, weight, bias, running_mean, running_var, momentum, eps, channels_last):
+    op = "instance_norm"
+    C = _check_batch_norm(op, input, padding_mask, channels_last)
+    if padding_mask is None:
+        L = 1 if input.dim() == 2 else input.shape[1 if channels_last else 2]
+        torch._check_value(
+            L != 1 or input.numel() == 0,
+            lambda: f"masknorm::{op}: expected more than 1 spatial element per sample, but got input of shape "
+            f"{tuple(input.shape)}",
+        )
+    _check_group_norm(
+        op, input, padding_mask, C, channels_last, weight=weight, bias=bias, running_mean=running_mean,
+        running_var=running_var,
+    )
+    _check_running_stats(op, running_mean, running_var, None, input)
+    _check_running_stats_update(op, running_mean, None, momentum)
+    _check_eps(op, eps, "", positive=False)
+    return _group_norm_outputs(input, C)

@@ -6,8 +6,17 @@ from typing import Any, Dict, Optional
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import padding as _padding
 from .distributed import MaskedSyncBatchNorm, ProcessGroup
-from .modules import MaskedBatchNorm1d, MaskedLayerNorm, MaskedRMSNorm
+from .modules import (
+    MaskedBatchNorm1d,
+    MaskedBatchNorm2d,
+    MaskedBatchNorm3d,
+    MaskedGroupNorm,
+    MaskedInstanceNorm1d,
+    MaskedLayerNorm,
+    MaskedRMSNorm,
+)
 
 __all__ = ["convert_model"]
 
@@ -57,6 +66,8 @@ def _masked_counterpart(
     batch_norm: bool,
     layer_norm: bool,
     rms_norm: bool,
+    group_norm: bool,
+    instance_norm: bool,
     sync: bool,
     process_group: Optional[ProcessGroup],
 ) -> Optional[nn.Module]:
@@ -82,6 +93,22 @@ def _masked_counterpart(
             module.track_running_stats,
             channels_last=False,
             **kwargs,
+        )
+    # bias=False is passed only for a weight without bias (older torch has no such argument)
+    without_bias = {} if getattr(module, "bias", None) is not None or not getattr(module, "affine", True) else {
+        "bias": False}
+    for torch_bn, masked_bn in ((nn.BatchNorm2d, MaskedBatchNorm2d), (nn.BatchNorm3d, MaskedBatchNorm3d)):
+        if batch_norm and not sync and _uses_torch_forward(module, torch_bn):
+            return masked_bn(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                **without_bias,
+            )
+    if group_norm and _uses_torch_forward(module, nn.GroupNorm):
+        return MaskedGroupNorm(module.num_groups, module.num_channels, module.eps, module.affine, **without_bias)
+    if instance_norm and _uses_torch_forward(module, nn.InstanceNorm1d):
+        return MaskedInstanceNorm1d(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+            **without_bias,
         )
     if layer_norm and _uses_torch_forward(module, nn.LayerNorm):
         return MaskedLayerNorm(
@@ -128,27 +155,41 @@ def convert_model(
     batch_norm: bool = True,
     layer_norm: bool = True,
     rms_norm: bool = True,
+    group_norm: bool = True,
+    instance_norm: bool = True,
     sync_batch_norm: bool = False,
     process_group: Optional[ProcessGroup] = None,
+    convolutions: bool = True,
 ) -> nn.Module:
-    """Replaces every ``nn.BatchNorm1d``, ``nn.LayerNorm`` and ``nn.RMSNorm`` in
-    ``module`` with its masked counterpart, as
-    ``nn.SyncBatchNorm.convert_sync_batchnorm`` does for SyncBatchNorm.
+    """Replaces every ``nn.BatchNorm1d/2d/3d``, ``nn.LayerNorm``, ``nn.RMSNorm``,
+    ``nn.GroupNorm`` and ``nn.InstanceNorm1d`` in ``module`` with its masked
+    counterpart, as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does for
+    SyncBatchNorm.
 
     Args:
         module: a model, or a single norm module.
         batch_norm: convert ``nn.BatchNorm1d`` to :class:`MaskedBatchNorm1d`
             (``channels_last=False``: the same ``(N, C)`` / ``(N, C, L)`` input
-            as before).
+            as before), ``nn.BatchNorm2d``/``3d`` to
+            :class:`MaskedBatchNorm2d`/``3d``.
         layer_norm: convert ``nn.LayerNorm`` to :class:`MaskedLayerNorm`.
         rms_norm: convert ``nn.RMSNorm`` to :class:`MaskedRMSNorm`.
+        group_norm: convert ``nn.GroupNorm`` to :class:`MaskedGroupNorm`
+            (channels first, as before).
+        instance_norm: convert ``nn.InstanceNorm1d`` to
+            :class:`MaskedInstanceNorm1d` (channels first, as before).
         sync_batch_norm: convert batch norms to :class:`MaskedSyncBatchNorm`
             (statistics shared by the ranks of ``process_group``) instead:
             ``nn.BatchNorm1d``, ``nn.SyncBatchNorm`` and
             :class:`MaskedBatchNorm1d`, as
-            :meth:`MaskedSyncBatchNorm.convert_sync_batchnorm` does. Needs
+            :meth:`MaskedSyncBatchNorm.convert_sync_batchnorm` does; 2-D and
+            3-D batch norms are then left as they are. Needs
             ``batch_norm=True``.
         process_group: the group for ``sync_batch_norm`` (default: the world).
+        convolutions: hook ``nn.Conv1d`` and ``nn.ConvTranspose1d`` for
+            :func:`masknorm.padding` (a forward pre-hook that carries lengths
+            through them and zeroes padded input frames inside the context,
+            and returns at once outside it).
 
     Returns:
         ``module``, converted in place; when ``module`` itself is a norm that
@@ -165,9 +206,9 @@ def convert_model(
     by several parents stays shared.
 
     Without a mask the converted modules compute what the originals computed.
-    They skip padding only when given ``padding_mask`` (bool, True marks
-    padding), so the model's ``forward`` must pass it on, e.g.
-    ``self.norm(x, padding_mask=src_key_padding_mask)``.
+    They skip padding when given ``padding_mask`` (bool, True marks padding),
+    e.g. ``self.norm(x, padding_mask=src_key_padding_mask)``, or, with no
+    edit to the model's code, inside ``with masknorm.padding(lengths=...)``.
 
     Example::
 
@@ -181,4 +222,7 @@ def convert_model(
         raise ValueError("convert_model: sync_batch_norm=True converts batch norms, so it needs batch_norm=True")
     if process_group is not None and not sync_batch_norm:
         raise ValueError("convert_model: process_group is for sync_batch_norm=True, but sync_batch_norm is False")
-    return _convert(module, {}, batch_norm, layer_norm, rms_norm, sync_batch_norm, process_group)
+    converted = _convert(
+        module, {}, batch_norm, layer_norm, rms_norm, group_norm, instance_norm, sync_batch_norm, process_group
+    )
+    return _padding.track_convolutions(converted) if convolutions else converted

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from . import padding as _padding
 from .modules import MaskedBatchNorm1d
 
 try:  # torch builds without distributed support have no ProcessGroup
@@ -257,6 +258,7 @@ class MaskedSyncBatchNorm(MaskedBatchNorm1d):
         every rank's batch (training) or with the running statistics (eval);
         ``padding_mask`` (bool, True at padding) is (N,) for (N, C) input and
         (N, L) for 3-D input. Padded outputs are 0."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
         sync = self._sync_group()
         if sync is None:
             return super().forward(input, padding_mask)
@@ -304,6 +306,6 @@ class MaskedSyncBatchNorm(MaskedBatchNorm1d):
         from .convert import convert_model
 
         return convert_model(
-            module, batch_norm=True, layer_norm=False, rms_norm=False, sync_batch_norm=True,
-            process_group=process_group,
+            module, batch_norm=True, layer_norm=False, rms_norm=False, group_norm=False, instance_norm=False,
+            sync_batch_norm=True, process_group=process_group,
         )

@@ -1,4 +1,5 @@
-"""Drop-in masked versions of nn.BatchNorm1d, nn.LayerNorm and nn.RMSNorm.
+"""Drop-in masked versions of nn.BatchNorm1d/2d/3d, nn.LayerNorm, nn.RMSNorm,
+nn.GroupNorm and nn.InstanceNorm1d.
 
 Each subclasses the torch module it replaces, so parameters, buffers,
 state_dict keys, initialisation, ``repr`` and ``isinstance`` checks are
@@ -12,9 +13,19 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from . import _layouts
+from . import padding as _padding
 from . import functional as F
 
-__all__ = ["MaskedBatchNorm1d", "MaskedLayerNorm", "MaskedRMSNorm"]
+__all__ = [
+    "MaskedBatchNorm1d",
+    "MaskedBatchNorm2d",
+    "MaskedBatchNorm3d",
+    "MaskedGroupNorm",
+    "MaskedInstanceNorm1d",
+    "MaskedLayerNorm",
+    "MaskedRMSNorm",
+]
 
 _shape_t = Union[int, Sequence[int], torch.Size]
 
@@ -22,7 +33,13 @@ _shape_t = Union[int, Sequence[int], torch.Size]
 def _check_channels_first(input: Tensor, num_features: int, channels_last: bool, name: str) -> None:
     """(N, L, C) input given to a channels-first module: say so, and how to fix it
     (the op's own error names only the shapes)."""
-    if channels_last or input.dim() != 3 or input.shape[1] == num_features or input.shape[2] != num_features:
+    if (
+        channels_last
+        or _layouts.is_jagged(input)
+        or input.dim() != 3
+        or input.shape[1] == num_features
+        or input.shape[2] != num_features
+    ):
         return
     raise RuntimeError(
         f"{name}({num_features}): expected (N, C, L) input with C={num_features} at dim 1, but got shape "
@@ -82,26 +99,206 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         (N,) for (N, C) input and (N, L) for 3-D input. Without a mask, the
         result is nn.BatchNorm1d's. In training mode the running statistics are
         updated from the valid positions."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
         self._check_input_dim(input)
         _check_channels_first(input, self.num_features, self.channels_last, type(self).__name__)
-        # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward; the op
-        # increments num_batches_tracked and updates the running statistics.
-        track = self.training and self.track_running_stats
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep_running = not self.training or self.track_running_stats
-        return F.batch_norm(
+        return _batch_norm_forward(self, input, padding_mask, self.channels_last)
+
+
+def _batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, padding_mask, channels_last: bool):
+    """torch.nn.modules.batchnorm._BatchNorm.forward with a mask; the op
+    increments num_batches_tracked and updates the running statistics."""
+    track = module.training and module.track_running_stats
+    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+    keep_running = not module.training or module.track_running_stats
+    return F.batch_norm(
+        input,
+        module.running_mean if keep_running else None,
+        module.running_var if keep_running else None,
+        module.weight,
+        module.bias,
+        use_batch_stats,
+        module.momentum,
+        module.eps,
+        padding_mask=padding_mask,
+        channels_last=channels_last,
+        num_batches_tracked=module.num_batches_tracked if track else None,
+    )
+
+
+class MaskedBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose statistics skip padding: (N, C, H, W) input, the
+    mask (N, H, W) or over trailing dims only ((N, W): padding in time for
+    (N, C, F, T) spectrograms). In training, outputs, gradients and running
+    statistics are nn.BatchNorm2d's on the valid positions; padded positions
+    output 0. Channels-last memory format runs without a copy."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        """Same arguments as nn.BatchNorm2d: ``num_features`` C; ``eps``;
+        ``momentum`` (None: cumulative average); ``affine``;
+        ``track_running_stats``; ``device``, ``dtype``; ``bias`` (False: a
+        weight without bias, where torch's nn.BatchNorm2d takes it)."""
+        # bias is passed only when False: older torch versions have no such argument
+        kwargs = {} if bias else {"bias": False}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Normalizes ``input`` over its valid positions (True in
+        ``padding_mask`` marks padding)."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
+        self._check_input_dim(input)
+        return _batch_norm_forward(self, input, padding_mask, False)
+
+
+class MaskedBatchNorm3d(nn.BatchNorm3d):
+    """nn.BatchNorm3d whose statistics skip padding: (N, C, D, H, W) input,
+    the mask (N, D, H, W) or over trailing dims only. See MaskedBatchNorm2d."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        """Same arguments as nn.BatchNorm3d: ``num_features`` C; ``eps``;
+        ``momentum`` (None: cumulative average); ``affine``;
+        ``track_running_stats``; ``device``, ``dtype``; ``bias`` (False: a
+        weight without bias, where torch's nn.BatchNorm3d takes it)."""
+        # bias is passed only when False: older torch versions have no such argument
+        kwargs = {} if bias else {"bias": False}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Normalizes ``input`` over its valid positions (True in
+        ``padding_mask`` marks padding)."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
+        self._check_input_dim(input)
+        return _batch_norm_forward(self, input, padding_mask, False)
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm whose statistics come from each sample's valid positions.
+
+    Input (N, C, \*spatial), or (N, \*spatial, C) with ``channels_last=True``;
+    ``padding_mask`` (N, \*spatial) or over trailing spatial dims only. Each
+    sample's output, input and parameter gradients are nn.GroupNorm's on that
+    sample cropped to its valid positions; padded positions output 0.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
+        channels_last: bool = False,
+    ) -> None:
+        """Same arguments as nn.GroupNorm: ``num_groups`` (dividing
+        ``num_channels``); ``num_channels`` C; ``eps``; ``affine`` (learnable
+        per-channel weight and bias); ``device``, ``dtype``; ``bias`` (False:
+        a weight without bias, where torch's nn.GroupNorm takes it); plus,
+        keyword-only, ``channels_last`` ((N, L, C) input)."""
+        kwargs = {} if bias else {"bias": False}
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, **kwargs)
+        self.channels_last = channels_last
+
+    def extra_repr(self) -> str:
+        """torch's GroupNorm ``extra_repr``, plus ``channels_last=True`` when set."""
+        return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Normalizes each sample of ``input`` per group over its valid
+        positions (True in ``padding_mask`` marks padding)."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
+        _check_channels_first(input, self.num_channels, self.channels_last, type(self).__name__)
+        return F.group_norm(
+            input, self.num_groups, self.weight, self.bias, self.eps, padding_mask=padding_mask,
+            channels_last=self.channels_last,
+        )
+
+
+class MaskedInstanceNorm1d(nn.InstanceNorm1d):
+    """nn.InstanceNorm1d whose statistics come from each sample's valid positions.
+
+    Input (N, C, L) with ``padding_mask`` (N, L), (N, L, C) with
+    ``channels_last=True``, or unbatched (C, L) with (L,). Each sample's
+    output and gradients are nn.InstanceNorm1d's on the sample cropped to its
+    valid positions; padded positions output 0. With
+    ``track_running_stats``, training moves the running statistics towards
+    the average over samples of their mean and unbiased variance (samples with
+    fewer than 2 valid positions left out), and eval normalizes with them.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
+        channels_last: bool = False,
+    ) -> None:
+        """Same arguments as nn.InstanceNorm1d: ``num_features`` C; ``eps``;
+        ``momentum`` (None: running statistics are not updated, as torch's);
+        ``affine``; ``track_running_stats``; ``device``, ``dtype``; ``bias``
+        (False: a weight without bias, where torch's nn.InstanceNorm1d takes
+        it); plus, keyword-only, ``channels_last`` ((N, L, C) input)."""
+        kwargs = {} if bias else {"bias": False}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self.channels_last = channels_last
+
+    def extra_repr(self) -> str:
+        """torch's InstanceNorm1d ``extra_repr``, plus ``channels_last=True`` when set."""
+        return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Normalizes each sample and channel of ``input`` over its valid
+        positions (True in ``padding_mask`` marks padding)."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
+        self._check_input_dim(input)
+        unbatched = not _layouts.is_jagged(input) and input.dim() == self._get_no_batch_dim()
+        if unbatched:
+            input = input.unsqueeze(0)
+            padding_mask = None if padding_mask is None else padding_mask.unsqueeze(0)
+        _check_channels_first(input, self.num_features, self.channels_last, type(self).__name__)
+        out = F.instance_norm(
             input,
-            self.running_mean if keep_running else None,
-            self.running_var if keep_running else None,
+            self.running_mean,
+            self.running_var,
             self.weight,
             self.bias,
-            use_batch_stats,
-            self.momentum,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
             self.eps,
             padding_mask=padding_mask,
             channels_last=self.channels_last,
-            num_batches_tracked=self.num_batches_tracked if track else None,
         )
+        return out.squeeze(0) if unbatched else out
 
 
 class MaskedLayerNorm(nn.LayerNorm):
@@ -128,6 +325,7 @@ class MaskedLayerNorm(nn.LayerNorm):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Normalizes each valid row of ``input`` over ``normalized_shape``;
         padded rows (True in ``padding_mask``) output 0."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
         return F.layer_norm(
             input, self.normalized_shape, self.weight, self.bias, self.eps, padding_mask=padding_mask
         )
@@ -156,4 +354,5 @@ class MaskedRMSNorm(nn.RMSNorm):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """RMS-normalizes each valid row of ``input`` over ``normalized_shape``;
         padded rows (True in ``padding_mask``) output 0."""
+        padding_mask = _padding.mask_for(self, input, padding_mask)
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, padding_mask=padding_mask)

@@ -1,7 +1,7 @@
 // masknorm's C++ API: each function calls the registered op through the
 // dispatcher (autograd, every backend, torch.compile tracing apply).
 // Schemas and semantics: README.md, section "Ops". Defined in
-// csrc/ops/batch_norm.cpp and csrc/ops/row_norm.cpp.
+// csrc/ops/batch_norm.cpp, row_norm.cpp and group_norm.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -139,6 +139,50 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
     const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight,
     std::array<bool, 2> output_mask);
+
+// ------------------------------------------------------ group / instance norm
+
+// nn.GroupNorm's forward over each sample's valid positions: statistics per
+// (sample, group) over the group's channels. Input (N, C), (N, C, L), or
+// (N, L, C) with channels_last; padding_mask (N,) or (N, L). Returns
+// (output, mean, rstd), the statistics (N, num_groups).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& padding_mask,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    int64_t num_groups,
+    double eps,
+    bool channels_last);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& padding_mask,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean,
+    const at::Tensor& rstd,
+    int64_t num_groups,
+    bool channels_last,
+    std::array<bool, 3> output_mask);
+
+// nn.InstanceNorm1d's forward with the input's statistics (training, or no
+// running statistics tracked): group norm with one group per channel;
+// running_mean/running_var, when given, move by momentum towards the average
+// over samples of their mean and unbiased variance. With running statistics
+// in eval, nn.InstanceNorm1d is batch_norm with training=false. Returns
+// (output, mean, rstd), the statistics (N, C); the backward is
+// group_norm_backward with num_groups = C.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& padding_mask,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    double momentum,
+    double eps,
+    bool channels_last);
 
 // ----------------------------------------------------------------- kernels
 

@@ -1,17 +1,19 @@
 // Autograd of the masknorm ops, registered for the Autograd key so Python and
 // C++ callers get gradients alike.
-//  - batch_norm, layer_norm, rms_norm: one autograd Function (NormFunction)
-//    whose backward calls the op's backward op; each norm supplies its
-//    forward call, what it saves (by name) and where its gradients go.
-//  - batch_norm_backward, layer_norm_backward, rms_norm_backward: their
-//    kernels, or, when a graph must be recorded through them (double
-//    backward), the differentiable composite of differentiable_backward.h.
+//  - batch_norm, layer_norm, rms_norm, group_norm, instance_norm: one
+//    autograd Function (NormFunction) whose backward calls the op's backward
+//    op; each norm supplies its forward call, what it saves (by name) and
+//    where its gradients go.
+//  - batch_norm_backward, layer_norm_backward, rms_norm_backward,
+//    group_norm_backward (instance norm's too): their kernels, or, when a
+//    graph must be recorded through them (double backward), the
+//    differentiable composite of differentiable_backward.h.
 //  - the batch-norm stages (batch_norm_stats, ...): not differentiable
 //    themselves (MaskedSyncBatchNorm wraps them in its own autograd
 //    Function); torch's not-implemented fallback raises if asked.
-// The ops mutating their arguments (batch_norm, batch_norm_merge_stats) get
-// torch's ADInplaceOrView fallback, which bumps the version counters of the
-// running statistics.
+// The ops mutating their arguments (batch_norm, batch_norm_merge_stats,
+// instance_norm) get torch's ADInplaceOrView fallback, which bumps the
+// version counters of the running statistics.
 #include "differentiable_backward.h"
 
 #include "../checks.h"
@@ -176,6 +178,72 @@ struct RMSNorm {
   }
 };
 
+// ------------------------------------------------------ group / instance norm
+
+// Group and instance norm save the same tensors and share group_norm_backward
+// (instance norm: one group per channel).
+void save_group_norm(
+    AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& padding_mask,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& rstd,
+    int64_t num_groups, bool channels_last) {
+  save_named(ctx, {{"input", input}, {"padding_mask", padding_mask.value_or(Tensor())},
+                   {"weight", weight.value_or(Tensor())}, {"mean", mean}, {"rstd", rstd}});
+  ctx->saved_data["num_groups"] = num_groups;
+  ctx->saved_data["channels_last"] = channels_last;
+  ctx->saved_data["output_mask"] = std::vector<bool>{input.requires_grad(), wants_grad(weight), wants_grad(bias)};
+  ctx->mark_non_differentiable({mean, rstd});
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_backward_of(AutogradContext* ctx, const Tensor& grad_output) {
+  const Saved saved(ctx);
+  const auto mask = ctx->saved_data["output_mask"].toBoolList();
+  return group_norm_backward(
+      grad_output, saved["input"], maybe(saved["padding_mask"]), maybe(saved["weight"]), saved["mean"],
+      saved["rstd"], ctx->saved_data["num_groups"].toInt(), ctx->saved_data["channels_last"].toBool(),
+      {mask[0], mask[1], mask[2]});
+}
+
+struct GroupNorm {
+  // input, padding_mask, weight, bias, num_groups, eps, channels_last
+  enum : size_t { kInput = 0, kWeight = 2, kBias = 3, kArguments = 7 };
+
+  static variable_list forward(
+      AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& padding_mask,
+      const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, int64_t num_groups, double eps,
+      bool channels_last) {
+    auto [output, mean, rstd] = group_norm(input, padding_mask, weight, bias, num_groups, eps, channels_last);
+    save_group_norm(ctx, input, padding_mask, weight, bias, mean, rstd, num_groups, channels_last);
+    return {output, mean, rstd};
+  }
+
+  static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
+    std::tie(grads[kInput], grads[kWeight], grads[kBias]) = group_norm_backward_of(ctx, grad_output);
+  }
+};
+
+struct InstanceNorm {
+  // input, padding_mask, weight, bias, running_mean, running_var, momentum, eps, channels_last
+  enum : size_t { kInput = 0, kWeight = 2, kBias = 3, kArguments = 9 };
+
+  static variable_list forward(
+      AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& padding_mask,
+      const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+      const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, double momentum,
+      double eps, bool channels_last) {
+    auto [output, mean, rstd] =
+        instance_norm(input, padding_mask, weight, bias, running_mean, running_var, momentum, eps, channels_last);
+    // One group per channel. (sym_size: the other sizes may be symbolic
+    // while tracing, and sizes() would fix them.)
+    const int64_t channels = mean.sym_size(1).guard_int(__FILE__, __LINE__);
+    save_group_norm(ctx, input, padding_mask, weight, bias, mean, rstd, channels, channels_last);
+    return {output, mean, rstd};
+  }
+
+  static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
+    std::tie(grads[kInput], grads[kWeight], grads[kBias]) = group_norm_backward_of(ctx, grad_output);
+  }
+};
+
 // ------------------------------------------------- the Autograd-key kernels
 
 // Without a graph to record (no_grad, inference, nothing requiring grad) the
@@ -221,6 +289,32 @@ std::tuple<Tensor, Tensor> rms_norm_autograd(
   }
   auto out = NormFunction<RMSNorm>::apply(input, normalized_shape, padding_mask, weight, eps);
   return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_autograd(
+    const Tensor& input, const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, int64_t num_groups, double eps, bool channels_last) {
+  check_given("masknorm::group_norm", {{"input", input}});
+  if (!records_graph({input, weight.value_or(Tensor()), bias.value_or(Tensor())})) {
+    at::AutoDispatchBelowAutograd guard;
+    return group_norm(input, padding_mask, weight, bias, num_groups, eps, channels_last);
+  }
+  auto out = NormFunction<GroupNorm>::apply(input, padding_mask, weight, bias, num_groups, eps, channels_last);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> instance_norm_autograd(
+    const Tensor& input, const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
+    const std::optional<Tensor>& running_var, double momentum, double eps, bool channels_last) {
+  check_given("masknorm::instance_norm", {{"input", input}});
+  if (!records_graph({input, weight.value_or(Tensor()), bias.value_or(Tensor())})) {
+    at::AutoDispatchBelowAutograd guard;
+    return instance_norm(input, padding_mask, weight, bias, running_mean, running_var, momentum, eps, channels_last);
+  }
+  auto out = NormFunction<InstanceNorm>::apply(
+      input, padding_mask, weight, bias, running_mean, running_var, momentum, eps, channels_last);
+  return {out[0], out[1], out[2]};
 }
 
 // The backward ops: their kernels, unless a graph must be recorded through
@@ -276,6 +370,28 @@ std::tuple<Tensor, Tensor> rms_norm_backward_autograd(
   return {dx, dw};
 }
 
+std::tuple<Tensor, Tensor, Tensor> group_norm_backward_autograd(
+    const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& padding_mask,
+    const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& rstd, int64_t num_groups,
+    bool channels_last, std::array<bool, 3> output_mask) {
+  if (!records_graph({grad_output, input, mean, rstd, weight.value_or(Tensor())})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return group_norm_backward(
+        grad_output, input, padding_mask, weight, mean, rstd, num_groups, channels_last, output_mask);
+  }
+  constexpr const char* op = "masknorm::group_norm_backward";
+  check_group_norm_backward_args(
+      op, grad_output, input, padding_mask, weight, mean, rstd, num_groups, channels_last);
+  // The composite on the input viewed with its groups as a dimension.
+  const BatchNormLayout layout = batch_norm_layout(input, channels_last);
+  const auto view = group_norm_view(layout, num_groups);
+  auto [dx, dw, db] = differentiable_norm_backward(
+      op, group_norm_axes(layout, num_groups, padding_mask.value_or(Tensor())), grad_output.reshape(view),
+      input.reshape(view), weight, mean, rstd, /*stats_from_input=*/true, /*centered=*/true, output_mask);
+  const auto flat = [](const Tensor& t) { return t.defined() ? t.reshape({-1}) : t; };
+  return {dx.defined() ? dx.reshape(input.sizes()) : dx, flat(dw), flat(db)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(masknorm, Autograd, m) {
@@ -285,6 +401,9 @@ TORCH_LIBRARY_IMPL(masknorm, Autograd, m) {
   m.impl("layer_norm_backward", &layer_norm_backward_autograd);
   m.impl("rms_norm", &rms_norm_autograd);
   m.impl("rms_norm_backward", &rms_norm_backward_autograd);
+  m.impl("group_norm", &group_norm_autograd);
+  m.impl("group_norm_backward", &group_norm_backward_autograd);
+  m.impl("instance_norm", &instance_norm_autograd);
   for (const char* stage : {"batch_norm_stats", "batch_norm_merge_stats", "batch_norm_elemt",
                             "batch_norm_backward_reduce", "batch_norm_backward_elemt"}) {
     m.impl(stage, torch::autograd::autogradNotImplementedFallback());
@@ -294,6 +413,7 @@ TORCH_LIBRARY_IMPL(masknorm, Autograd, m) {
 TORCH_LIBRARY_IMPL(masknorm, ADInplaceOrView, m) {
   m.impl("batch_norm", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
   m.impl("batch_norm_merge_stats", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  m.impl("instance_norm", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
 }
 
 }  // namespace masknorm

@@ -107,10 +107,11 @@ C10_ALWAYS_INLINE void column_blocks(int64_t C, const Block& block) {
 // with a large offset. (Half
 // types convert in both passes: a float copy of the chunk for the second
 // pass measured 40% slower, its traffic outweighing the conversions.)
-template <typename scalar_t>
+// (out_t: the accumulation type, or MergeT for callers that merge the
+// channels' moments further, as group norm does.)
+template <typename scalar_t, typename out_t = at::opmath_type<scalar_t>>
 void moments_channels_inner(
-    const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t C,
-    at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
+    const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t C, out_t* mean_out, out_t* m2_out) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
@@ -165,8 +166,8 @@ void moments_channels_inner(
     for (int64_t t = 0; t < chunk.threads(); ++t) {
       acc.merge({seen[t], running.of_thread(t, 0)[c], running.of_thread(t, 1)[c]});
     }
-    mean_out[c] = opmath_t(acc.mean);
-    m2_out[c] = opmath_t(acc.m2);
+    mean_out[c] = out_t(acc.mean);
+    m2_out[c] = out_t(acc.m2);
   }
 }
 
@@ -178,15 +179,16 @@ constexpr int64_t kPlaneSegment = 16384;
 
 inline int64_t plane_segments(int64_t L) { return std::max<int64_t>(1, (L + kPlaneSegment - 1) / kPlaneSegment); }
 
+// Moments of every (n, c) row of (N, C, L) planes over its valid positions;
+// [n * C + c]. The rows' segments are visited in memory order
+// (prefetch-friendly), in parallel, and merged per row in order (in MergeT).
+// Half types convert each segment once (RowScratch) for its two passes.
+// Batch norm merges the rows per channel, group and instance norm per
+// (sample, group).
 template <typename scalar_t>
-void moments_channels_outer(
-    const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C,
-    int64_t L, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
+std::vector<Moments<MergeT>> plane_row_moments(
+    const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C, int64_t L) {
   using opmath_t = at::opmath_type<scalar_t>;
-  // Moments of every segment of every (n, c) row, visited in memory order
-  // (prefetch-friendly), then merged per channel in order of n and segment
-  // (in MergeT): the same result for any thread count. Half types convert
-  // each segment once (RowScratch) for its two passes.
   const int64_t S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
   // Valid positions per (n, segment), counted once for all channels.
   std::vector<int64_t> valid(lanes ? static_cast<size_t>(N * S) : 0);
@@ -210,11 +212,25 @@ void moments_channels_outer(
           scratch.as_opmath(x + row * L + l0, len), lanes ? lanes->keep.data() + n * L + l0 : nullptr, len, count);
     }
   });
+  if (S == 1) return parts;
+  std::vector<Moments<MergeT>> rows(static_cast<size_t>(N * C));
+  for (int64_t row = 0; row < N * C; ++row) {
+    for (int64_t s = 0; s < S; ++s) rows[row].merge(parts[row * S + s]);
+  }
+  return rows;
+}
+
+// Per-channel moments of (N, C, L) planes: the rows' moments merged per
+// channel in order of n (in MergeT), the same result for any thread count.
+template <typename scalar_t>
+void moments_channels_outer(
+    const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C,
+    int64_t L, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const std::vector<Moments<MergeT>> rows = plane_row_moments(x, lanes, N, C, L);
   for (int64_t c = 0; c < C; ++c) {
     Moments<MergeT> acc;
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t s = 0; s < S; ++s) acc.merge(parts[(n * C + c) * S + s]);
-    }
+    for (int64_t n = 0; n < N; ++n) acc.merge(rows[n * C + c]);
     mean_out[c] = opmath_t(acc.mean);
     m2_out[c] = opmath_t(acc.m2);
   }
@@ -310,6 +326,8 @@ enum class ChannelAffine {
                   // the channel's only value; a * dy - a * dy through an FMA is not)
   kGradientOfDy,  // dy * a: the input gradient with given statistics (x, mean, b
                   // and k are not read, so inf/NaN in them cannot reach it)
+  kGradientSum,   // dy * a + (x - mean) * b + k: an input gradient whose k is no
+                  // multiple of a (group norm: a varies within the group)
 };
 
 // One loop for the normalization and the input gradient, so all stages see
@@ -324,12 +342,13 @@ void affine_per_channel(
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
-  constexpr bool kReadsX = kTerms != ChannelAffine::kGradientOfDy;
+  constexpr bool kReadsX = kTerms != ChannelAffine::kGradientOfDy;  // and mean, b, k
   constexpr bool kReadsDy = kTerms != ChannelAffine::kNormalize;
   // Scalar math: the formulas of ChannelAffine, from the loaded values.
   const auto value = [](const fVec& dyv, const fVec& xm, const fVec& av, const fVec& bv, const fVec& kv) {
     if constexpr (kTerms == ChannelAffine::kNormalize) return at::vec::fmadd(xm, bv, kv);
     else if constexpr (kTerms == ChannelAffine::kGradient) return at::vec::fmadd(xm, bv, (dyv + kv) * av);
+    else if constexpr (kTerms == ChannelAffine::kGradientSum) return at::vec::fmadd(dyv, av, at::vec::fmadd(xm, bv, kv));
     else return dyv * av;
   };
   const int64_t C = g.C;
