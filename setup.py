@@ -152,6 +152,15 @@ def common_args(cuda):
         ],
         extra_compile_args={"cxx": cxx},
         extra_link_args=BUILD["openmp_flags"] + sanitize,
+        # libstdc++ ahead of torch's libraries (cpp_extension appends c10,
+        # torch, ...): libc10 exports weak copies of some std:: functions
+        # (std::ostringstream's constructor, stringbuf::str), and the linker
+        # resolves each symbol against the first library defining it. Against
+        # libc10 the reference is unversioned and binds to libc10's copy at
+        # run time, while the rest of the stream's functions bind to the
+        # system libstdc++: one object, two implementations. Against
+        # libstdc++ every std:: reference carries its GLIBCXX version.
+        libraries=["stdc++"],
     )
     if cuda:
         args["extra_compile_args"]["nvcc"] = list(BUILD["nvcc_flags"])

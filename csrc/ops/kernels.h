@@ -116,7 +116,7 @@ struct BatchNormBackwardReduceArgs {
 };
 
 // grad_input at valid positions, 0 at padding:
-//   with batch statistics (sums and count given), n = count:
+//   with batch statistics (sums and count given), n = max(count, 1):
 //     dx = weight * invstd * (dy - sum_dy / n - xhat * sum_dy_xhat / n)
 //   with given statistics (sums undefined): dx = weight * invstd * dy
 struct BatchNormBackwardElemtArgs {

@@ -42,7 +42,14 @@ std::tuple<Tensor, Tensor, Tensor> differentiable_norm_backward(
         op, ": derivatives with respect to the saved statistics are not supported: they are taken "
         "to be the statistics of input (as for torch's native batch/layer norm backward), so "
         "differentiate through input instead");
-    const Tensor centered_x = centered ? x - masked_mean(x) : x;
+    // Likewise the mean: the saved value (what the kernels read), the
+    // derivatives of the input's masked mean.
+    Tensor mean;
+    if (centered) {
+      mean = masked_mean(x);
+      if (save_mean.defined()) mean = mean - mean.detach() + save_mean.detach().to(opmath).reshape(axes.stat_view);
+    }
+    const Tensor centered_x = centered ? x - mean : x;
     const Tensor var = masked_mean(centered_x * centered_x);
     // The value is the saved 1/sqrt(var + eps) (eps is no argument of the
     // backward ops), the derivatives are those of 1/sqrt(var + eps). A group

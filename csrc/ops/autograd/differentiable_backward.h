@@ -35,7 +35,8 @@ bool records_graph(at::ArrayRef<at::Tensor> tensors);
 // differentiable composite. `stats_from_input`: the saved statistics are
 // those of `input` (BN training, LN, RMS); they are then recomputed from
 // input so that derivatives see their dependence on it, and only their values
-// (which carry eps) are read from save_rstd. Otherwise (BN eval) save_mean and
+// are read from save_mean and save_rstd (which carries eps), as the kernels
+// read them. Otherwise (BN eval) save_mean and
 // save_rstd are constants of the formula, differentiable like any input.
 // save_mean is undefined for RMS norm (`centered` false). Entries not in
 // output_mask come back undefined.

@@ -21,7 +21,7 @@ namespace masknorm::cpu {
 // ------------------------------------------------------------------ kernels
 
 void batch_norm_stats(const BatchNormStatsArgs& a) {
-  const BatchNormLayout& g = a.layout;
+  const BatchNormLayout g = loop_layout(a.layout);
   const MaskByte* pad = mask_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_stats", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -77,7 +77,7 @@ void batch_norm_merge_stats(const BatchNormMergeStatsArgs& a) {
 }
 
 void batch_norm_elemt(const BatchNormElemtArgs& a) {
-  const BatchNormLayout& g = a.layout;
+  const BatchNormLayout g = loop_layout(a.layout);
   const MaskByte* pad = mask_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_elemt", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -92,14 +92,14 @@ void batch_norm_elemt(const BatchNormElemtArgs& a) {
     }
     std::optional<MaskLanes<opmath_t>> lanes;
     if (pad && !g.channels_inner) lanes.emplace(pad, g.N, g.L);
-    affine_per_channel</*kHasDy=*/false, scalar_t>(
+    affine_per_channel<ChannelAffine::kNormalize, scalar_t>(
         g, nullptr, a.input.const_data_ptr<scalar_t>(), pad, lanes ? &*lanes : nullptr,
         a.mean.const_data_ptr<opmath_t>(), nullptr, alpha.data(), beta.data(), a.output.mutable_data_ptr<scalar_t>());
   });
 }
 
 void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
-  const BatchNormLayout& g = a.layout;
+  const BatchNormLayout g = loop_layout(a.layout);
   const MaskByte* pad = mask_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_backward_reduce", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -116,7 +116,7 @@ void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
 }
 
 void batch_norm_backward_elemt(const BatchNormBackwardElemtArgs& a) {
-  const BatchNormLayout& g = a.layout;
+  const BatchNormLayout g = loop_layout(a.layout);
   const MaskByte* pad = mask_bytes(a.padding_mask);
   const bool batch_stats = a.sum_dy.defined();
   const int64_t count = batch_stats ? *a.count.const_data_ptr<int64_t>() : 0;
@@ -124,24 +124,33 @@ void batch_norm_backward_elemt(const BatchNormBackwardElemtArgs& a) {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t* invstd = a.invstd.const_data_ptr<opmath_t>();
     const opmath_t* w = a.weight.defined() ? a.weight.const_data_ptr<opmath_t>() : nullptr;
-    // dx = dy * k_dy + (x - mean) * k_x + k, per channel:
-    //   k_dy = w * invstd; with batch statistics (n = count)
-    //   k_x = -k_dy * invstd * sum_dy_xhat / n, k = -k_dy * sum_dy / n
+    // dx = (dy + k) * k_dy + (x - mean) * k_x, per channel:
+    //   k_dy = w * invstd; with batch statistics (n = max(count, 1), as the
+    //   generic kernels) k = -sum_dy / n, k_x = -k_dy * invstd * sum_dy_xhat / n;
+    //   with given statistics dx = dy * k_dy (x is not read).
     std::vector<opmath_t> k_dy(g.C), k_x(g.C, 0), k(g.C, 0);
+    const opmath_t inv_n = opmath_t(1) / opmath_t(std::max<int64_t>(count, 1));
     for (int64_t c = 0; c < g.C; ++c) {
       k_dy[c] = w ? w[c] * invstd[c] : invstd[c];
-      if (batch_stats && count > 0) {
-        const opmath_t inv_n = opmath_t(1) / opmath_t(count);
+      if (batch_stats) {
         k_x[c] = -k_dy[c] * invstd[c] * a.sum_dy_xhat.const_data_ptr<opmath_t>()[c] * inv_n;
-        k[c] = -k_dy[c] * a.sum_dy.const_data_ptr<opmath_t>()[c] * inv_n;
+        k[c] = -a.sum_dy.const_data_ptr<opmath_t>()[c] * inv_n;
       }
     }
     std::optional<MaskLanes<opmath_t>> lanes;
     if (pad && !g.channels_inner) lanes.emplace(pad, g.N, g.L);
-    affine_per_channel</*kHasDy=*/true, scalar_t>(
-        g, a.grad_output.const_data_ptr<scalar_t>(), a.input.const_data_ptr<scalar_t>(), pad,
-        lanes ? &*lanes : nullptr, a.mean.const_data_ptr<opmath_t>(), k_dy.data(), k_x.data(), k.data(),
-        a.grad_input.mutable_data_ptr<scalar_t>());
+    const scalar_t* dy = a.grad_output.const_data_ptr<scalar_t>();
+    const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+    const opmath_t* mean = a.mean.const_data_ptr<opmath_t>();
+    scalar_t* dx = a.grad_input.mutable_data_ptr<scalar_t>();
+    const auto* lanes_ptr = lanes ? &*lanes : nullptr;
+    if (batch_stats) {
+      affine_per_channel<ChannelAffine::kGradient, scalar_t>(
+          g, dy, x, pad, lanes_ptr, mean, k_dy.data(), k_x.data(), k.data(), dx);
+    } else {
+      affine_per_channel<ChannelAffine::kGradientOfDy, scalar_t>(
+          g, dy, nullptr, pad, lanes_ptr, nullptr, k_dy.data(), nullptr, nullptr, dx);
+    }
   });
 }
 

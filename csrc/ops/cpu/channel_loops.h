@@ -1,9 +1,8 @@
 // Per-channel loops over the batch-norm layouts (kernels.h: BatchNormLayout),
 // shared by the CPU batch-norm and group-norm kernels: moments of the valid
-// positions per channel, the backward sums, and one elementwise loop
-// out = dy * a + (x - mean) * b + k0 for the normalization and the input
-// gradient. Group norm calls them once per sample (a layout with N = 1) with
-// per-sample coefficients.
+// positions per channel, the backward sums, and one elementwise loop for the
+// normalization and the input gradient (ChannelAffine). Group norm calls
+// them once per sample (a layout with N = 1) with per-sample coefficients.
 // Neighbours: batch_norm_kernel.cpp, group_norm_kernel.cpp (the kernels),
 // norm_utils.h (vector I/O, mask lanes, row moments).
 #pragma once
@@ -17,6 +16,14 @@
 #include <type_traits>
 
 namespace masknorm::cpu {
+
+// The layout the loops run: NCL input with L = 1 is (N, C) in memory and its
+// (N, 1) mask an (N,) one, so the channels-inner loops (vectorized over
+// channels, parallel over rows) serve it.
+inline BatchNormLayout loop_layout(const BatchNormLayout& g) {
+  if (g.channels_inner || g.L != 1) return g;
+  return BatchNormLayout{g.N, g.C, 1, true};
+}
 
 // ---------------------------------------------------------------- statistics
 
@@ -164,25 +171,52 @@ void moments_channels_inner(
   }
 }
 
-// Moments of every (n, c) row of (N, C, L) planes over its valid positions,
-// visited in memory order (prefetch-friendly); [n * C + c]. Half types
-// convert each row once (RowScratch) for its two passes. Batch norm merges
-// them per channel, group and instance norm per (sample, group).
+// Channels-outer reductions split each (n, c) row of L into segments of at
+// most this many positions, so that few long rows ((1, 8, 1M)) still keep
+// every thread busy. A fixed length, not one derived from the thread count:
+// the same segments, so the same result, for any number of threads.
+constexpr int64_t kPlaneSegment = 16384;
+
+inline int64_t plane_segments(int64_t L) { return std::max<int64_t>(1, (L + kPlaneSegment - 1) / kPlaneSegment); }
+
+// Moments of every (n, c) row of (N, C, L) planes over its valid positions;
+// [n * C + c]. The rows' segments are visited in memory order
+// (prefetch-friendly), in parallel, and merged per row in order (in MergeT).
+// Half types convert each segment once (RowScratch) for its two passes.
+// Batch norm merges the rows per channel, group and instance norm per
+// (sample, group).
 template <typename scalar_t>
 std::vector<Moments<MergeT>> plane_row_moments(
     const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C, int64_t L) {
   using opmath_t = at::opmath_type<scalar_t>;
-  std::vector<Moments<MergeT>> rows(static_cast<size_t>(N * C));
-  at::parallel_for(0, N * C, row_grain(L), [&](int64_t begin, int64_t end) {
-    RowScratch<scalar_t> scratch(L);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / C;
-      const int64_t valid = lanes ? lanes->valid[n] : L;
-      if (valid == 0) continue;
-      rows[row] = row_moments<opmath_t>(
-          scratch.as_opmath(x + row * L, L), lanes ? lanes->keep.data() + n * L : nullptr, L, valid);
+  const int64_t S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
+  // Valid positions per (n, segment), counted once for all channels.
+  std::vector<int64_t> valid(lanes ? static_cast<size_t>(N * S) : 0);
+  for (int64_t n = 0; lanes && n < N; ++n) {
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
+      int64_t v = S == 1 ? lanes->valid[n] : 0;
+      for (int64_t l = 0; S > 1 && l < len; ++l) v += kept(lanes->keep[n * L + l0 + l]);
+      valid[n * S + s] = v;
+    }
+  }
+  std::vector<Moments<MergeT>> parts(static_cast<size_t>(N * C * S));
+  at::parallel_for(0, N * C * S, row_grain(seg_len), [&](int64_t begin, int64_t end) {
+    RowScratch<scalar_t> scratch(seg_len);
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t row = part / S, s = part % S, n = row / C;
+      const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
+      const int64_t count = lanes ? valid[n * S + s] : len;
+      if (count == 0) continue;
+      parts[part] = row_moments<opmath_t>(
+          scratch.as_opmath(x + row * L + l0, len), lanes ? lanes->keep.data() + n * L + l0 : nullptr, len, count);
     }
   });
+  if (S == 1) return parts;
+  std::vector<Moments<MergeT>> rows(static_cast<size_t>(N * C));
+  for (int64_t row = 0; row < N * C; ++row) {
+    for (int64_t s = 0; s < S; ++s) rows[row].merge(parts[row * S + s]);
+  }
   return rows;
 }
 
@@ -235,64 +269,101 @@ void grad_sums(
     partial.sum_into(sum_dy_xmu, 1);
     return;
   }
-  const int64_t L = g.L;
+  // Channels outer: sums per segment of each (n, c) row in parallel, then
+  // per channel in order of n and segment (the same result for any thread count).
+  const int64_t L = g.L, S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
+  std::vector<opmath_t> parts(static_cast<size_t>(g.N * C * S * 2), opmath_t(0));
   const fVec zero(0);
-  at::parallel_for(0, C, std::max<int64_t>(1, row_grain(g.N * L)), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      fVec s1(0), s2(0);
+  at::parallel_for(0, g.N * C * S, row_grain(seg_len), [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t plane = part / S, s = part % S, n = plane / C, c = plane % C;
+      if (lanes && lanes->valid[n] == 0) continue;
+      const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
+      const auto* keep = lanes ? lanes->keep.data() + n * L + l0 : nullptr;
+      const scalar_t* dyr = dy + plane * L + l0;
+      const scalar_t* xr = x + plane * L + l0;
       const fVec m(mean[c]);
-      for (int64_t n = 0; n < g.N; ++n) {
-        if (lanes && lanes->valid[n] == 0) continue;
-        const auto* keep = lanes ? lanes->keep.data() + n * L : nullptr;
-        const scalar_t* dyr = dy + (n * C + c) * L;
-        const scalar_t* xr = x + (n * C + c) * L;
-        vec_loop<V>(L, [&](int64_t l, int64_t k) {
-          // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
-          fVec d = IO::load(dyr + l, k);
-          fVec dxm = d * (IO::load(xr + l, k) - m);
-          if (keep) {
-            const fVec kv = fVec::loadu(keep + l, k);
-            d = d & kv;
-            dxm = dxm & kv;
-          } else if (k < V) {
-            dxm = fVec::set(zero, dxm, k);  // tail lanes hold 0 * (0 - mean)
-          }
-          s1 += d;
-          s2 += dxm;
-        });
-      }
-      sum_dy[c] = sum_lanes(s1);
-      sum_dy_xmu[c] = sum_lanes(s2);
+      fVec s1(0), s2(0);
+      vec_loop<V>(len, [&](int64_t l, int64_t k) {
+        // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
+        fVec d = IO::load(dyr + l, k);
+        fVec dxm = d * (IO::load(xr + l, k) - m);
+        if (keep) {
+          const fVec kv = fVec::loadu(keep + l, k);
+          d = d & kv;
+          dxm = dxm & kv;
+        } else if (k < V) {
+          dxm = fVec::set(zero, dxm, k);  // tail lanes hold 0 * (0 - mean)
+        }
+        s1 += d;
+        s2 += dxm;
+      });
+      parts[part * 2] = sum_lanes(s1);
+      parts[part * 2 + 1] = sum_lanes(s2);
     }
   });
+  for (int64_t c = 0; c < C; ++c) {
+    opmath_t s1 = 0, s2 = 0;
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t s = 0; s < S; ++s) {
+        s1 += parts[((n * C + c) * S + s) * 2];
+        s2 += parts[((n * C + c) * S + s) * 2 + 1];
+      }
+    }
+    sum_dy[c] = s1;
+    sum_dy_xmu[c] = s2;
+  }
 }
 
 // ----------------------------------------------- elementwise (fwd and bwd)
 
-// out = dy * a + (x - mean) * b + k0 at valid positions, 0 at padding, per
-// channel: the normalization (kHasDy false: b = alpha, k0 = beta, no dy term)
-// and the input gradient. One loop, so both stages see the same traversal of
-// both layouts.
-template <bool kHasDy, typename scalar_t>
+// What affine_per_channel writes at valid positions (0 at padding), with
+// per-channel a, b, k:
+enum class ChannelAffine {
+  kNormalize,     // (x - mean) * b + k: the normalization (b = alpha, k = beta; dy, a unused)
+  kGradient,      // (dy + k) * a + (x - mean) * b: the input gradient with batch
+                  // statistics, k = -sum_dy / n (dy + k is exactly 0 where dy is
+                  // the channel's only value; a * dy - a * dy through an FMA is not)
+  kGradientOfDy,  // dy * a: the input gradient with given statistics (x, mean, b
+                  // and k are not read, so inf/NaN in them cannot reach it)
+  kGradientSum,   // dy * a + (x - mean) * b + k: an input gradient whose k is no
+                  // multiple of a (group norm: a varies within the group)
+};
+
+// One loop for the normalization and the input gradient, so all stages see
+// the same traversal of both layouts.
+template <ChannelAffine kTerms, typename scalar_t>
 void affine_per_channel(
     const BatchNormLayout& g, const scalar_t* dy, const scalar_t* x, const MaskByte* pad,
     const MaskLanes<at::opmath_type<scalar_t>>* lanes, const at::opmath_type<scalar_t>* mean,
     const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b,
-    const at::opmath_type<scalar_t>* k0, scalar_t* out) {
+    const at::opmath_type<scalar_t>* k, scalar_t* out) {
   using IO = VecIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
+  constexpr bool kReadsX = kTerms != ChannelAffine::kGradientOfDy;  // and mean, b, k
+  constexpr bool kReadsDy = kTerms != ChannelAffine::kNormalize;
+  // Scalar math: the formulas of ChannelAffine, from the loaded values.
+  const auto value = [](const fVec& dyv, const fVec& xm, const fVec& av, const fVec& bv, const fVec& kv) {
+    if constexpr (kTerms == ChannelAffine::kNormalize) return at::vec::fmadd(xm, bv, kv);
+    else if constexpr (kTerms == ChannelAffine::kGradient) return at::vec::fmadd(xm, bv, (dyv + kv) * av);
+    else if constexpr (kTerms == ChannelAffine::kGradientSum) return at::vec::fmadd(dyv, av, at::vec::fmadd(xm, bv, kv));
+    else return dyv * av;
+  };
   const int64_t C = g.C;
   if (g.channels_inner) {
     at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         if (pad && pad[r] != 0) { fill_zero(out + r * C, C); continue; }
-        vec_loop<V>(C, [&](int64_t c, int64_t k) {
-          // Scalar math: out = dy * a + (x - mean) * b + k0
-          fVec v = at::vec::fmadd(
-              IO::load(x + r * C + c, k) - fVec::loadu(mean + c, k), fVec::loadu(b + c, k), fVec::loadu(k0 + c, k));
-          if constexpr (kHasDy) v = at::vec::fmadd(IO::load(dy + r * C + c, k), fVec::loadu(a + c, k), v);
-          IO::store(out + r * C + c, v, k);
+        vec_loop<V>(C, [&](int64_t c, int64_t w) {
+          const fVec zero(0);
+          const fVec dyv = kReadsDy ? IO::load(dy + r * C + c, w) : zero;
+          const fVec xm = kReadsX ? IO::load(x + r * C + c, w) - fVec::loadu(mean + c, w) : zero;
+          const fVec av = kReadsDy ? fVec::loadu(a + c, w) : zero;
+          const fVec bv = kReadsX ? fVec::loadu(b + c, w) : zero;
+          const fVec kv = kReadsX ? fVec::loadu(k + c, w) : zero;
+          IO::store(out + r * C + c, value(dyv, xm, av, bv, kv), w);
         });
       }
     });
@@ -304,14 +375,15 @@ void affine_per_channel(
       const int64_t n = plane / C, c = plane % C;
       if (lanes && lanes->valid[n] == 0) { fill_zero(out + plane * L, L); continue; }
       const auto* keep = lanes ? lanes->keep.data() + n * L : nullptr;
-      const fVec m(mean[c]), bv(b[c]), kv(k0[c]);
-      const fVec av(kHasDy ? a[c] : 0);
-      vec_loop<V>(L, [&](int64_t l, int64_t k) {
-        // Scalar math: out = valid ? dy * a + (x - mean) * b + k0 : 0
-        fVec v = at::vec::fmadd(IO::load(x + plane * L + l, k) - m, bv, kv);
-        if constexpr (kHasDy) v = at::vec::fmadd(IO::load(dy + plane * L + l, k), av, v);
-        if (keep) v = v & fVec::loadu(keep + l, k);
-        IO::store(out + plane * L + l, v, k);
+      const fVec m(kReadsX ? mean[c] : opmath_t(0)), bv(kReadsX ? b[c] : opmath_t(0));
+      const fVec kv(kReadsX ? k[c] : opmath_t(0)), av(kReadsDy ? a[c] : opmath_t(0));
+      vec_loop<V>(L, [&](int64_t l, int64_t w) {
+        const fVec zero(0);
+        const fVec dyv = kReadsDy ? IO::load(dy + plane * L + l, w) : zero;
+        const fVec xm = kReadsX ? IO::load(x + plane * L + l, w) - m : zero;
+        fVec v = value(dyv, xm, av, bv, kv);
+        if (keep) v = v & fVec::loadu(keep + l, w);
+        IO::store(out + plane * L + l, v, w);
       });
     }
   });

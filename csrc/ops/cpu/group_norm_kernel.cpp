@@ -77,7 +77,7 @@ struct SampleCoefficients {
 };
 
 // The elementwise loop over sample n with per-channel coefficients.
-template <bool kHasDy, typename scalar_t>
+template <ChannelAffine kTerms, typename scalar_t>
 void affine_sample(
     const BatchNormLayout& g, int64_t n, const scalar_t* dy, const scalar_t* x, const MaskByte* pad,
     const SampleCoefficients<at::opmath_type<scalar_t>>& k, scalar_t* out) {
@@ -86,9 +86,9 @@ void affine_sample(
   const MaskByte* sample_pad = pad ? pad + n * g.L : nullptr;
   std::optional<MaskLanes<opmath_t>> lanes;
   if (sample_pad && !g.channels_inner) lanes.emplace(sample_pad, 1, g.L);
-  affine_per_channel<kHasDy, scalar_t>(
-      sample_layout(g), kHasDy ? dy + offset : nullptr, x + offset, sample_pad, lanes ? &*lanes : nullptr,
-      k.mean.data(), k.a.data(), k.b.data(), k.k0.data(), out + offset);
+  affine_per_channel<kTerms, scalar_t>(
+      sample_layout(g), kTerms != ChannelAffine::kNormalize ? dy + offset : nullptr, x + offset, sample_pad,
+      lanes ? &*lanes : nullptr, k.mean.data(), k.a.data(), k.b.data(), k.k0.data(), out + offset);
 }
 
 }  // namespace
@@ -150,7 +150,7 @@ void group_norm_forward(const GroupNormForwardArgs& a) {
         k.b[c] = w ? rstd[j] * w[c] : rstd[j];
         k.k0[c] = bias ? bias[c] : opmath_t(0);
       }
-      affine_sample</*kHasDy=*/false, scalar_t>(g, n, nullptr, x, pad, k, out);
+      affine_sample<ChannelAffine::kNormalize, scalar_t>(g, n, nullptr, x, pad, k, out);
     });
   });
 }
@@ -222,7 +222,7 @@ void group_norm_backward(const GroupNormBackwardArgs& a) {
           k.k0[c] = -r * A * inv_k;
         }
       }
-      affine_sample</*kHasDy=*/true, scalar_t>(g, n, dy, x, pad, k, dx);
+      affine_sample<ChannelAffine::kGradientSum, scalar_t>(g, n, dy, x, pad, k, dx);
     });
   });
 }

@@ -88,6 +88,13 @@ inline opmath_t keep_bits(bool valid) {
   return c10::bit_cast<opmath_t>(valid ? ~bits_t(0) : bits_t(0));
 }
 
+// True for a lane mask of a valid element (the inverse of keep_bits).
+template <typename opmath_t>
+inline bool kept(opmath_t lane) {
+  using bits_t = std::conditional_t<sizeof(opmath_t) == 8, uint64_t, uint32_t>;
+  return c10::bit_cast<bits_t>(lane) != 0;
+}
+
 // Count, mean and sum of squared deviations (M2) of a set of values.
 // Statistics are merged in MergeT (double): a part's mean, rounded to float,
 // is off by up to half an ulp, which on data with a large common offset is a

@@ -10,9 +10,9 @@
 //    dy * (x - mean)) run in two kernels: blocks reduce chunks of positions
 //    into (chunks, C) partials, then each channel merges its partials in
 //    chunk order. No atomics: the same result every run.
-//  - Elementwise kernels compute out = (x - mean) * coef_x + dy * coef_dy +
-//    coef_k with per-channel coefficients prepared once (forward: the affine
-//    folded into coef_x = invstd * w, coef_k = b; backward: from the sums).
+//  - Elementwise kernels compute out from x, dy and per-channel coefficients
+//    prepared once (Terms: forward, the affine folded into coef_x = invstd * w,
+//    coef_k = b; backward, from the sums, or dy alone with given statistics).
 // Loads and stores are 16-byte vectors along the contiguous dimension when
 // it and the pointers allow, else single elements. Padded positions are
 // never read; their outputs are written 0.
@@ -30,8 +30,10 @@ struct Geometry {
   bool channels_inner;
 };
 
+// NCL input with L = 1 is (N, C) in memory, its (N, 1) mask an (N,) one: run
+// as channels inner (vectors along C, blocks along N).
 Geometry geometry(const BatchNormLayout& g) {
-  return g.channels_inner ? Geometry{g.N * g.L, g.C, 1, true} : Geometry{g.N, g.C, g.L, false};
+  return g.channels_inner || g.L == 1 ? Geometry{g.N * g.L, g.C, 1, true} : Geometry{g.N, g.C, g.L, false};
 }
 
 // ------------------------------------------------------- per-channel reductions
@@ -41,14 +43,18 @@ Geometry geometry(const BatchNormLayout& g) {
 template <typename acc_t>
 struct StatsReduction {  // moments of x: shifted sums per thread, Welford to merge
   static constexpr bool kNeedsDy = false;
-  static constexpr int kFields = 3;
   using Acc = ShiftedSums<acc_t>;
   using State = Welford<acc_t>;
   __device__ static void add(Acc& s, acc_t x, acc_t, acc_t) { s.add(x); }
   __device__ static State finish(const Acc& s) { return s.moments(); }
   __device__ static void merge(State& s, const State& o) { s.merge(o); }
-  __device__ static void save(const State& s, acc_t* f) { f[0] = s.n; f[1] = s.mean; f[2] = s.m2; }
-  __device__ static State load_state(const acc_t* f) { State s; s.n = f[0]; s.mean = f[1]; s.m2 = f[2]; return s; }
+  __device__ static State shfl_down(const State& s, int offset) {
+    State o;
+    o.n = __shfl_down_sync(0xffffffffu, s.n, offset);
+    o.mean = __shfl_down_sync(0xffffffffu, s.mean, offset);
+    o.m2 = __shfl_down_sync(0xffffffffu, s.m2, offset);
+    return o;
+  }
 };
 
 template <typename acc_t>
@@ -59,7 +65,6 @@ struct GradSums {
 template <typename acc_t>
 struct GradReduction {  // sum(dy), sum(dy * (x - mean))
   static constexpr bool kNeedsDy = true;
-  static constexpr int kFields = 2;
   using Acc = GradSums<acc_t>;
   using State = GradSums<acc_t>;
   __device__ static void add(Acc& s, acc_t x, acc_t dy, acc_t mean) {
@@ -68,8 +73,12 @@ struct GradReduction {  // sum(dy), sum(dy * (x - mean))
   }
   __device__ static State finish(const Acc& s) { return s; }
   __device__ static void merge(State& s, const State& o) { s.dy += o.dy; s.dy_xmu += o.dy_xmu; }
-  __device__ static void save(const State& s, acc_t* f) { f[0] = s.dy; f[1] = s.dy_xmu; }
-  __device__ static State load_state(const acc_t* f) { State s; s.dy = f[0]; s.dy_xmu = f[1]; return s; }
+  __device__ static State shfl_down(const State& s, int offset) {
+    State o;
+    o.dy = __shfl_down_sync(0xffffffffu, s.dy, offset);
+    o.dy_xmu = __shfl_down_sync(0xffffffffu, s.dy_xmu, offset);
+    return o;
+  }
 };
 
 template <typename scalar_t>
@@ -78,8 +87,11 @@ struct ReduceParams {
   const scalar_t* dy;     // GradReduction only
   const MaskByte* pad;
   const opmath_t<scalar_t>* mean;  // GradReduction only
-  opmath_t<scalar_t>* partial;     // (chunks, C, kFields)
+  void* partial;                   // (chunks, C) R::State
   int64_t outer, C, inner, outer_per_chunk;
+  // Channels outer: each of the outer_per_chunk rows of L is split into
+  // l_chunks segments of inner_per_chunk (chunk = n chunk * l_chunks + segment).
+  int64_t inner_per_chunk, l_chunks;
 };
 
 // Channels inner: block (tx, ty) covers tx * VEC channels; its ty rows step
@@ -146,27 +158,31 @@ __global__ void __launch_bounds__(kThreads) reduce_inner_kernel(const ReducePara
   }
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    if (c0 + i < p.C) R::save(s[i], p.partial + (int64_t(blockIdx.y) * p.C + c0 + i) * R::kFields);
+    if (c0 + i < p.C) static_cast<State*>(p.partial)[int64_t(blockIdx.y) * p.C + c0 + i] = s[i];
   }
 }
 
-// Channels outer: block (channel, chunk of n); its threads step through the
-// (n, l) positions, VEC along l; the block's states merge as a tree.
+// Channels outer: block (channel, chunk of n and segment of l); its threads
+// step through the (n, l) positions, VEC along l; the block's states merge as
+// a tree.
 template <typename scalar_t, int VEC, typename R>
 __global__ void __launch_bounds__(kThreads) reduce_outer_kernel(const ReduceParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   using State = typename R::State;
   __shared__ State shared[kThreads];
   const int64_t c = blockIdx.x;
-  const int64_t begin = int64_t(blockIdx.y) * p.outer_per_chunk;
+  const int64_t n_chunk = blockIdx.y / p.l_chunks, l_chunk = blockIdx.y % p.l_chunks;
+  const int64_t begin = n_chunk * p.outer_per_chunk;
   const int64_t end = std::min(p.outer, begin + p.outer_per_chunk);
+  const int64_t l_begin = l_chunk * p.inner_per_chunk;
+  const int64_t l_end = std::min(p.inner, l_begin + p.inner_per_chunk);
   const acc_t mean = R::kNeedsDy ? p.mean[c] : acc_t(0);
   typename R::Acc acc;
   for (int64_t n = begin; n < end; ++n) {
     const scalar_t* xr = p.x + (n * p.C + c) * p.inner;
     const scalar_t* dyr = R::kNeedsDy ? p.dy + (n * p.C + c) * p.inner : nullptr;
     const MaskByte* padr = p.pad != nullptr ? p.pad + n * p.inner : nullptr;
-    for (int64_t l = int64_t(threadIdx.x) * VEC; l < p.inner; l += int64_t(blockDim.x) * VEC) {
+    for (int64_t l = l_begin + int64_t(threadIdx.x) * VEC; l < l_end; l += int64_t(blockDim.x) * VEC) {
       acc_t xv[VEC], dyv[VEC];
       load<VEC>(xr + l, xv);
       if (R::kNeedsDy) load<VEC>(dyr + l, dyv);
@@ -183,41 +199,35 @@ __global__ void __launch_bounds__(kThreads) reduce_outer_kernel(const ReducePara
     __syncthreads();
     if (threadIdx.x < stride) R::merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
   }
-  if (threadIdx.x == 0) R::save(shared[0], p.partial + (int64_t(blockIdx.y) * p.C + c) * R::kFields);
+  if (threadIdx.x == 0) static_cast<State*>(p.partial)[int64_t(blockIdx.y) * p.C + c] = shared[0];
 }
 
 // The partials of channel c over chunks, by a warp: lane l takes chunks l,
 // l + 32, ... in order, then the 32 lane results merge in a fixed shuffle
 // pattern (the same result every run). Blocks of 8 warps, a channel each.
-template <typename R, typename acc_t>
-__device__ __forceinline__ typename R::State merge_chunks(const acc_t* partial, int64_t chunks, int64_t C, int64_t c) {
+template <typename R>
+__device__ __forceinline__ typename R::State merge_chunks(
+    const typename R::State* partial, int64_t chunks, int64_t C, int64_t c) {
   using State = typename R::State;
   State s;
-  for (int64_t k = threadIdx.x; k < chunks; k += 32) R::merge(s, R::load_state(partial + (k * C + c) * R::kFields));
+  for (int64_t k = threadIdx.x; k < chunks; k += 32) R::merge(s, partial[k * C + c]);
   for (int offset = 16; offset > 0; offset /= 2) {
-    acc_t f[R::kFields], g[R::kFields];
-    R::save(s, f);
-#pragma unroll
-    for (int j = 0; j < R::kFields; ++j) g[j] = __shfl_down_sync(0xffffffffu, f[j], offset);
-    if (int(threadIdx.x) < offset) R::merge(s, R::load_state(g));
+    const State o = R::shfl_down(s, offset);
+    if (int(threadIdx.x) < offset) R::merge(s, o);
   }
   return s;
 }
 
-// Statistics: mean and M2 per channel, and the count (channel 0's).
+// Statistics: mean and M2 per channel, and the count (channel 0's: every
+// channel sees the same positions).
 template <typename acc_t>
-__global__ void finish_stats_kernel(const acc_t* partial, int64_t chunks, int64_t C, acc_t* mean, acc_t* m2, int64_t* count) {
+__global__ void finish_stats_kernel(
+    const Welford<acc_t>* partial, int64_t chunks, int64_t C, acc_t* mean, acc_t* m2, int64_t* count) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= C) return;  // whole warps: c is the same for the 32 lanes
   const auto s = merge_chunks<StatsReduction<acc_t>>(partial, chunks, C, c);
-  if (c == 0) {
-    // The count exactly, whatever its size: chunk counts added in double.
-    double n = 0;
-    for (int64_t k = threadIdx.x; k < chunks; k += 32) n += double(partial[k * C * 3]);
-    for (int offset = 16; offset > 0; offset /= 2) n += __shfl_down_sync(0xffffffffu, n, offset);
-    if (threadIdx.x == 0) *count = static_cast<int64_t>(llrint(n));
-  }
   if (threadIdx.x != 0) return;
+  if (c == 0) *count = s.n;
   mean[c] = s.mean;
   m2[c] = s.m2;
 }
@@ -225,7 +235,7 @@ __global__ void finish_stats_kernel(const acc_t* partial, int64_t chunks, int64_
 // Backward sums: sum(dy * xhat) = invstd * sum(dy * (x - mean)).
 template <typename acc_t>
 __global__ void finish_grad_sums_kernel(
-    const acc_t* partial, int64_t chunks, int64_t C, const acc_t* invstd, acc_t* sum_dy, acc_t* sum_dy_xhat) {
+    const GradSums<acc_t>* partial, int64_t chunks, int64_t C, const acc_t* invstd, acc_t* sum_dy, acc_t* sum_dy_xhat) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= C) return;
   const auto s = merge_chunks<GradReduction<acc_t>>(partial, chunks, C, c);
@@ -234,7 +244,7 @@ __global__ void finish_grad_sums_kernel(
   sum_dy_xhat[c] = s.dy_xmu * invstd[c];
 }
 
-// Runs reduction R over the layout into (chunks, C, kFields) partials.
+// Runs reduction R over the layout into (chunks, C) partial states (bytes).
 template <typename scalar_t, typename R>
 at::Tensor reduce_channels(
     const Geometry& g, const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& mask,
@@ -245,11 +255,15 @@ at::Tensor reduce_channels(
   ReduceParams<scalar_t> p{
       input.const_data_ptr<scalar_t>(), R::kNeedsDy ? grad_output.const_data_ptr<scalar_t>() : nullptr,
       mask_bytes(mask), R::kNeedsDy ? mean.const_data_ptr<acc_t>() : nullptr, nullptr, g.outer, g.C,
-      g.inner, 0};
+      g.inner, 0, 0, 1};
   const bool vec = vector_ok<scalar_t>(
-      g.channels_inner ? g.C : g.inner,
-      {p.x, p.dy, R::kNeedsDy && g.channels_inner ? static_cast<const void*>(p.mean) : nullptr,
-       g.channels_inner ? nullptr : static_cast<const void*>(p.pad)});
+                       g.channels_inner ? g.C : g.inner,
+                       {p.x, p.dy, R::kNeedsDy && g.channels_inner ? static_cast<const void*>(p.mean) : nullptr}) &&
+      (g.channels_inner || mask_vector_ok<scalar_t>(p.pad));
+  using State = typename R::State;
+  const auto partials = [&](int64_t count) {
+    return at::empty({count, g.C, int64_t(sizeof(State))}, acc_options.dtype(at::kByte));
+  };
   if (g.channels_inner) {
     const int64_t vectors = vec ? g.C / V : g.C;
     int tx = 1;
@@ -259,10 +273,10 @@ at::Tensor reduce_channels(
     chunks = std::clamp<int64_t>(ceil_div(target_blocks, grid_x), 1, std::min<int64_t>(ceil_div(g.outer, ty), 65535));
     p.outer_per_chunk = ceil_div(g.outer, chunks);
     chunks = ceil_div(g.outer, p.outer_per_chunk);
-    at::Tensor partial = at::empty({chunks, g.C, R::kFields}, acc_options);
-    p.partial = partial.mutable_data_ptr<acc_t>();
+    at::Tensor partial = partials(chunks);
+    p.partial = partial.mutable_data_ptr();
     const dim3 grid{static_cast<unsigned>(grid_x), static_cast<unsigned>(chunks)}, block(tx, ty);
-    const size_t shared = size_t(kThreads) * (vec ? V : 1) * sizeof(typename R::State);
+    const size_t shared = size_t(kThreads) * (vec ? V : 1) * sizeof(State);
     if (vec) {
       launch(reduce_inner_kernel<scalar_t, V, R>, grid, block, shared, p);
     } else {
@@ -270,11 +284,22 @@ at::Tensor reduce_channels(
     }
     return partial;
   }
-  chunks = std::clamp<int64_t>(ceil_div(target_blocks, g.C), 1, std::min<int64_t>(g.outer, 65535));
-  p.outer_per_chunk = ceil_div(g.outer, chunks);
-  chunks = ceil_div(g.outer, p.outer_per_chunk);
-  at::Tensor partial = at::empty({chunks, g.C, R::kFields}, acc_options);
-  p.partial = partial.mutable_data_ptr<acc_t>();
+  int64_t n_chunks = std::clamp<int64_t>(ceil_div(target_blocks, g.C), 1, std::min<int64_t>(g.outer, 65535));
+  p.outer_per_chunk = ceil_div(g.outer, n_chunks);
+  n_chunks = ceil_div(g.outer, p.outer_per_chunk);
+  // Few (n, c) planes for the machine ((1, 8, 1M) would be 8 blocks): rows of
+  // L split into segments too, each at least 4 loads per thread, a whole
+  // number of vectors.
+  const int64_t step = vec ? V : 1;
+  const int64_t min_segment = int64_t(kThreads) * step * 4;
+  const int64_t l_chunks = std::clamp<int64_t>(
+      ceil_div(target_blocks, g.C * n_chunks), 1,
+      std::min<int64_t>(ceil_div(g.inner, min_segment), 65535 / n_chunks));
+  p.inner_per_chunk = ceil_div(ceil_div(g.inner, l_chunks), step) * step;
+  p.l_chunks = ceil_div(g.inner, p.inner_per_chunk);
+  chunks = n_chunks * p.l_chunks;
+  at::Tensor partial = partials(chunks);
+  p.partial = partial.mutable_data_ptr();
   const dim3 grid{static_cast<unsigned>(g.C), static_cast<unsigned>(chunks)};
   if (vec) {
     launch(reduce_outer_kernel<scalar_t, V, R>, grid, dim3(kThreads), 0, p);
@@ -289,7 +314,7 @@ at::Tensor reduce_channels(
 template <typename scalar_t>
 struct ElemtParams {
   const scalar_t* x;
-  const scalar_t* dy;  // HAS_DY only
+  const scalar_t* dy;  // gradient terms only
   const MaskByte* pad;
   const opmath_t<scalar_t>* mean;
   const opmath_t<scalar_t>* coef;  // (3, C): coef_x, coef_dy, coef_k
@@ -297,22 +322,36 @@ struct ElemtParams {
   int64_t outer, C, inner;
 };
 
-// out = (x - mean) * coef_x + dy * coef_dy + coef_k at valid positions, 0 at padding.
-template <typename scalar_t, int VEC, bool HAS_DY>
+// What the elementwise kernels write at valid positions (0 at padding):
+enum class Terms {
+  kNormalize,     // (x - mean) * coef_x + coef_k: the normalization
+  kGradient,      // (dy + coef_k) * coef_dy + (x - mean) * coef_x: the input gradient with
+                  // batch statistics, coef_k = -sum_dy / n (dy + coef_k is exactly 0 where
+                  // dy is the channel's only value; dy * coef_dy - fl(dy * coef_dy) fused
+                  // into an FMA is not)
+  kGradientOfDy,  // dy * coef_dy: given statistics (x and mean are not read: inf/NaN
+                  // there cannot reach the gradient)
+};
+
+template <typename scalar_t, int VEC, Terms TERMS>
 __device__ __forceinline__ void elemt_vector(
     const ElemtParams<scalar_t>& p, int64_t offset, const opmath_t<scalar_t> (&mean)[VEC],
     const opmath_t<scalar_t> (&cx)[VEC], const opmath_t<scalar_t> (&cdy)[VEC], const opmath_t<scalar_t> (&ck)[VEC],
     const MaskByte* pad) {
   using acc_t = opmath_t<scalar_t>;
   acc_t xv[VEC], dyv[VEC], out[VEC];
-  load<VEC>(p.x + offset, xv);
-  if (HAS_DY) load<VEC>(p.dy + offset, dyv);
+  if (TERMS != Terms::kGradientOfDy) load<VEC>(p.x + offset, xv);
+  if (TERMS != Terms::kNormalize) load<VEC>(p.dy + offset, dyv);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    // Scalar math: out = (x - mean) * coef_x + dy * coef_dy + coef_k
-    acc_t v = (xv[i] - mean[i]) * cx[i] + ck[i];
-    if (HAS_DY) v += dyv[i] * cdy[i];
-    out[i] = v;
+    // Scalar math: the formulas of Terms
+    if constexpr (TERMS == Terms::kNormalize) {
+      out[i] = (xv[i] - mean[i]) * cx[i] + ck[i];
+    } else if constexpr (TERMS == Terms::kGradient) {
+      out[i] = (dyv[i] + ck[i]) * cdy[i] + (xv[i] - mean[i]) * cx[i];
+    } else {
+      out[i] = dyv[i] * cdy[i];
+    }
   }
   if (pad != nullptr) {
     const Pack<MaskByte, VEC> padded = *reinterpret_cast<const Pack<MaskByte, VEC>*>(pad);
@@ -323,7 +362,7 @@ __device__ __forceinline__ void elemt_vector(
 }
 
 // Channels inner: threads along C (coefficients loaded once), blocks along rows.
-template <typename scalar_t, int VEC, bool HAS_DY>
+template <typename scalar_t, int VEC, Terms TERMS>
 __global__ void __launch_bounds__(kThreads) elemt_inner_kernel(const ElemtParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
@@ -338,12 +377,12 @@ __global__ void __launch_bounds__(kThreads) elemt_inner_kernel(const ElemtParams
       store_zero<VEC>(p.out + r * p.C + c0);
       continue;
     }
-    elemt_vector<scalar_t, VEC, HAS_DY>(p, r * p.C + c0, mean, cx, cdy, ck, nullptr);
+    elemt_vector<scalar_t, VEC, TERMS>(p, r * p.C + c0, mean, cx, cdy, ck, nullptr);
   }
 }
 
 // Channels outer: threads along L, blocks along the (n, c) planes.
-template <typename scalar_t, int VEC, bool HAS_DY>
+template <typename scalar_t, int VEC, Terms TERMS>
 __global__ void __launch_bounds__(kThreads) elemt_outer_kernel(const ElemtParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t l = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
@@ -358,14 +397,15 @@ __global__ void __launch_bounds__(kThreads) elemt_outer_kernel(const ElemtParams
       cdy[i] = p.coef[p.C + c];
       ck[i] = p.coef[2 * p.C + c];
     }
-    elemt_vector<scalar_t, VEC, HAS_DY>(
+    elemt_vector<scalar_t, VEC, TERMS>(
         p, plane * p.inner + l, mean, cx, cdy, ck, p.pad != nullptr ? p.pad + n * p.inner + l : nullptr);
   }
 }
 
 // Forward coefficients: coef_x = invstd * w, coef_dy = 0, coef_k = b.
-// Backward: coef_dy = w * invstd; with batch statistics over n positions also
-// coef_x = -coef_dy * invstd * sum_dy_xhat / n and coef_k = -coef_dy * sum_dy / n.
+// Backward: coef_dy = w * invstd; with batch statistics over n = max(count, 1)
+// positions (as the generic kernels) also coef_x = -coef_dy * invstd *
+// sum_dy_xhat / n and coef_k = -sum_dy / n (Terms::kGradient).
 template <typename acc_t>
 __global__ void coefficients_kernel(
     int64_t C, const acc_t* invstd, const acc_t* weight, const acc_t* bias, const acc_t* sum_dy,
@@ -380,32 +420,33 @@ __global__ void coefficients_kernel(
     return;
   }
   acc_t cx = 0, ck = 0;
-  if (sum_dy != nullptr && *count > 0) {
-    const acc_t inv_n = acc_t(1) / acc_t(*count);
+  if (sum_dy != nullptr) {
+    const acc_t inv_n = acc_t(1) / acc_t(*count > 1 ? *count : int64_t(1));
     cx = -scale * invstd[c] * sum_dy_xhat[c] * inv_n;
-    ck = -scale * sum_dy[c] * inv_n;
+    ck = -sum_dy[c] * inv_n;
   }
   coef[c] = cx;
   coef[C + c] = scale;
   coef[2 * C + c] = ck;
 }
 
-template <typename scalar_t, bool HAS_DY>
+template <typename scalar_t, Terms TERMS>
 void elementwise(
     const Geometry& g, const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& mask,
     const at::Tensor& mean, const at::Tensor& coef, const at::Tensor& out) {
   using acc_t = opmath_t<scalar_t>;
   constexpr int V = kVec<scalar_t>;
   const ElemtParams<scalar_t> p{
-      input.const_data_ptr<scalar_t>(), HAS_DY ? grad_output.const_data_ptr<scalar_t>() : nullptr,
+      input.const_data_ptr<scalar_t>(), TERMS != Terms::kNormalize ? grad_output.const_data_ptr<scalar_t>() : nullptr,
       mask_bytes(mask), mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(),
       out.mutable_data_ptr<scalar_t>(), g.outer, g.C, g.inner};
   const int64_t along = g.channels_inner ? g.C : g.inner;
   // Channels inner also loads mean and the coefficient rows as vectors: with
   // C a multiple of the vector, each (3, C) row starts 16-byte aligned.
   const bool vec = vector_ok<scalar_t>(
-      along, {p.x, p.dy, p.out, g.channels_inner ? static_cast<const void*>(p.mean) : nullptr,
-              g.channels_inner ? static_cast<const void*>(p.coef) : static_cast<const void*>(p.pad)});
+                       along, {p.x, p.dy, p.out, g.channels_inner ? static_cast<const void*>(p.mean) : nullptr,
+                               g.channels_inner ? static_cast<const void*>(p.coef) : nullptr}) &&
+      (g.channels_inner || mask_vector_ok<scalar_t>(p.pad));
   const int64_t vectors = vec ? along / V : along;
   int tx = 1;
   while (tx < kThreads && tx < vectors) tx *= 2;
@@ -415,18 +456,18 @@ void elementwise(
     const int64_t grid_y = std::min<int64_t>(ceil_div(g.outer, ty), 65535);
     const dim3 grid{static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)}, block(tx, ty);
     if (vec) {
-      launch(elemt_inner_kernel<scalar_t, V, HAS_DY>, grid, block, 0, p);
+      launch(elemt_inner_kernel<scalar_t, V, TERMS>, grid, block, 0, p);
     } else {
-      launch(elemt_inner_kernel<scalar_t, 1, HAS_DY>, grid, block, 0, p);
+      launch(elemt_inner_kernel<scalar_t, 1, TERMS>, grid, block, 0, p);
     }
     return;
   }
   const int64_t grid_y = std::min<int64_t>(g.outer * g.C, 65535);
   const dim3 grid{static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)}, block(tx);
   if (vec) {
-    launch(elemt_outer_kernel<scalar_t, V, HAS_DY>, grid, block, 0, p);
+    launch(elemt_outer_kernel<scalar_t, V, TERMS>, grid, block, 0, p);
   } else {
-    launch(elemt_outer_kernel<scalar_t, 1, HAS_DY>, grid, block, 0, p);
+    launch(elemt_outer_kernel<scalar_t, 1, TERMS>, grid, block, 0, p);
   }
 }
 
@@ -468,7 +509,7 @@ __global__ void __launch_bounds__(kThreads) merge_stats_kernel(
     for (int64_t k = 0; k < parts; ++k) {
       if (part_count[k] <= 0) continue;
       Welford<acc_t> part;
-      part.n = acc_t(part_count[k]);
+      part.n = part_count[k];
       part.mean = part_mean[k * C + c];
       part.m2 = part_m2[k * C + c];
       s.merge(part);
@@ -502,7 +543,7 @@ void batch_norm_stats(const BatchNormStatsArgs& a) {
     const at::Tensor partial = reduce_channels<scalar_t, StatsReduction<acc_t>>(
         g, a.input, at::Tensor(), a.padding_mask, at::Tensor(), a.mean.options(), chunks);
     launch(finish_stats_kernel<acc_t>, dim3(static_cast<unsigned>(ceil_div(g.C, 8))), dim3(32, 8), 0,
-           partial.const_data_ptr<acc_t>(), chunks, g.C, a.mean.mutable_data_ptr<acc_t>(),
+           static_cast<const Welford<acc_t>*>(partial.const_data_ptr()), chunks, g.C, a.mean.mutable_data_ptr<acc_t>(),
            a.m2.mutable_data_ptr<acc_t>(), a.count.mutable_data_ptr<int64_t>());
   });
 }
@@ -525,7 +566,7 @@ void batch_norm_elemt(const BatchNormElemtArgs& a) {
   const c10::cuda::CUDAGuard guard(a.input.device());
   const at::Tensor coef = coefficients(a.invstd, a.weight, a.bias, {}, {}, {}, /*backward=*/false);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_elemt_cuda", [&] {
-    elementwise<scalar_t, false>(g, a.input, at::Tensor(), a.padding_mask, a.mean, coef, a.output);
+    elementwise<scalar_t, Terms::kNormalize>(g, a.input, at::Tensor(), a.padding_mask, aligned16(a.mean), coef, a.output);
   });
 }
 
@@ -541,9 +582,9 @@ void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
     using acc_t = opmath_t<scalar_t>;
     int64_t chunks = 0;
     const at::Tensor partial = reduce_channels<scalar_t, GradReduction<acc_t>>(
-        g, a.input, a.grad_output, a.padding_mask, a.mean, a.sum_dy.options(), chunks);
+        g, a.input, a.grad_output, a.padding_mask, aligned16(a.mean), a.sum_dy.options(), chunks);
     launch(finish_grad_sums_kernel<acc_t>, dim3(static_cast<unsigned>(ceil_div(g.C, 8))), dim3(32, 8), 0,
-           partial.const_data_ptr<acc_t>(), chunks, g.C, a.invstd.const_data_ptr<acc_t>(),
+           static_cast<const GradSums<acc_t>*>(partial.const_data_ptr()), chunks, g.C, a.invstd.const_data_ptr<acc_t>(),
            a.sum_dy.mutable_data_ptr<acc_t>(), a.sum_dy_xhat.mutable_data_ptr<acc_t>());
   });
 }
@@ -555,7 +596,12 @@ void batch_norm_backward_elemt(const BatchNormBackwardElemtArgs& a) {
   const at::Tensor coef =
       coefficients(a.invstd, a.weight, {}, a.sum_dy, a.sum_dy_xhat, a.count, /*backward=*/true);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_backward_elemt_cuda", [&] {
-    elementwise<scalar_t, true>(g, a.input, a.grad_output, a.padding_mask, a.mean, coef, a.grad_input);
+    const at::Tensor mean = aligned16(a.mean);
+    if (a.sum_dy.defined()) {
+      elementwise<scalar_t, Terms::kGradient>(g, a.input, a.grad_output, a.padding_mask, mean, coef, a.grad_input);
+    } else {
+      elementwise<scalar_t, Terms::kGradientOfDy>(g, a.input, a.grad_output, a.padding_mask, mean, coef, a.grad_input);
+    }
   });
 }
 

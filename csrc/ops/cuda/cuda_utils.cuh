@@ -111,28 +111,30 @@ __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, 
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 // Count, mean and sum of squared deviations; Welford updates, Chan merges.
+// The count is an integer: a float count is exact only up to 2^24 values.
 template <typename T>
 struct Welford {
-  T n = 0, mean = 0, m2 = 0;
+  int64_t n = 0;
+  T mean = 0, m2 = 0;
 
   __device__ __forceinline__ void add(T x) {
-    n += T(1);
+    n += 1;
     const T delta = x - mean;
-    mean += delta / n;
+    mean += delta / T(n);
     m2 += delta * (x - mean);
   }
 
   __device__ __forceinline__ void merge(const Welford& o) {
-    if (o.n == T(0)) return;
-    if (n == T(0)) {
+    if (o.n == 0) return;
+    if (n == 0) {
       *this = o;
       return;
     }
-    const T total = n + o.n;
+    const int64_t total = n + o.n;
     const T delta = o.mean - mean;
-    const T f = o.n / total;
+    const T f = T(double(o.n) / double(total));
     mean += delta * f;
-    m2 += o.m2 + delta * delta * n * f;
+    m2 += o.m2 + delta * delta * T(n) * f;
     n = total;
   }
 };
@@ -143,20 +145,21 @@ struct Welford {
 // into Welford form to be merged.
 template <typename T>
 struct ShiftedSums {
-  T n = 0, shift = 0, s1 = 0, s2 = 0;
+  int64_t n = 0;
+  T shift = 0, s1 = 0, s2 = 0;
 
   __device__ __forceinline__ void add(T x) {
-    if (n == T(0)) shift = x;
+    if (n == 0) shift = x;
     const T d = x - shift;
     s1 += d;
     s2 += d * d;
-    n += T(1);
+    n += 1;
   }
 
   __device__ __forceinline__ Welford<T> moments() const {
     Welford<T> w;
-    if (n == T(0)) return w;
-    const T mean_d = s1 / n;
+    if (n == 0) return w;
+    const T mean_d = s1 / T(n);
     w.n = n;
     w.mean = shift + mean_d;
     w.m2 = s2 - s1 * mean_d;
@@ -178,6 +181,22 @@ bool vector_ok(int64_t inner, std::initializer_list<const void*> pointers) {
     if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   }
   return true;
+}
+
+// True when a padding mask read kVec<scalar_t> bytes at a time (one byte per
+// element of a vector) can be: those bytes aligned, or no mask.
+template <typename scalar_t>
+bool mask_vector_ok(const MaskByte* pad) {
+  return pad == nullptr || reinterpret_cast<uintptr_t>(pad) % kVec<scalar_t> == 0;
+}
+
+// A small per-channel or per-column tensor (weight, bias, mean) as the
+// vector loads want it: itself when 16-byte aligned (or undefined), else an
+// aligned copy. A view into a flat parameter (FSDP) at any offset then keeps
+// the vector path, instead of turning it off for the whole input.
+inline at::Tensor aligned16(const at::Tensor& t) {
+  if (!t.defined() || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0) return t;
+  return t.clone();
 }
 
 // Launches `kernel` on the current stream and checks the launch.

@@ -9,7 +9,8 @@
 // thread), reduces with warp shuffles (and shared memory across warps), and
 // writes the output from the registers. Blocks hold 512 threads, so several
 // rows each. Padded rows are neither read nor computed: their outputs,
-// statistics and gradients are written 0. Backward runs one wave of
+// statistics and gradients are written 0. Weights at an offset that breaks
+// the 16-byte vectors (views into a flat parameter) are copied first. Backward runs one wave of
 // persistent blocks; each sums its rows' weight and bias gradients into one
 // (D,) partial, and the partials are then summed over blocks in a fixed
 // order: deterministic. Rows longer than 4 * 512 vectors (16384 bf16 values)
@@ -220,6 +221,10 @@ __global__ void __launch_bounds__(kThreads) row_norm_backward_kernel(const Backw
     for (int it = 0; it < ITERS; ++it) {
       const int64_t col = (int64_t(it) * blockDim.x + threadIdx.x) * VEC;
       if (col >= p.D) continue;
+      if (!valid) {  // exact +0, whatever the weight holds (0 * inf is NaN, 0 * -w is -0)
+        store_zero<VEC>(p.dx + row * p.D + col);
+        continue;
+      }
       // x and dy again, from cache: keeping them in registers across the
       // row sums would cost occupancy.
       acc_t out[VEC], w[VEC], xv[VEC], dyv[VEC];
@@ -227,7 +232,7 @@ __global__ void __launch_bounds__(kThreads) row_norm_backward_kernel(const Backw
       weight_of(col, w);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        // Scalar math: dx = rstd * (g + c_g + xhat * c_x)  (0 on padded rows: rstd 0)
+        // Scalar math: dx = rstd * (g + c_g + xhat * c_x)
         const acc_t xhat = (xv[i] - mean) * rstd;
         out[i] = rstd * (mul_rn(dyv[i], w[i]) + c_g + xhat * c_x);
       }
@@ -343,9 +348,12 @@ void set_row_norm_tuning(bool backward, int iters, int block_threads) {
   row_tuning[backward] = {iters, block_threads};
 }
 
-void row_norm_forward(const RowNormForwardArgs& a) {
-  if (a.rows == 0) return;
-  const c10::cuda::CUDAGuard guard(a.input.device());
+void row_norm_forward(const RowNormForwardArgs& args) {
+  if (args.rows == 0) return;
+  const c10::cuda::CUDAGuard guard(args.input.device());
+  RowNormForwardArgs a = args;
+  a.weight = aligned16(args.weight);
+  a.bias = aligned16(args.bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_row_norm_forward_cuda", [&] {
     using acc_t = opmath_t<scalar_t>;
     constexpr int V = kVec<scalar_t>;
@@ -362,13 +370,15 @@ void row_norm_forward(const RowNormForwardArgs& a) {
   });
 }
 
-void row_norm_backward(const RowNormBackwardArgs& a) {
-  if (a.rows == 0) {
-    if (a.grad_weight.defined()) a.grad_weight.zero_();
-    if (a.grad_bias.defined()) a.grad_bias.zero_();
+void row_norm_backward(const RowNormBackwardArgs& args) {
+  if (args.rows == 0) {
+    if (args.grad_weight.defined()) args.grad_weight.zero_();
+    if (args.grad_bias.defined()) args.grad_bias.zero_();
     return;
   }
-  const c10::cuda::CUDAGuard guard(a.input.device());
+  const c10::cuda::CUDAGuard guard(args.input.device());
+  RowNormBackwardArgs a = args;
+  a.weight = aligned16(args.weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_row_norm_backward_cuda", [&] {
     using acc_t = opmath_t<scalar_t>;
     constexpr int V = kVec<scalar_t>;
