@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from ._replace import replace_modules, uses_forward_of
 from .modules import MaskedBatchNorm1d
 
 try:  # torch builds without distributed support have no ProcessGroup
@@ -301,9 +302,23 @@ class MaskedSyncBatchNorm(MaskedBatchNorm1d):
         ``module`` converted in place, or the new module when ``module``
         itself is converted.
         """
-        from .convert import convert_model
+        return replace_modules(module, lambda m: sync_counterpart(m, process_group))
 
-        return convert_model(
-            module, batch_norm=True, layer_norm=False, rms_norm=False, sync_batch_norm=True,
-            process_group=process_group,
-        )
+
+def sync_counterpart(module: torch.nn.Module, process_group: Optional[ProcessGroup]) -> Optional[MaskedSyncBatchNorm]:
+    """The MaskedSyncBatchNorm that replaces ``module`` (with its
+    hyperparameters and ``channels_last``), or None when ``module`` is not a
+    1-D batch norm that convert_sync_batchnorm converts."""
+    bases = (torch.nn.BatchNorm1d, torch.nn.SyncBatchNorm, MaskedBatchNorm1d, MaskedSyncBatchNorm)
+    if not uses_forward_of(module, *bases):
+        return None
+    return MaskedSyncBatchNorm(
+        module.num_features,
+        module.eps,
+        module.momentum,
+        module.affine,
+        module.track_running_stats,
+        process_group,
+        channels_last=getattr(module, "channels_last", False),
+        bias=module.bias is not None or not module.affine,
+    )

@@ -152,8 +152,8 @@ class MaskedBatchNorm3d(nn.BatchNorm3d):
 class MaskedGroupNorm(nn.GroupNorm):
     """nn.GroupNorm whose statistics come from each sample's valid positions.
 
-    Input (N, C, \*spatial), or (N, \*spatial, C) with ``channels_last=True``;
-    ``padding_mask`` (N, \*spatial) or over trailing spatial dims only. Each
+    Input (N, C, *spatial), or (N, *spatial, C) with ``channels_last=True``;
+    ``padding_mask`` (N, *spatial) or over trailing spatial dims only. Each
     sample's output, input and parameter gradients are nn.GroupNorm's on that
     sample cropped to its valid positions; padded positions output 0.
     """
