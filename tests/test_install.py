@@ -18,6 +18,8 @@ import torch
 import masknorm
 from masknorm import _build_check
 
+pytestmark = pytest.mark.slow  # builds an sdist and starts fresh interpreters
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = pathlib.Path(masknorm.__file__).parent
 

@@ -15,7 +15,7 @@ import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 SCRIPT = EXAMPLES / "padding_study.py"
-pytestmark = pytest.mark.skipif(not SCRIPT.is_file(), reason="the study lives in the clone's examples/")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SCRIPT.is_file(), reason="the study lives in the clone's examples/")]  # slow: trains the study's models
 
 NUMBER = re.compile(r"^-?\d+\.\d+$")
 
