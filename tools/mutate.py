@@ -62,7 +62,7 @@ class Mutant:
 
 MUTANTS: List[Mutant] = [
     # ---------------------------------------------------------------- CPU kernels
-    Mutant("chan_merge_chunk", "csrc/ops/cpu/batch_norm_kernel.cpp",
+    Mutant("chan_merge_chunk", "csrc/ops/cpu/channel_loops.h",
            "m2[c] += cm2 + delta * delta * nf;", "m2[c] += cm2;",
            "BN chunk merge drops the between-chunk variance term (Chan)"),
     Mutant("chan_merge_moments", "csrc/ops/cpu/norm_utils.h",
@@ -118,11 +118,11 @@ MUTANTS: List[Mutant] = [
            "        C = input.shape[2] if channels_last else input.shape[1]\n    else:",
            "fake kernel: channel count of 2-D input with channels_last=True read from dim 2"),
     Mutant("module_eval_batch_stats", "python/masknorm/modules.py",
-           "use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)",
+           "use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)",
            "use_batch_stats = True",
            "MaskedBatchNorm1d normalizes with batch statistics in eval"),
     Mutant("module_num_batches", "python/masknorm/modules.py",
-           "num_batches_tracked=self.num_batches_tracked if track else None,",
+           "num_batches_tracked=module.num_batches_tracked if track else None,",
            "num_batches_tracked=None,",
            "MaskedBatchNorm1d never counts batches (num_batches_tracked stays 0)"),
 ]
