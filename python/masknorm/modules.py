@@ -8,13 +8,14 @@ torch's own; only ``forward`` changes, taking an optional ``padding_mask``
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import _layouts
 from . import functional as F
+from .functional import _shape_t
 
 __all__ = [
     "MaskedBatchNorm1d",
@@ -25,9 +26,6 @@ __all__ = [
     "MaskedLayerNorm",
     "MaskedRMSNorm",
 ]
-
-_shape_t = Union[int, Sequence[int], torch.Size]
-
 
 def _check_channels_first(input: Tensor, num_features: int, channels_last: bool, name: str) -> None:
     """(N, L, C) input given to a channels-first module: say so, and how to fix it
