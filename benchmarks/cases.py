@@ -14,6 +14,10 @@ Implementations (not all exist for every norm):
   masked-sums   the correct result written with torch ops (masked_fill, sums)
   compiled      masked-sums under torch.compile
   gather        x[~mask] -> torch's module -> scattered back into zeros
+  loop          GroupNorm/InstanceNorm: torch's module on each sequence cropped
+                to its length, padded back and stacked (what users write today)
+  padded        jagged rows: masknorm on the padded tensor and mask, against
+                masknorm on the jagged NestedTensor of the same tokens
 """
 from dataclasses import dataclass
 
@@ -36,6 +40,10 @@ class Shape:
 
 # Batch-norm layouts as everywhere in masknorm: NC (N, C), NCL (N, C, L), NLC (N, L, C).
 ALL_NORMS = ("bn-NLC", "bn-NCL", "ln", "rms")
+# Per-sample norms (speech front ends: (N, C, T)) and jagged input ((N, j, C) NestedTensors).
+SAMPLE_NORMS = ("gn-NCL", "in-NCL")
+JAGGED_NORMS = ("bn-jagged", "ln-jagged", "gn-jagged")
+GROUPS = 32  # GroupNorm's groups (InstanceNorm: one per channel)
 
 SHAPES = (
     Shape("N32 L256 C512 fp32 30% pad", (32, 256, 512), torch.float32, 0.3, ALL_NORMS, large=True),
@@ -43,9 +51,11 @@ SHAPES = (
     Shape("N32 L256 C512 fp32 no pad", (32, 256, 512), torch.float32, 0.0, ALL_NORMS),
     Shape("N65536 C256 fp32 30% pad", (65536, 256), torch.float32, 0.3, ("bn-NC",), large=True),
     Shape("N32 L256 C512 bf16 30% pad", (32, 256, 512), torch.bfloat16, 0.3, ALL_NORMS),
+    Shape("N16 L1024 C512 fp32 30% pad", (16, 1024, 512), torch.float32, 0.3, SAMPLE_NORMS + JAGGED_NORMS),
+    Shape("N16 L1024 C512 bf16 30% pad", (16, 1024, 512), torch.bfloat16, 0.3, SAMPLE_NORMS),
 )
 QUICK_SHAPES = (
-    Shape("N8 L64 C128 fp32 30% pad", (8, 64, 128), torch.float32, 0.3, ALL_NORMS),
+    Shape("N8 L64 C128 fp32 30% pad", (8, 64, 128), torch.float32, 0.3, ALL_NORMS + SAMPLE_NORMS + JAGGED_NORMS),
     Shape("N4096 C64 fp32 30% pad", (4096, 64), torch.float32, 0.3, ("bn-NC",)),
 )
 # GPU shapes: large enough to fill the card (`large`: the bandwidth bars apply).
@@ -63,6 +73,11 @@ NORM_TITLES = {
     "bn-NC": "BatchNorm (N, C)",
     "ln": "LayerNorm",
     "rms": "RMSNorm",
+    "gn-NCL": f"GroupNorm({GROUPS}) (N, C, L)",
+    "in-NCL": "InstanceNorm1d (N, C, L)",
+    "bn-jagged": "BatchNorm jagged",
+    "ln-jagged": "LayerNorm jagged",
+    "gn-jagged": f"GroupNorm({GROUPS}) jagged",
 }
 
 
@@ -193,8 +208,81 @@ def make_row_norm(norm, impl, x, mask, C):
     raise ValueError(impl)
 
 
+# ------------------------------------------------- group / instance norm
+
+
+def gn_masked_sums(x, mask, groups, weight, bias, eps=1e-5):
+    """Masked GroupNorm of (N, C, L) written with torch ops: statistics per
+    (sample, group) over the valid positions."""
+    N, C, L = x.shape
+    pad = mask[:, None, None, :]
+    xg = x.float().view(N, groups, C // groups, L).masked_fill(pad, 0)
+    n = ((~mask).sum(1) * (C // groups)).clamp_min(1).view(N, 1, 1, 1)
+    mean = xg.sum((2, 3), keepdim=True) / n
+    centered = (xg - mean).masked_fill(pad, 0)
+    var = centered.pow(2).sum((2, 3), keepdim=True) / n
+    y = (centered * torch.rsqrt(var + eps)).view(N, C, L) * weight[:, None] + bias[:, None]
+    return y.masked_fill(mask[:, None, :], 0).to(x.dtype)
+
+
+def make_per_sample(norm, impl, x, mask, C):
+    """GroupNorm / InstanceNorm of (N, C, L) input (affine, no running statistics)."""
+    dtype, device = x.dtype, x.device
+    groups = C if norm == "in-NCL" else GROUPS
+    if impl == "masknorm":
+        if norm == "in-NCL":
+            m = masknorm.MaskedInstanceNorm1d(C, affine=True, dtype=dtype, device=device)
+        else:
+            m = masknorm.MaskedGroupNorm(groups, C, dtype=dtype, device=device)
+        return (lambda x: m(x, mask)), list(m.parameters())
+    if norm == "in-NCL":
+        stock = nn.InstanceNorm1d(C, affine=True, dtype=dtype, device=device)
+    else:
+        stock = nn.GroupNorm(groups, C, dtype=dtype, device=device)
+    params = list(stock.parameters())
+    if impl == "stock":
+        return stock, params
+    if impl in ("masked-sums", "compiled"):
+        fn = gn_masked_sums
+        if impl == "compiled":
+            fn = torch.compile(gn_masked_sums, fullgraph=True, dynamic=False)
+        return (lambda x: fn(x, mask, groups, *params)), params
+    if impl == "loop":
+        lengths = (~mask).sum(1).tolist()
+
+        def forward(x):
+            L = x.shape[2]
+            return torch.stack([F.pad(stock(x[n : n + 1, :, :k])[0], (0, L - k)) for n, k in enumerate(lengths)])
+        return forward, params
+    raise ValueError(impl)
+
+
+def make_jagged(norm, impl, x, mask, C):
+    """Jagged rows: ``x`` is the NestedTensor (masknorm) or the padded tensor (padded)."""
+    dtype, device = x.dtype, x.device
+    kind = norm.split("-")[0]
+    if kind == "bn":
+        m = masknorm.MaskedBatchNorm1d(C, channels_last=True, dtype=dtype, device=device)
+    elif kind == "ln":
+        m = masknorm.MaskedLayerNorm(C, dtype=dtype, device=device)
+    else:
+        m = masknorm.MaskedGroupNorm(GROUPS, C, channels_last=True, dtype=dtype, device=device)
+    if impl == "masknorm":
+        return m, list(m.parameters())
+    if impl == "padded":
+        return (lambda x: m(x, mask)), list(m.parameters())
+    raise ValueError(impl)
+
+
 def implementations(norm, has_mask, compile_composites=True):
     """Implementation names to run for a norm, masknorm first."""
+    if norm.endswith("-jagged"):
+        return ["masknorm", "padded"]
+    if norm in SAMPLE_NORMS and has_mask:
+        names = ["masknorm", "stock", "masked-sums", "loop"]
+        if compile_composites:
+            names.insert(3, "compiled")
+        return names
     if not has_mask:
         return ["masknorm", "stock"]
     names = ["masknorm", "stock", "masked-sums", "gather"]
@@ -204,11 +292,23 @@ def implementations(norm, has_mask, compile_composites=True):
 
 
 def make(norm, impl, x, mask, C):
+    if norm.endswith("-jagged"):
+        return make_jagged(norm, impl, x, mask, C)
+    if norm in SAMPLE_NORMS:
+        return make_per_sample(norm, impl, x, mask, C)
     if norm.startswith("bn-"):
         return make_bn(impl, norm[3:], x, mask, C)
     return make_row_norm(norm, impl, x, mask, C)
 
 
-def layout_input(norm, x):
-    """The input tensor as `norm` consumes it: (N, C, L) for bn-NCL, else unchanged."""
-    return x.transpose(1, 2).contiguous() if norm == "bn-NCL" else x
+def layout_input(norm, impl, x, mask):
+    """The input tensor as `norm` consumes it: (N, C, L) for the NCL norms,
+    the jagged NestedTensor of the valid tokens for masknorm's jagged rows,
+    else unchanged."""
+    if norm.endswith("-NCL"):
+        return x.transpose(1, 2).contiguous()
+    if norm.endswith("-jagged") and impl == "masknorm":
+        lengths = (~mask).sum(1)
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        return torch.nested.nested_tensor_from_jagged(x[~mask], offsets)
+    return x

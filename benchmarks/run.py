@@ -84,12 +84,16 @@ def saved_bytes(forward, xin):
     storages = {}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.is_nested:  # a jagged tensor: its values and offsets
+            for part in (t.values(), t.offsets()):
+                storages[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
+        else:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward(xin)
-    storages.pop(xin.untyped_storage().data_ptr(), None)
+    storages.pop((xin.values() if xin.is_nested else xin).untyped_storage().data_ptr(), None)
     return sum(storages.values())
 
 
@@ -129,7 +133,7 @@ def peak_bytes(fn, device):
 
 
 def run_case(norm, impl, x, mask, min_run_time):
-    C = x.shape[1] if norm == "bn-NCL" else x.shape[-1]
+    C = x.shape[1] if norm.endswith("-NCL") else x.shape[-1]
     forward, params = cases.make(norm, impl, x, mask, C)
     xin = x.detach().clone().requires_grad_(True)
     inputs = [xin] + [p for p in params if p.requires_grad]
@@ -175,7 +179,7 @@ def run(shapes, min_run_time, compile_composites, only=None, device="cpu"):
             copy_bw[shape.name] = copy_bandwidth(inputs[shape.name][0], min_run_time)
         x, mask = inputs[shape.name]
         useful = cases.useful_elements(x, mask) * x.element_size()
-        r = run_case(norm, impl, cases.layout_input(norm, x), mask, min_run_time)
+        r = run_case(norm, impl, cases.layout_input(norm, impl, x, mask), mask, min_run_time)
         for mode in MODES:
             r[f"{mode}_gbps"] = PASSES[mode] * useful / r[mode] / 1e9
             r[f"{mode}_pct_copy"] = 100 * PASSES[mode] * useful / r[mode] / copy_bw[shape.name]
@@ -234,6 +238,10 @@ def check_bars(results, device="cpu"):
             if compiled:
                 ratio = compiled["fwd+bwd"] / t
                 bars.append(("BN fwd+bwd vs compiled composite", case, ratio, 1.5, ratio >= 1.5))
+        loop = lookup(results, shape, norm, "loop")
+        if loop and int(shape.split()[0][1:]) >= 16:
+            ratio = loop["fwd+bwd"] / t
+            bars.append(("fwd+bwd vs per-sequence loop (N >= 16)", case, ratio, 3.0, ratio >= 3.0))
         if stock and norm != "rms":
             for mode in ("fwd", "fwd+bwd"):
                 ratio = stock[mode] / r[mode]

@@ -28,10 +28,10 @@ CLASSES = {n: c for n, c in PUBLIC.items() if inspect.isclass(c)}
 
 def test_all_names_exist():
     assert set(masknorm.__all__) >= {
-        "MaskedBatchNorm1d", "MaskedLayerNorm", "MaskedRMSNorm", "functional",
-        "padding_mask_from_lengths", "convert_model", "build_info",
+        "MaskedBatchNorm1d", "MaskedBatchNorm2d", "MaskedBatchNorm3d", "MaskedGroupNorm", "MaskedInstanceNorm1d",
+        "MaskedLayerNorm", "MaskedRMSNorm", "functional", "padding_mask_from_lengths", "convert_model", "build_info",
     }
-    assert set(masknorm.functional.__all__) == {"batch_norm", "layer_norm", "rms_norm"}
+    assert set(masknorm.functional.__all__) == {"batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"}
 
 
 @pytest.mark.parametrize("name", list(PUBLIC))

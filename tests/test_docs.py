@@ -155,6 +155,10 @@ def test_readme_stays_short():
 
 
 @pytest.mark.parametrize("cls,base", [(masknorm.MaskedBatchNorm1d, "nn.BatchNorm1d"),
+                                      (masknorm.MaskedBatchNorm2d, "nn.BatchNorm2d"),
+                                      (masknorm.MaskedBatchNorm3d, "nn.BatchNorm3d"),
+                                      (masknorm.MaskedGroupNorm, "nn.GroupNorm"),
+                                      (masknorm.MaskedInstanceNorm1d, "nn.InstanceNorm1d"),
                                       (masknorm.MaskedLayerNorm, "nn.LayerNorm"),
                                       (masknorm.MaskedRMSNorm, "nn.RMSNorm")])
 def test_module_constructors_have_their_own_docstrings(cls, base):

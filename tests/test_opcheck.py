@@ -1,5 +1,5 @@
-"""torch.library.opcheck on every masknorm op (all 11), from the samples of
-tests/samples/ (batch_norm.py, row_norm.py), with the native and the generic
+"""torch.library.opcheck on every masknorm op, from the samples of
+tests/samples/ (batch_norm.py, row_norm.py, group_norm.py), with the native and the generic
 kernels, on every device.
 
 All four default sub-tests (test_schema, test_autograd_registration,

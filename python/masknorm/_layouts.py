@@ -109,20 +109,29 @@ def like_jagged(values: Tensor, like: Tensor) -> Tensor:
     )
 
 
-def jagged_to_padded(input: Tensor) -> tuple:
-    """(padded (N, L, C), padding_mask (N, L)) of a jagged (N, j, C) tensor."""
-    padded = torch.nested.to_padded_tensor(input, 0.0)
-    lengths = input.offsets().diff()
-    positions = torch.arange(padded.shape[1], device=padded.device)
-    return padded, positions.unsqueeze(0) >= lengths.unsqueeze(1)
-
-
-def padded_to_jagged(padded: Tensor, like: Tensor) -> Tensor:
-    """The valid tokens of ``padded`` (N, L, C) as a jagged tensor with ``like``'s structure."""
-    # Token t of sequence n sits at padded[n, t - offsets[n]]: a gather
-    # (differentiable, and traceable with the token count symbolic).
+def _padded_rows(like: Tensor, max_len) -> Tensor:
+    """For each token of a jagged (N, j, C) tensor, its row in the padded
+    tensor viewed as (N * max_len, C): token t of sequence n sits at
+    n * max_len + t - offsets[n]."""
     offsets = like.offsets()
-    tokens = torch.arange(like.values().shape[0], device=padded.device)
+    tokens = torch.arange(like.values().shape[0], device=offsets.device)
     sequence = torch.searchsorted(offsets[1:], tokens, right=True)
-    rows = sequence * padded.shape[1] + (tokens - offsets[sequence])
+    return sequence * max_len + (tokens - offsets[sequence])
+
+
+def jagged_to_padded(input: Tensor) -> tuple:
+    """(padded (N, L, C), padding_mask (N, L), rows) of a jagged (N, j, C)
+    tensor, L its longest sequence; ``rows`` for padded_to_jagged. The values
+    are scattered into zeros (index_copy: its backward is a gather)."""
+    values = input.values()
+    N, max_len = input.shape[0], input._get_max_seqlen()
+    rows = _padded_rows(input, max_len)
+    padded = values.new_zeros((N * max_len, values.shape[1])).index_copy(0, rows, values)
+    lengths = input.offsets().diff()
+    positions = torch.arange(max_len, device=values.device)
+    return padded.view(N, max_len, values.shape[1]), positions.unsqueeze(0) >= lengths.unsqueeze(1), rows
+
+
+def padded_to_jagged(padded: Tensor, like: Tensor, rows: Tensor) -> Tensor:
+    """The valid tokens of ``padded`` (N, L, C) as a jagged tensor with ``like``'s structure."""
     return like_jagged(padded.reshape(-1, padded.shape[-1]).index_select(0, rows), like)

@@ -46,14 +46,21 @@ def _masked_counterpart(
             channels_last=False,
             **kwargs,
         )
+    # bias=False is passed only for a weight without bias (older torch has no such argument)
+    without_bias = {} if getattr(module, "bias", None) is not None or not getattr(module, "affine", True) else {
+        "bias": False}
     for torch_bn, masked_bn in ((nn.BatchNorm2d, MaskedBatchNorm2d), (nn.BatchNorm3d, MaskedBatchNorm3d)):
         if batch_norm and uses_forward_of(module, torch_bn):
-            return masked_bn(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            return masked_bn(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                **without_bias,
+            )
     if group_norm and uses_forward_of(module, nn.GroupNorm):
-        return MaskedGroupNorm(module.num_groups, module.num_channels, module.eps, module.affine)
+        return MaskedGroupNorm(module.num_groups, module.num_channels, module.eps, module.affine, **without_bias)
     if instance_norm and uses_forward_of(module, nn.InstanceNorm1d):
         return MaskedInstanceNorm1d(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+            **without_bias,
         )
     if layer_norm and uses_forward_of(module, nn.LayerNorm):
         return MaskedLayerNorm(

@@ -135,9 +135,9 @@ def group_norm(
     """
     if _layouts.is_jagged(input):
         _layouts.check_jagged(input, padding_mask, "group_norm")
-        padded, mask = _layouts.jagged_to_padded(input)
+        padded, mask, rows = _layouts.jagged_to_padded(input)
         out = torch.ops.masknorm.group_norm(padded, mask, weight, bias, num_groups, eps, True)[0]
-        return _layouts.padded_to_jagged(out, input)
+        return _layouts.padded_to_jagged(out, input, rows)
     x = _layouts.flatten_spatial(input, padding_mask, channels_last, "group_norm")
     return x.restore(
         torch.ops.masknorm.group_norm(x.input, x.padding_mask, weight, bias, num_groups, eps, x.channels_last)[0]
@@ -176,11 +176,11 @@ def instance_norm(
         )
     if _layouts.is_jagged(input):
         _layouts.check_jagged(input, padding_mask, "instance_norm")
-        padded, mask = _layouts.jagged_to_padded(input)
+        padded, mask, rows = _layouts.jagged_to_padded(input)
         out = torch.ops.masknorm.instance_norm(
             padded, mask, weight, bias, running_mean, running_var, momentum, eps, True
         )[0]
-        return _layouts.padded_to_jagged(out, input)
+        return _layouts.padded_to_jagged(out, input, rows)
     x = _layouts.flatten_spatial(input, padding_mask, channels_last, "instance_norm")
     return x.restore(
         torch.ops.masknorm.instance_norm(

@@ -129,6 +129,26 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     statistics are nn.BatchNorm2d's on the valid positions; padded positions
     output 0. Channels-last memory format runs without a copy."""
 
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        """Same arguments as nn.BatchNorm2d: ``num_features`` C; ``eps``;
+        ``momentum`` (None: cumulative average); ``affine``;
+        ``track_running_stats``; ``device``, ``dtype``; ``bias`` (False: a
+        weight without bias, where torch's nn.BatchNorm2d takes it)."""
+        # bias is passed only when False: older torch versions have no such argument
+        kwargs = {} if bias else {"bias": False}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Normalizes ``input`` over its valid positions (True in
         ``padding_mask`` marks padding)."""
@@ -139,6 +159,26 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
 class MaskedBatchNorm3d(nn.BatchNorm3d):
     """nn.BatchNorm3d whose statistics skip padding: (N, C, D, H, W) input,
     the mask (N, D, H, W) or over trailing dims only. See MaskedBatchNorm2d."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        """Same arguments as nn.BatchNorm3d: ``num_features`` C; ``eps``;
+        ``momentum`` (None: cumulative average); ``affine``;
+        ``track_running_stats``; ``device``, ``dtype``; ``bias`` (False: a
+        weight without bias, where torch's nn.BatchNorm3d takes it)."""
+        # bias is passed only when False: older torch versions have no such argument
+        kwargs = {} if bias else {"bias": False}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Normalizes ``input`` over its valid positions (True in
@@ -165,13 +205,16 @@ class MaskedGroupNorm(nn.GroupNorm):
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
         *,
+        bias: bool = True,
         channels_last: bool = False,
     ) -> None:
         """Same arguments as nn.GroupNorm: ``num_groups`` (dividing
         ``num_channels``); ``num_channels`` C; ``eps``; ``affine`` (learnable
-        per-channel weight and bias); ``device``, ``dtype``; plus,
+        per-channel weight and bias); ``device``, ``dtype``; ``bias`` (False:
+        a weight without bias, where torch's nn.GroupNorm takes it); plus,
         keyword-only, ``channels_last`` ((N, L, C) input)."""
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        kwargs = {} if bias else {"bias": False}
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, **kwargs)
         self.channels_last = channels_last
 
     def extra_repr(self) -> str:
@@ -210,13 +253,16 @@ class MaskedInstanceNorm1d(nn.InstanceNorm1d):
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
         *,
+        bias: bool = True,
         channels_last: bool = False,
     ) -> None:
         """Same arguments as nn.InstanceNorm1d: ``num_features`` C; ``eps``;
         ``momentum`` (None: running statistics are not updated, as torch's);
-        ``affine``; ``track_running_stats``; ``device``, ``dtype``; plus,
-        keyword-only, ``channels_last`` ((N, L, C) input)."""
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        ``affine``; ``track_running_stats``; ``device``, ``dtype``; ``bias``
+        (False: a weight without bias, where torch's nn.InstanceNorm1d takes
+        it); plus, keyword-only, ``channels_last`` ((N, L, C) input)."""
+        kwargs = {} if bias else {"bias": False}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.channels_last = channels_last
 
     def extra_repr(self) -> str:

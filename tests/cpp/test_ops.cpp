@@ -184,6 +184,51 @@ void masked_row_norms_match_torch() {
   expect_close(w_rms.grad(), w_ref.grad(), "masked rms_norm grad_weight");
 }
 
+// Masked group norm (and instance norm, one group per channel) against
+// torch::nn::GroupNorm on every sample cropped to its length: outputs, input
+// and parameter gradients; instance norm's running statistics.
+void masked_group_norm_matches_torch() {
+  const int64_t N = 3, C = 6, L = 7, G = 3;
+  const std::vector<int64_t> lengths{7, 2, 4};
+  const auto mask = padding_mask(lengths, L);
+  const auto x = torch::randn({N, C, L}, torch::kDouble) * 2 + 1;
+  const auto grad = torch::randn({N, C, L}, torch::kDouble);
+  const auto w = param(C, 0.5, 1.5), b = param(C, -1, 1);
+  const auto x_ours = x.clone().requires_grad_();
+  const auto y = std::get<0>(masknorm::group_norm(x_ours, mask, w, b, G, 1e-5, /*channels_last=*/false));
+  y.backward(grad);
+  torch::nn::GroupNorm gn{torch::nn::GroupNormOptions(G, C)};
+  gn->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    gn->weight.copy_(w);
+    gn->bias.copy_(b);
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t k = lengths[n];
+    const auto xn = x.slice(0, n, n + 1).slice(2, 0, k).clone().requires_grad_();
+    const auto yn = gn->forward(xn);
+    yn.backward(grad.slice(0, n, n + 1).slice(2, 0, k));
+    const auto name = "masked group_norm sample " + std::to_string(n);
+    expect_close(y.slice(0, n, n + 1).slice(2, 0, k), yn, name + " output");
+    expect_close(x_ours.grad().slice(0, n, n + 1).slice(2, 0, k), xn.grad(), name + " grad_input");
+    expect(y.slice(0, n, n + 1).slice(2, k).eq(0).all().item<bool>(), name + " zeros at padding");
+  }
+  expect_close(w.grad(), gn->weight.grad(), "masked group_norm grad_weight");
+  expect_close(b.grad(), gn->bias.grad(), "masked group_norm grad_bias");
+
+  auto running_mean = torch::zeros({C}, torch::kDouble), running_var = torch::ones({C}, torch::kDouble);
+  masknorm::instance_norm(x, mask, std::nullopt, std::nullopt, running_mean, running_var, 0.1, 1e-5, false);
+  std::vector<at::Tensor> means, vars;
+  for (int64_t n = 0; n < N; ++n) {
+    const auto xn = x[n].slice(1, 0, lengths[n]);
+    means.push_back(xn.mean(1));
+    vars.push_back(xn.var(1));
+  }
+  expect_close(running_mean, 0.1 * torch::stack(means).mean(0), "instance_norm running_mean");
+  expect_close(running_var, 0.9 + 0.1 * torch::stack(vars).mean(0), "instance_norm running_var");
+}
+
 // Double backward through C++ autograd: the gradient of a gradient penalty
 // ||d<y, g>/d(x, w)||^2 matches torch's norms (which support double backward).
 void double_backward_matches_torch() {
@@ -409,6 +454,7 @@ int main() {
   masked_batch_norm_matches_packed_torch();
   batch_norm_stages_compose();
   masked_row_norms_match_torch();
+  masked_group_norm_matches_torch();
   double_backward_matches_torch();
   bad_input_raises();
   shapes_workout();

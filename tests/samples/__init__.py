@@ -5,6 +5,7 @@
   batch_norm_backward_reduce and batch_norm_backward_elemt;
 * ``samples.row_norm``: layer_norm, layer_norm_backward, rms_norm and
   rms_norm_backward;
+* ``samples.group_norm``: group_norm, group_norm_backward and instance_norm;
 * ``samples.common``: the ``Sample`` record, seeded data, the mask vocabulary
   and wrong-argument variants.
 
@@ -14,10 +15,10 @@ corrupt. The parity, gradcheck, opcheck, fake-kernel, meta, compile and export
 tests all draw from here.
 """
 
-from samples import batch_norm, row_norm  # noqa: E402
+from samples import batch_norm, group_norm, row_norm  # noqa: E402
 
-SAMPLES = {**batch_norm.SAMPLES, **row_norm.SAMPLES}
-WRONG = {**batch_norm.WRONG, **row_norm.WRONG}
+SAMPLES = {**batch_norm.SAMPLES, **row_norm.SAMPLES, **group_norm.SAMPLES}
+WRONG = {**batch_norm.WRONG, **row_norm.WRONG, **group_norm.WRONG}
 OPS = tuple(SAMPLES)
 
 

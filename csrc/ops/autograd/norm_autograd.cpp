@@ -217,10 +217,10 @@ struct RMSNorm {
 void save_group_norm(
     AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& rstd,
-    bool channels_last) {
+    int64_t num_groups, bool channels_last) {
   save_named(ctx, {{"input", input}, {"padding_mask", padding_mask.value_or(Tensor())},
                    {"weight", weight.value_or(Tensor())}, {"mean", mean}, {"rstd", rstd}});
-  ctx->saved_data["num_groups"] = mean.size(1);
+  ctx->saved_data["num_groups"] = num_groups;
   ctx->saved_data["channels_last"] = channels_last;
   ctx->saved_data["output_mask"] = std::vector<bool>{input.requires_grad(), wants_grad(weight), wants_grad(bias)};
   ctx->mark_non_differentiable({mean, rstd});
@@ -244,7 +244,7 @@ struct GroupNorm {
       const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, int64_t num_groups, double eps,
       bool channels_last) {
     auto [output, mean, rstd] = group_norm(input, padding_mask, weight, bias, num_groups, eps, channels_last);
-    save_group_norm(ctx, input, padding_mask, weight, bias, mean, rstd, channels_last);
+    save_group_norm(ctx, input, padding_mask, weight, bias, mean, rstd, num_groups, channels_last);
     return {output, mean, rstd};
   }
 
@@ -264,7 +264,10 @@ struct InstanceNorm {
       double eps, bool channels_last) {
     auto [output, mean, rstd] =
         instance_norm(input, padding_mask, weight, bias, running_mean, running_var, momentum, eps, channels_last);
-    save_group_norm(ctx, input, padding_mask, weight, bias, mean, rstd, channels_last);
+    // One group per channel. (sym_size: the other sizes may be symbolic
+    // while tracing, and sizes() would fix them.)
+    const int64_t channels = mean.sym_size(1).guard_int(__FILE__, __LINE__);
+    save_group_norm(ctx, input, padding_mask, weight, bias, mean, rstd, channels, channels_last);
     return {output, mean, rstd};
   }
 

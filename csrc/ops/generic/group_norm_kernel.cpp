@@ -37,7 +37,7 @@ void group_norm_forward(const GroupNormForwardArgs& a) {
   if (!a.running_mean.defined()) return;
   // The average over samples with at least 2 valid values of their mean and
   // unbiased variance; no update where no sample has 2.
-  const Tensor counts = count.reshape({a.layout.N, a.groups});
+  const Tensor counts = count.expand(axes.stat_view).reshape({a.layout.N, a.groups});
   const Tensor use = counts >= 2;
   const Tensor samples = use.sum(0);
   const Tensor taken = samples.to(opmath).clamp_min(1);
