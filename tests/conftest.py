@@ -23,6 +23,11 @@ Parametrizations:
 * ``device``: tests taking it run on the CPU, and on CUDA when
   ``torch.cuda.is_available()`` (skipped, with the reason, otherwise).
 
+Markers: ``slow`` marks the modules that spawn processes, compile or draw
+hundreds of random cases, and the generic-kernel runs of the ``kernels``
+tests; ``python -m pytest tests -m "not slow"`` is the quick loop (every op
+and public name on the native kernels), ``python -m pytest tests`` runs all.
+
 Test modules import the plain helper functions with ``from conftest import ...``
 (``tests/`` has no ``__init__.py``, so pytest puts it on ``sys.path``); sample
 inputs per op live in ``tests/samples/``.
@@ -56,7 +61,9 @@ def pytest_configure(config):
 
 def pytest_generate_tests(metafunc):
     if metafunc.definition.get_closest_marker("kernels") is not None:
-        metafunc.parametrize("kernels", KERNELS, indirect=True)
+        # the generic kernels are the reference: the full suite runs them, the quick loop does not
+        params = [pytest.param(k, marks=pytest.mark.slow) if k == "generic" else k for k in KERNELS]
+        metafunc.parametrize("kernels", params, indirect=True)
 
 
 @pytest.fixture(autouse=True)

@@ -591,6 +591,7 @@ def test_batch_norm_backward_op_output_mask(layout, training, device):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("layout", BN_LAYOUTS)
 @pytest.mark.parametrize("training", [True, False])

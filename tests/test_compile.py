@@ -23,6 +23,8 @@ from samples import batch_norm as S
 from samples import row_norm as R
 from samples.common import make_mask
 
+pytestmark = pytest.mark.slow  # torch.compile (Inductor compiles C++)
+
 C = 3
 
 

@@ -20,6 +20,8 @@ from conftest import ref_bn, ref_rows
 from samples import batch_norm as S
 from samples import row_norm as R
 
+pytestmark = pytest.mark.slow  # loads every instruction-set build in child processes
+
 PACKAGE_DIR = os.path.dirname(masknorm.__file__)
 ISA_LIBS = {
     isa: glob.glob(os.path.join(PACKAGE_DIR, f"_C_cpu_{isa}.*")) for isa in ("avx2", "avx512")

@@ -4,6 +4,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the demo in a child process
+
 
 def test_demo_runs_and_shows_the_padding_drift():
     proc = subprocess.run(

@@ -1,6 +1,7 @@
-"""The README's reference text agrees with the code: the Python API list
+"""The README and docs/ agree with the code: the README's Python API list
 (names, parameters, defaults), build_info()'s keys, the C++ example and test
-program, and the modules' own constructor docstrings."""
+program in docs/ops.md, the modules' own constructor docstrings; every local
+link of the README and docs/ leads to a file that exists."""
 
 import ast
 import inspect
@@ -15,11 +16,12 @@ import masknorm.functional
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+OPS_DOC = ROOT / "docs" / "ops.md"
 needs_readme = pytest.mark.skipif(not README.is_file(), reason="needs the clone's README")
 
 
-def readme_section(title):
-    text = README.read_text()
+def readme_section(title, path=README):
+    text = path.read_text()
     start = text.index(f"\n{title}\n")
     end = re.search(r"\n#{2,3} ", text[start + len(title) + 2:])
     return text[start: start + len(title) + 2 + (end.start() if end else len(text))]
@@ -114,8 +116,8 @@ def fenced_blocks(text, lang):
 @needs_readme
 @pytest.mark.parametrize("lang,path", [("cpp", "examples/cpp/main.cpp"), ("cmake", "examples/cpp/CMakeLists.txt")])
 def test_readme_cpp_example_is_the_built_example(lang, path):
-    """The README shows examples/cpp as it is; CI (.ci/run) builds and runs it."""
-    blocks = fenced_blocks(readme_section("## C++ (LibTorch)"), lang)
+    """docs/ops.md shows examples/cpp as it is; CI (.ci/run) builds and runs it."""
+    blocks = fenced_blocks(readme_section("## C++ (LibTorch)", OPS_DOC), lang)
     assert (ROOT / path).read_text() in blocks
 
 
@@ -127,7 +129,29 @@ def test_cpp_example_has_main():
 def test_readme_names_the_built_cpp_test_program():
     cmake = (ROOT / "CMakeLists.txt").read_text()
     target = re.search(r"add_executable\((\w+) tests/cpp/test_ops\.cpp\)", cmake).group(1)
-    assert f"`build-cpp/{target}`" in readme_section("## C++ (LibTorch)")
+    assert f"`build-cpp/{target}`" in readme_section("## C++ (LibTorch)", OPS_DOC)
+
+
+def local_links(path):
+    """(target, resolved path) of each Markdown link or image in ``path`` that
+    is not a URL or an anchor."""
+    for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+        if not re.match(r"[a-z]+:|#", target):
+            yield target, (path.parent / target.split("#")[0]).resolve()
+
+
+@needs_readme
+def test_readme_and_docs_links_lead_to_files():
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    links = [(page.relative_to(ROOT), target, resolved) for page in pages for target, resolved in local_links(page)]
+    assert any(str(page) == "README.md" and target.startswith("docs/") for page, target, _ in links)
+    assert [(str(page), target) for page, target, resolved in links if not resolved.exists()] == []
+
+
+@needs_readme
+def test_readme_stays_short():
+    """What a newcomer needs first; detail belongs in docs/."""
+    assert len(README.read_text().splitlines()) <= 260
 
 
 @pytest.mark.parametrize("cls,base", [(masknorm.MaskedBatchNorm1d, "nn.BatchNorm1d"),

@@ -24,6 +24,8 @@ import masknorm
 from conftest import assert_close, init_affine, init_bn_state, running_tol
 from samples.common import make_mask
 
+pytestmark = pytest.mark.slow  # torch.export traces and runs decompositions
+
 C_IN, C, N, L = 4, 6, 3, 5
 KINDS = ["NCL", "NLC", "ln", "rms"]  # batch norm in its two 3-D layouts, layer norm, RMS norm
 

@@ -52,6 +52,8 @@ import masknorm  # noqa: E402,F401  (registers the ops)
 import samples  # noqa: E402
 from samples.common import by_name, noncanonical_bool  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every raw op against 1,400 malformed calls, and again in a child process
+
 ops = torch.ops.masknorm
 ERR = (RuntimeError, ValueError, TypeError)
 BAD_EPS = {"nan": float("nan"), "inf": float("inf"), "-inf": -float("inf"), "negative": -1e-5}

@@ -50,7 +50,8 @@ def _differentiable(sample):
 FORWARD_CASES = [(op, s.name) for op in FORWARD for s in samples.SAMPLES[op](dtype=DT) if s.args[0].numel()]
 
 
-@pytest.mark.parametrize("check", CHECKS)
+# the quick loop (-m "not slow") runs gradcheck; gradgradcheck is in the full suite
+@pytest.mark.parametrize("check", ["grad", pytest.param("gradgrad", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("op,name", FORWARD_CASES, ids=[f"{op}-{name}" for op, name in FORWARD_CASES])
 def test_forward_op(op, name, check, device):
     sample = by_name(samples.SAMPLES[op](device=device, dtype=DT), name)

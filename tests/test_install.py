@@ -1,6 +1,6 @@
 """Installing and first use: the torch check at import, a quiet import, the
-license and sdist, `python -m masknorm`, and what the study and the benchmark
-need and write (issue 10)."""
+license and sdist, `python -m masknorm`, and what the benchmark needs and
+writes."""
 
 import importlib.metadata
 import json
@@ -17,6 +17,8 @@ import torch
 
 import masknorm
 from masknorm import _build_check
+
+pytestmark = pytest.mark.slow  # builds an sdist and starts fresh interpreters
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = pathlib.Path(masknorm.__file__).parent
@@ -182,7 +184,7 @@ def test_sdist_holds_every_file_a_build_and_the_tests_need(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# python -m masknorm; the study and the benchmark: extras and output folder
+# python -m masknorm; the benchmark: extras and output folder (the study's: test_study.py)
 # --------------------------------------------------------------------------
 
 
@@ -195,27 +197,6 @@ def test_python_m_masknorm_runs_the_demo(tmp_path):
     usage = subprocess.run([sys.executable, "-m", "masknorm", "--help"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=300)
     assert usage.returncode == 0 and usage.stdout.startswith("usage: python -m masknorm "), usage.stdout
-
-
-def test_study_without_tqdm_runs_with_no_progress_into_an_untracked_folder(tmp_path):
-    code = ("import sys; sys.modules['tqdm'] = None\n"
-            "from masknorm import study\n"
-            "study.main(['--quick', '--steps', '2', '--no-progress', '--jobs', '1'])\n")
-    proc = run_python(code, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "masknorm_results" / "study"
-    assert (out / "report.md").is_file() and (out / "padding_study.png").is_file()
-
-
-@pytest.mark.parametrize("absent,argv", [("matplotlib", ["--quick"]), ("tqdm", ["--quick"])])
-def test_study_names_its_extra_when_a_package_is_missing(tmp_path, absent, argv):
-    code = (f"import sys; sys.modules[{absent!r}] = None\n"
-            f"from masknorm import study\nstudy.main({argv!r})\n")
-    proc = run_python(code, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert f"{absent} is not installed" in proc.stderr
-    assert 'pip install "masknorm[study]"' in proc.stderr
-    assert not (tmp_path / "masknorm_results").exists()  # stopped before training
 
 
 BENCHMARKS = ROOT / "benchmarks"

@@ -33,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import masknorm  # noqa: E402
 
+pytestmark = pytest.mark.slow  # large hard-data cases against float64
+
 
 class Kind(NamedTuple):
     offset: float

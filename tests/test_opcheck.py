@@ -36,6 +36,10 @@ def _cases():
 
 
 CASES = list(_cases())
+# the quick loop (-m "not slow") opchecks each op's first sample; the full suite all of them
+FIRST = {op: i for i, (op, _, _) in reversed(list(enumerate(CASES)))}
+PARAMS = [pytest.param(*c, id=f"{c[0]}-{c[2]}", marks=() if FIRST[c[0]] == i else pytest.mark.slow)
+          for i, c in enumerate(CASES)]
 
 
 def test_every_op_has_samples():
@@ -44,7 +48,7 @@ def test_every_op_has_samples():
     assert {op for op, _, _ in CASES} == set(samples.OPS)
 
 
-@pytest.mark.parametrize("op,dtype,name", CASES, ids=[f"{op}-{name}" for op, _, name in CASES])
+@pytest.mark.parametrize("op,dtype,name", PARAMS)
 def test_opcheck(op, dtype, name, device):
     sample = by_name(samples.SAMPLES[op](device=device, dtype=dtype), name)
     assert DTYPE_NAMES[dtype] in name

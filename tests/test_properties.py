@@ -55,6 +55,8 @@ from conftest import (
 )
 from samples.common import lengths_mask
 
+pytestmark = pytest.mark.slow  # hypothesis runs hundreds of examples per property
+
 NIGHTLY = os.environ.get("MASKNORM_HYPOTHESIS", "ci") == "nightly"
 
 

@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import masknorm  # noqa: E402
 from samples.common import lengths_mask  # noqa: E402
 
+pytestmark = pytest.mark.slow  # 10,000-call leak checks, threads, processes
+
 ops = torch.ops.masknorm
 
 

@@ -366,6 +366,7 @@ def test_non_contiguous_input(norm, kind, masked, device):
         assert_close(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("D", [131, 1000])
 @pytest.mark.parametrize("norm", NORMS)

@@ -1,11 +1,21 @@
-"""The padding study (python -m masknorm.study) runs in its quick setting and
-writes a report and plots whose numbers are all finite. It needs matplotlib and
-tqdm, which the test extra installs; without them it fails rather than skips."""
+"""The padding study (examples/padding_study.py in the clone) runs in its quick
+setting and writes a report and plots whose numbers are all finite; without
+matplotlib or tqdm it stops at once, naming the extra that installs them. It
+needs matplotlib and tqdm, which the test extra installs; without them it fails
+rather than skips."""
 
 import math
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+SCRIPT = EXAMPLES / "padding_study.py"
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SCRIPT.is_file(), reason="the study lives in the clone's examples/")]  # slow: trains the study's models
 
 NUMBER = re.compile(r"^-?\d+\.\d+$")
 
@@ -25,10 +35,22 @@ def report_rows(text):
     return header, rows
 
 
-def test_quick_study_writes_report_and_plots(tmp_path):
-    # imported here: an installed masknorm without the study fails this test, not the whole collection
-    from masknorm import study  # matplotlib and tqdm: the test extra (pip install ".[test]")
+@pytest.fixture
+def study(monkeypatch):
+    # imported by name from examples/, so that the study's spawned worker
+    # processes (--jobs 2) import the same module
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import padding_study
 
+    return padding_study
+
+
+def run_script(args, cwd):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ))
+
+
+def test_quick_study_writes_report_and_plots(study, tmp_path):
     result = study.main(["--quick", "--out", str(tmp_path), "--no-progress"])
 
     report = tmp_path / "report.md"
@@ -65,11 +87,21 @@ def test_quick_study_writes_report_and_plots(tmp_path):
             assert all(math.isfinite(v) for v in run["curve"]["mean_drift"] + run["curve"]["var_drift"])
 
 
-def test_demo_study_flag_hands_over_to_the_study(capsys):
-    from masknorm import demo
+def test_study_without_tqdm_runs_with_no_progress_into_an_untracked_folder(tmp_path):
+    proc = run_script(["--quick", "--steps", "2", "--no-progress", "--jobs", "1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "masknorm_results" / "study"
+    assert (out / "report.md").is_file() and (out / "padding_study.png").is_file()
+    assert "python examples/padding_study.py --quick" in (out / "report.md").read_text()
 
-    with pytest.raises(SystemExit) as exit_info:
-        demo.main(["--study", "--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert "python -m masknorm.demo --study" in out and "--quick" in out
+
+@pytest.mark.parametrize("absent", ["matplotlib", "tqdm"])
+def test_study_names_its_extra_when_a_package_is_missing(tmp_path, absent):
+    code = (f"import runpy, sys; sys.modules[{absent!r}] = None; sys.argv = ['padding_study.py', '--quick']\n"
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{absent} is not installed" in proc.stderr
+    assert 'pip install "masknorm[study]"' in proc.stderr
+    assert not (tmp_path / "masknorm_results").exists()  # stopped before training
+

@@ -34,6 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import masknorm
 
+pytestmark = pytest.mark.slow  # spawns 2- and 3-process groups
+
 PG_TIMEOUT_S = 20  # every collective of the workers' process groups
 START_TIMEOUT_S = 180  # a worker's imports and process-group setup (a busy 2-core machine)
 RUN_TIMEOUT_S = 90  # one scenario on every rank

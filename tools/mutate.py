@@ -6,6 +6,7 @@ the last table).
 
     python tools/mutate.py                         # every mutant, the whole tests/ (-x -q)
     python tools/mutate.py --list                  # the mutants and the bug each models
+    python tools/mutate.py --check                 # only check that every snippet still applies
     python tools/mutate.py --only chan_merge_chunk --threads 1,2,8,16
     python tools/mutate.py --tests tests/test_batch_norm.py tests/test_gradcheck.py
 
@@ -13,7 +14,9 @@ MUTANTS is a curated list: each replaces one exact snippet of a file under
 csrc/ or python/ with a wrong version (the bug it models is its description).
 Every snippet must occur exactly once in its file (checked for all of them
 before anything runs: an edited file shows up as a rotten mutant, never as a
-silently skipped one). The script copies the repository's files (tracked and
+silently skipped one); `--check` does only that, in a second, after an edit
+to a mutated file. The default test suite does not pin these snippets, so a
+reformatting of the sources only shows up here. The script copies the repository's files (tracked and
 untracked-but-not-ignored, uncommitted edits included) to a temporary folder,
 builds the extension there in place (`setup.py build_ext --inplace`, ccache
 keyed to that folder), checks that the unmutated tests pass, then for each
@@ -197,6 +200,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="", help="thread counts, comma-separated (default: torch's own)")
     ap.add_argument("--only", action="append", help="run only this mutant (repeatable)")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--check", action="store_true", help="check that every snippet occurs once, and exit")
     ap.add_argument("--isas", default=None, help="MASKNORM_CPU_ISAS for the build (default: this CPU's; 'all')")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per pytest run")
     ap.add_argument("--keep", action="store_true", help="keep the temporary copy")
@@ -213,6 +217,9 @@ def main(argv=None) -> int:
     if problems:
         print("rotten mutants (fix MUTANTS):\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
+    if args.check:
+        print(f"{len(mutants)} mutants, every snippet occurs once", file=sys.stderr)
+        return 0
     threads = [int(t) for t in args.threads.split(",") if t] or [None]
     isas = None if args.isas == "all" else (default_isas() if args.isas is None else args.isas)
 

@@ -288,8 +288,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
     auto [part_mean, part_m2, part_count] = run_stats(p);
     std::tie(mean, invstd, std::ignore) = run_merge_stats(
         op, part_mean.unsqueeze(0), part_m2.unsqueeze(0), part_count.reshape({1}), rm, rv, nbt, momentum, eps);
-    // Without a mask the count is the shape's, as nn.BatchNorm1d checks it:
-    // raised on every device, with no data check (after counting the batch, as torch).
+    // Without a mask the count is the shape's, as nn.BatchNorm1d checks it, so
+    // devices without data checks raise too (after counting the batch, as
+    // torch); where data checks run, run_merge_stats has raised on the count.
     TORCH_CHECK_VALUE(
         p.mask.defined() || p.layout.rows() != 1,
         op, ": expected more than 1 value per channel when training, got input of shape ", input.sizes());
@@ -417,5 +418,3 @@ TORCH_LIBRARY_IMPL(masknorm, CompositeExplicitAutograd, m) {
 }
 
 }  // namespace masknorm
-
-std::string masknorm::kernels_for_device(const at::Device& device) { return kernels_name(device); }

@@ -5,6 +5,7 @@
 #include "kernel_registry.h"
 
 #include "cpu/isa_select.h"
+#include "masknorm/ops.h"
 
 #include <atomic>
 #include <cstdlib>
@@ -61,6 +62,8 @@ const KernelTable& kernels_for(const at::Device& device) {
 }
 
 std::string kernels_name(const at::Device& device) { return kernels_for(device).name; }
+
+std::string kernels_for_device(const at::Device& device) { return kernels_name(device); }
 
 void enable_device_data_checks(bool on) { device_data_checks.store(on); }
 

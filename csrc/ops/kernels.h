@@ -83,8 +83,8 @@ struct BatchNormStatsArgs {
 // num_batches_tracked, when given, is incremented first in any case.
 struct BatchNormMergeStatsArgs {
   at::Tensor part_mean, part_m2;  // (P, C) opmath
-  at::Tensor part_count;          // (P,) any real dtype
-  at::Tensor running_mean, running_var;  // (C,) any floating dtype, updated in place, or undefined
+  at::Tensor part_count;          // (P,) int64 (the op converts a float count)
+  at::Tensor running_mean, running_var;  // (C,) opmath (the op converts and writes back), updated in place, or undefined
   at::Tensor num_batches_tracked;        // () integer, updated in place, or undefined
   bool has_momentum = true;
   double momentum = 0.1, eps = 1e-5;
@@ -187,8 +187,9 @@ struct GroupNormBackwardArgs {
 #define MASKNORM_DECLARE_KERNELS MASKNORM_FOR_EACH_KERNEL(MASKNORM_DECLARE_KERNEL_)
 
 // One backend's kernels. A table built from other sources than the ones
-// loading it (a stale instruction-set library) is refused: `abi` sums the
-// argument structs' sizes with kVersion, which changes with the list.
+// loading it (a stale instruction-set library) is refused: `version` is
+// kVersion, bumped when the kernel list changes, and `abi` is kAbi, the sum of
+// the argument structs' sizes; the loader compares both.
 struct KernelTable {
   static constexpr int kVersion = 3;
   int version;

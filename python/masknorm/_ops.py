@@ -17,6 +17,8 @@ from torch import Tensor
 
 
 def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of ``dtype`` input, as the C++ opmath_dtype
+    (csrc/ops/tensor_utils.h) and distributed.py use it."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

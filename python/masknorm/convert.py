@@ -1,13 +1,13 @@
 """Switching an existing model to the masked norms in one line."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Optional
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from . import padding_context as _padding
-from .distributed import MaskedSyncBatchNorm, ProcessGroup
+from ._replace import replace_modules, uses_forward_of
+from .distributed import ProcessGroup, sync_counterpart
 from .modules import (
     MaskedBatchNorm1d,
     MaskedBatchNorm2d,
@@ -19,46 +19,6 @@ from .modules import (
 )
 
 __all__ = ["convert_model"]
-
-# Per-module hook dictionaries, moved to the replacement (the same dict
-# objects, so handles from register_*_hook keep working).
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-
-
-def _uses_torch_forward(module: nn.Module, base: type) -> bool:
-    # A subclass with its own forward (a masked module, or any custom one) is
-    # left alone: replacing it would drop that forward. So is a parametrized
-    # module, whose class parametrize made.
-    return (
-        isinstance(module, base)
-        and type(module).forward is base.forward
-        and not parametrize.is_parametrized(module)
-    )
-
-
-def _syncable(module: nn.Module) -> bool:
-    """A 1-D batch norm that MaskedSyncBatchNorm.convert_sync_batchnorm converts."""
-    forward = type(module).forward
-    return not parametrize.is_parametrized(module) and (
-        (isinstance(module, nn.BatchNorm1d) and forward is nn.BatchNorm1d.forward)
-        or (isinstance(module, nn.SyncBatchNorm) and forward is nn.SyncBatchNorm.forward)
-        or (
-            isinstance(module, MaskedBatchNorm1d)
-            and forward in (MaskedBatchNorm1d.forward, MaskedSyncBatchNorm.forward)
-        )
-    )
 
 
 def _masked_counterpart(
@@ -72,18 +32,11 @@ def _masked_counterpart(
     process_group: Optional[ProcessGroup],
 ) -> Optional[nn.Module]:
     """A masked module with module's hyperparameters, or None to keep module."""
-    if batch_norm and sync and _syncable(module):
-        return MaskedSyncBatchNorm(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            process_group,
-            channels_last=getattr(module, "channels_last", False),
-            bias=module.bias is not None or not module.affine,
-        )
-    if batch_norm and _uses_torch_forward(module, nn.BatchNorm1d):
+    if batch_norm and sync:
+        new = sync_counterpart(module, process_group)
+        if new is not None:
+            return new
+    if batch_norm and uses_forward_of(module, nn.BatchNorm1d):
         kwargs = {} if module.bias is not None or not module.affine else {"bias": False}
         return MaskedBatchNorm1d(
             module.num_features,
@@ -98,55 +51,25 @@ def _masked_counterpart(
     without_bias = {} if getattr(module, "bias", None) is not None or not getattr(module, "affine", True) else {
         "bias": False}
     for torch_bn, masked_bn in ((nn.BatchNorm2d, MaskedBatchNorm2d), (nn.BatchNorm3d, MaskedBatchNorm3d)):
-        if batch_norm and not sync and _uses_torch_forward(module, torch_bn):
+        if batch_norm and not sync and uses_forward_of(module, torch_bn):
             return masked_bn(
                 module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                 **without_bias,
             )
-    if group_norm and _uses_torch_forward(module, nn.GroupNorm):
+    if group_norm and uses_forward_of(module, nn.GroupNorm):
         return MaskedGroupNorm(module.num_groups, module.num_channels, module.eps, module.affine, **without_bias)
-    if instance_norm and _uses_torch_forward(module, nn.InstanceNorm1d):
+    if instance_norm and uses_forward_of(module, nn.InstanceNorm1d):
         return MaskedInstanceNorm1d(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
             **without_bias,
         )
-    if layer_norm and _uses_torch_forward(module, nn.LayerNorm):
+    if layer_norm and uses_forward_of(module, nn.LayerNorm):
         return MaskedLayerNorm(
             module.normalized_shape, module.eps, module.elementwise_affine, bias=module.bias is not None
         )
-    if rms_norm and _uses_torch_forward(module, nn.RMSNorm):
+    if rms_norm and uses_forward_of(module, nn.RMSNorm):
         return MaskedRMSNorm(module.normalized_shape, module.eps, module.elementwise_affine)
     return None
-
-
-def _take_over(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Gives ``new`` the state of ``old``: the same Parameter and buffer
-    objects, mode, hooks and any other instance attributes."""
-    new._parameters.clear()
-    new._parameters.update(old._parameters)
-    new._buffers.clear()
-    new._buffers.update(old._buffers)
-    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
-    new.training = old.training
-    for name in _HOOK_DICTS:
-        if name in vars(old):
-            setattr(new, name, getattr(old, name))
-    for name, value in vars(old).items():
-        if name not in vars(new):  # e.g. qconfig, user attributes
-            vars(new)[name] = value
-    return new
-
-
-def _convert(module: nn.Module, done: Dict[int, nn.Module], *args: Any) -> nn.Module:
-    if id(module) in done:  # a module shared by several parents stays shared
-        return done[id(module)]
-    new = _masked_counterpart(module, *args)
-    result = module if new is None else _take_over(new, module)
-    done[id(module)] = result
-    for name, child in list(module._modules.items()):
-        if child is not None:
-            result._modules[name] = _convert(child, done, *args)
-    return result
 
 
 def convert_model(
@@ -222,7 +145,6 @@ def convert_model(
         raise ValueError("convert_model: sync_batch_norm=True converts batch norms, so it needs batch_norm=True")
     if process_group is not None and not sync_batch_norm:
         raise ValueError("convert_model: process_group is for sync_batch_norm=True, but sync_batch_norm is False")
-    converted = _convert(
-        module, {}, batch_norm, layer_norm, rms_norm, group_norm, instance_norm, sync_batch_norm, process_group
-    )
+    flags = (batch_norm, layer_norm, rms_norm, group_norm, instance_norm, sync_batch_norm, process_group)
+    converted = replace_modules(module, lambda m: _masked_counterpart(m, *flags))
     return _padding.track_convolutions(converted) if convolutions else converted

@@ -1,10 +1,10 @@
 """python -m masknorm.demo: the worked examples this project started from, then
 what padding does to plain BatchNorm's statistics and what masknorm does
-instead, on synthetic padded batches."""
+instead, on synthetic padded batches. The padding study, a training run with
+plots, is examples/padding_study.py in the clone."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 from torch import nn
@@ -71,20 +71,7 @@ def padding_drift(batches: int, seed: int) -> None:
 
 
 def main(argv=None, prog: str = "python -m masknorm.demo") -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--study" in argv:
-        from . import study  # needs matplotlib (and tqdm for its progress bar)
-
-        argv.remove("--study")
-        study.main(argv, prog=f"{prog} --study")
-        return
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
-    parser.add_argument(
-        "--study",
-        action="store_true",
-        help="run the padding training study instead (minutes); the other options then go to it, "
-        "see python -m masknorm.study --help",
-    )
     parser.add_argument("--batches", type=int, default=200, help="training batches for the drift table")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -27,6 +27,8 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from . import padding_context as _padding
+from ._ops import _opmath_dtype
+from ._replace import replace_modules, uses_forward_of
 from .modules import MaskedBatchNorm1d
 
 try:  # torch builds without distributed support have no ProcessGroup
@@ -96,8 +98,7 @@ class _MaskedSyncBatchNormFunction(torch.autograd.Function):
             packed = torch.cat([mean, m2, count.to(mean.dtype).reshape(1)])
         except Exception as e:  # noqa: BLE001  (re-raised after the exchange)
             error = e
-            stats_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-            packed = torch.zeros(2 * C + 1, dtype=stats_dtype, device=input.device)
+            packed = torch.zeros(2 * C + 1, dtype=_opmath_dtype(input.dtype), device=input.device)
             packed[-1] = -1
 
         gathered = _all_gather(packed, group, world_size)
@@ -188,9 +189,12 @@ class MaskedSyncBatchNorm(MaskedBatchNorm1d):
     extra small collective, once), so that a mismatch across ranks raises a
     clear ``ValueError`` on every rank instead of a collective of mismatched
     sizes. An error in a rank's input (wrong shape or channel count) raises
-    there and a ``RuntimeError`` on the others, without a hang (the others
-    learn of it through the merge op's host check of the count, which CUDA
-    graph capture skips).
+    there and a ``RuntimeError`` on the others (they learn of it through the
+    merge op's host check of the count). That check runs on CPU tensors, and
+    on accelerators only with :func:`masknorm.enable_device_data_checks`:
+    without it (and always under CUDA graph capture) the other ranks carry on
+    and the failing rank's missing collective ends in the process group's
+    timeout.
 
     Without an initialized process group, with a group of one rank, or in
     eval mode, it computes exactly what :class:`MaskedBatchNorm1d` computes
@@ -303,9 +307,23 @@ class MaskedSyncBatchNorm(MaskedBatchNorm1d):
         ``module`` converted in place, or the new module when ``module``
         itself is converted.
         """
-        from .convert import convert_model
+        return replace_modules(module, lambda m: sync_counterpart(m, process_group))
 
-        return convert_model(
-            module, batch_norm=True, layer_norm=False, rms_norm=False, group_norm=False, instance_norm=False,
-            sync_batch_norm=True, process_group=process_group,
-        )
+
+def sync_counterpart(module: torch.nn.Module, process_group: Optional[ProcessGroup]) -> Optional[MaskedSyncBatchNorm]:
+    """The MaskedSyncBatchNorm that replaces ``module`` (with its
+    hyperparameters and ``channels_last``), or None when ``module`` is not a
+    1-D batch norm that convert_sync_batchnorm converts."""
+    bases = (torch.nn.BatchNorm1d, torch.nn.SyncBatchNorm, MaskedBatchNorm1d, MaskedSyncBatchNorm)
+    if not uses_forward_of(module, *bases):
+        return None
+    return MaskedSyncBatchNorm(
+        module.num_features,
+        module.eps,
+        module.momentum,
+        module.affine,
+        module.track_running_stats,
+        process_group,
+        channels_last=getattr(module, "channels_last", False),
+        bias=module.bias is not None or not module.affine,
+    )

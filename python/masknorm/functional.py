@@ -4,7 +4,7 @@ instance_norm plus a keyword-only ``padding_mask`` (bool, True marks padding).
 
 These functions only shape arguments and call ``torch.ops.masknorm.*``; the
 ops check every argument and raise errors that name it. Each also takes
-(N, C, \*spatial) input of any rank and a jagged NestedTensor (N, j, C) in
+(N, C, *spatial) input of any rank and a jagged NestedTensor (N, j, C) in
 place of a padded tensor and mask (_layouts.py).
 """
 from __future__ import annotations
@@ -43,9 +43,9 @@ def batch_norm(
 ) -> Tensor:
     """Batch norm over the valid (non-padding) positions of ``input``.
 
-    ``input`` is (N, C) or (N, C, \*spatial) (BatchNorm1d/2d/3d), or
-    (N, \*spatial, C) with ``channels_last=True``; ``padding_mask`` is (N,),
-    or (N, \*spatial) or over trailing spatial dims only (e.g. (N, T) for
+    ``input`` is (N, C) or (N, C, *spatial) (BatchNorm1d/2d/3d), or
+    (N, *spatial, C) with ``channels_last=True``; ``padding_mask`` is (N,),
+    or (N, *spatial) or over trailing spatial dims only (e.g. (N, T) for
     (N, C, F, T)), broadcast. A jagged NestedTensor (N, j, C) takes the place
     of a padded tensor and mask: statistics over all its tokens. In training,
     statistics come from the valid positions only and, when given,
@@ -126,7 +126,7 @@ def group_norm(
 ) -> Tensor:
     """Group norm of each sample over its valid positions.
 
-    ``input`` is (N, C, \*spatial), or (N, \*spatial, C) with
+    ``input`` is (N, C, *spatial), or (N, *spatial, C) with
     ``channels_last=True``; statistics per (sample, group) over the group's
     C / num_groups channels at the sample's valid positions; ``padding_mask``
     as for :func:`batch_norm`. A sample without valid positions gives zeros.
@@ -159,7 +159,7 @@ def instance_norm(
 ) -> Tensor:
     """Instance norm of each sample and channel over its valid positions.
 
-    ``input`` is (N, C, \*spatial), or (N, \*spatial, C) with
+    ``input`` is (N, C, *spatial), or (N, *spatial, C) with
     ``channels_last=True``; ``padding_mask`` as for :func:`batch_norm`.
     With ``use_input_stats`` each (sample, channel) is normalized with its own
     statistics (``torch.ops.masknorm.instance_norm``), and

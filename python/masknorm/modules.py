@@ -8,7 +8,7 @@ torch's own; only ``forward`` changes, taking an optional ``padding_mask``
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from . import _layouts
 from . import padding_context as _padding
 from . import functional as F
+from .functional import _shape_t
 
 __all__ = [
     "MaskedBatchNorm1d",
@@ -26,9 +27,6 @@ __all__ = [
     "MaskedLayerNorm",
     "MaskedRMSNorm",
 ]
-
-_shape_t = Union[int, Sequence[int], torch.Size]
-
 
 def _check_channels_first(input: Tensor, num_features: int, channels_last: bool, name: str) -> None:
     """(N, L, C) input given to a channels-first module: say so, and how to fix it
@@ -184,8 +182,8 @@ class MaskedBatchNorm3d(nn.BatchNorm3d):
 class MaskedGroupNorm(nn.GroupNorm):
     """nn.GroupNorm whose statistics come from each sample's valid positions.
 
-    Input (N, C, \*spatial), or (N, \*spatial, C) with ``channels_last=True``;
-    ``padding_mask`` (N, \*spatial) or over trailing spatial dims only. Each
+    Input (N, C, *spatial), or (N, *spatial, C) with ``channels_last=True``;
+    ``padding_mask`` (N, *spatial) or over trailing spatial dims only. Each
     sample's output, input and parameter gradients are nn.GroupNorm's on that
     sample cropped to its valid positions; padded positions output 0.
     """

@@ -1,7 +1,9 @@
 // masknorm's C++ API: each function calls the registered op through the
 // dispatcher (autograd, every backend, torch.compile tracing apply).
-// Schemas and semantics: README.md, section "Ops". Defined in
-// csrc/ops/batch_norm.cpp, row_norm.cpp and group_norm.cpp.
+// Schemas and semantics: docs/ops.md. The ops' functions are defined in
+// csrc/ops/batch_norm.cpp, row_norm.cpp and group_norm.cpp; cpu_kernels_isa
+// in csrc/ops/cpu/isa_select.cpp, kernels_for_device in
+// csrc/ops/kernel_registry.cpp.
 #pragma once
 
 #include <ATen/ATen.h>

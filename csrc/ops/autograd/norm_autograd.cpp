@@ -19,11 +19,13 @@
 #include "../checks.h"
 #include "masknorm/ops.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -65,8 +67,37 @@ class Saved {
 std::optional<Tensor> maybe(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
 bool wants_grad(const std::optional<Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); }
 
-// The autograd Function of the three norms. `Norm` supplies
-//   kArguments:  how many arguments the op takes (one gradient slot each)
+template <typename Norm, typename = void>
+struct HasBias : std::false_type {};
+template <typename Norm>
+struct HasBias<Norm, std::void_t<decltype(Norm::kBias)>> : std::true_type {};
+
+// The argument positions a Norm writes by hand (kArguments, kInput, kWeight,
+// kBias), checked once against its op's schema (kOp): a schema change that
+// moves an argument fails here instead of sending a gradient to the wrong
+// argument.
+template <typename Norm>
+void check_argument_positions() {
+  static const bool checked = [] {
+    const auto& args = c10::Dispatcher::singleton().findSchemaOrThrow(Norm::kOp, "").schema().arguments();
+    TORCH_INTERNAL_ASSERT(args.size() == Norm::kArguments, Norm::kOp, ": autograd expects ", Norm::kArguments,
+                          " arguments, the schema has ", args.size());
+    const auto expect = [&args](size_t position, const char* name) {
+      TORCH_INTERNAL_ASSERT(args[position].name() == name, Norm::kOp, ": autograd expects ", name, " at position ",
+                            position, ", the schema has ", args[position].name());
+    };
+    expect(Norm::kInput, "input");
+    expect(Norm::kWeight, "weight");
+    if constexpr (HasBias<Norm>::value) expect(Norm::kBias, "bias");
+    return true;
+  }();
+  (void)checked;
+}
+
+// The autograd Function of the norms. `Norm` supplies
+//   kOp, kArguments, kInput, kWeight (and kBias): the op, how many arguments
+//     it takes (one gradient slot each) and where its gradients go, checked
+//     against the schema by check_argument_positions
 //   forward(ctx, args...): calls the op, saves what backward needs
 //   backward(ctx, grad_output, grads): calls the backward op, fills grads
 template <typename Norm>
@@ -74,6 +105,8 @@ class NormFunction : public torch::autograd::Function<NormFunction<Norm>> {
  public:
   template <typename... Args>
   static variable_list forward(AutogradContext* ctx, const Args&... args) {
+    static_assert(sizeof...(Args) == Norm::kArguments, "one gradient slot per argument of the op");
+    check_argument_positions<Norm>();
     // The op's own kernel, below autograd; ADInplaceOrView still runs
     // (version counters of mutated running statistics).
     at::AutoDispatchBelowAutograd guard;
@@ -90,8 +123,7 @@ class NormFunction : public torch::autograd::Function<NormFunction<Norm>> {
 // ------------------------------------------------------------------ batch norm
 
 struct BatchNorm {
-  // Argument positions: input, padding_mask, weight, bias, running_mean,
-  // running_var, num_batches_tracked, training, momentum, eps, channels_last.
+  static constexpr const char* kOp = "masknorm::batch_norm";
   enum : size_t { kInput = 0, kWeight = 2, kBias = 3, kArguments = 11 };
 
   static variable_list forward(
@@ -126,7 +158,7 @@ struct BatchNorm {
 // ------------------------------------------------------------ layer / RMS norm
 
 struct LayerNorm {
-  // input, normalized_shape, padding_mask, weight, bias, eps
+  static constexpr const char* kOp = "masknorm::layer_norm";
   enum : size_t { kInput = 0, kWeight = 3, kBias = 4, kArguments = 6 };
 
   static variable_list forward(
@@ -154,7 +186,7 @@ struct LayerNorm {
 };
 
 struct RMSNorm {
-  // input, normalized_shape, padding_mask, weight, eps
+  static constexpr const char* kOp = "masknorm::rms_norm";
   enum : size_t { kInput = 0, kWeight = 3, kArguments = 5 };
 
   static variable_list forward(
@@ -204,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_backward_of(AutogradContext* ctx, 
 }
 
 struct GroupNorm {
-  // input, padding_mask, weight, bias, num_groups, eps, channels_last
+  static constexpr const char* kOp = "masknorm::group_norm";
   enum : size_t { kInput = 0, kWeight = 2, kBias = 3, kArguments = 7 };
 
   static variable_list forward(
@@ -222,7 +254,7 @@ struct GroupNorm {
 };
 
 struct InstanceNorm {
-  // input, padding_mask, weight, bias, running_mean, running_var, momentum, eps, channels_last
+  static constexpr const char* kOp = "masknorm::instance_norm";
   enum : size_t { kInput = 0, kWeight = 2, kBias = 3, kArguments = 9 };
 
   static variable_list forward(

@@ -106,7 +106,7 @@ C10_ALWAYS_INLINE void column_blocks(int64_t C, const Block& block) {
 // per-row Welford update, and as accurate as the float mean allows on data
 // with a large offset. (Half
 // types convert in both passes: a float copy of the chunk for the second
-// pass measured 40% slower, its traffic outweighing the conversions.)
+// pass costs more traffic than it saves conversions.)
 // (out_t: the accumulation type, or MergeT for callers that merge the
 // channels' moments further, as group norm does.)
 template <typename scalar_t, typename out_t = at::opmath_type<scalar_t>>

@@ -79,8 +79,8 @@ void row_norm_forward_loop(
 //   dx = rstd * (g - xhat * mean(g * xhat))               (RMS)
 // and over valid rows dw = sum(dy * xhat), db = sum(dy).
 // dx, dw, db may each be null (not requested); w and mean may be null. Half
-// types convert in each of the two passes: converting x and dy into float
-// scratch first measured 40% slower (bf16 (32, 256, 512), 1 thread).
+// types convert in each of the two passes: a float scratch copy of x and dy
+// costs more traffic than it saves (docs/performance.md).
 template <typename scalar_t>
 void row_norm_backward_loop(
     bool centered, const scalar_t* dy, const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t D,
