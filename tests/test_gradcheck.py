@@ -1,5 +1,6 @@
 """torch.autograd.gradcheck and gradgradcheck (float64) of the differentiable
-ops, batch_norm, layer_norm and rms_norm, and of their backward ops (whose
+ops (every forward op of the samples registry: a new op's samples bring it
+here), and of the batch, layer and RMS norm backward ops (whose
 derivatives are what double backward runs), from the samples of
 tests/samples/, with the native and the generic kernels, on every device.
 
@@ -27,21 +28,34 @@ DT = torch.float64
 ops = torch.ops.masknorm
 CHECKS = {"grad": gradcheck, "gradgrad": gradgradcheck}
 TOL = dict(eps=1e-6, atol=1e-5, rtol=1e-4)
-FORWARD = ("batch_norm", "layer_norm", "rms_norm")
+# every forward op of the samples registry whose samples differentiate something
+FORWARD = tuple(op for op in samples.OPS if not op.endswith("_backward")
+                and any(s.grad_args and s.args[0].numel() for s in samples.SAMPLES[op](dtype=DT)))
 # backward op -> (forward op, positions of the saved statistics in its arguments)
 BACKWARD = {"batch_norm_backward": ("batch_norm", (4, 5)), "layer_norm_backward": ("layer_norm", (4, 5)),
             "rms_norm_backward": ("rms_norm", (4,))}
 
 
-def _differentiable(sample):
-    """(function of the grad_args tensors, those tensors requiring grad)."""
+def _mutated_positions(op):
+    """The positions of the arguments ``op``'s schema says it writes (running statistics)."""
+    schema = getattr(ops, op).default._schema
+    return [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+
+
+def _differentiable(sample, op=None):
+    """(function of the grad_args tensors, those tensors requiring grad). With
+    ``op``, the arguments it writes in place are fresh copies in every call."""
     sample = sample.with_grad()
     at = [i for i in sample.grad_args if isinstance(sample.args[i], torch.Tensor)]
+    written = _mutated_positions(op) if op else []
 
     def call(*tensors):
         args = list(sample.args)
         for i, t in zip(at, tensors):
             args[i] = t
+        for i in written:
+            if isinstance(args[i], torch.Tensor):
+                args[i] = args[i].clone()
         return args
 
     return call, tuple(sample.args[i] for i in at)
@@ -55,7 +69,7 @@ FORWARD_CASES = [(op, s.name) for op in FORWARD for s in samples.SAMPLES[op](dty
 @pytest.mark.parametrize("op,name", FORWARD_CASES, ids=[f"{op}-{name}" for op, name in FORWARD_CASES])
 def test_forward_op(op, name, check, device):
     sample = by_name(samples.SAMPLES[op](device=device, dtype=DT), name)
-    call, inputs = _differentiable(sample)
+    call, inputs = _differentiable(sample, op)
     fn = getattr(ops, op)
     assert CHECKS[check](lambda *t: fn(*call(*t))[0], inputs, **TOL)
 
@@ -177,20 +191,16 @@ class _OpNames(TorchDispatchMode):
 def test_first_order_backward_runs_the_kernel(op):
     # Without create_graph the backward op's fast kernel runs (no composite);
     # with it, the differentiable composite runs and records a graph.
-    x = torch.randn(4, 3, dtype=DT, requires_grad=True)
-    w = torch.ones(3, dtype=DT, requires_grad=True)
-    if op == "batch_norm":
-        y = ops.batch_norm(x, None, w, None, None, None, None, True, 0.1, 1e-5, False)[0]
-    elif op == "layer_norm":
-        y = ops.layer_norm(x, [3], None, w, None, 1e-5)[0]
-    else:
-        y = ops.rms_norm(x, [3], None, w, None)[0]
+    sample = next(s for s in samples.SAMPLES[op](dtype=DT) if s.grad_args and s.args[0].numel())
+    call, inputs = _differentiable(sample, op)
+    y = getattr(ops, op)(*call(*inputs))[0]
     g = torch.randn_like(y)
     for create_graph in (False, True):
         with _OpNames() as seen:
-            gx, gw = torch.autograd.grad(y, (x, w), g, retain_graph=True, create_graph=create_graph)
-        assert (f"masknorm::{op}_backward" in seen.names) != create_graph, seen.names
-        assert gx.requires_grad == gw.requires_grad == create_graph
+            grads = torch.autograd.grad(y, inputs, g, retain_graph=True, create_graph=create_graph)
+        backward_ops = {n for n in seen.names if n.startswith("masknorm::") and n.endswith("_backward")}
+        assert bool(backward_ops) != create_graph, seen.names
+        assert grads[0].requires_grad == create_graph  # the input's (the bias's, sum(dy), needs no graph)
 
 
 @pytest.mark.parametrize("op", BACKWARD)
