@@ -1,13 +1,14 @@
-// Double backward for the three norms. The backward ops (batch_norm_backward,
-// layer_norm_backward, rms_norm_backward) run their kernels unless an
+// Double backward for the norms. The backward ops (batch_norm_backward,
+// layer_norm_backward, rms_norm_backward, group_norm_backward) run their kernels unless an
 // autograd graph must be recorded through them (grad mode on and an input
 // that requires grad: create_graph=True, gradient penalties, meta-learning).
 // Then they compute the same gradients with the composite of at:: ops below,
 // and torch's autograd differentiates that composite: second and higher
-// derivatives, from Python and C++ alike. The generic row-norm kernels
-// (generic/row_norm_kernel.cpp) run the same composite as their backward.
+// derivatives, from Python and C++ alike. The generic row-norm and
+// group-norm kernels (generic/) run the same composite as their backward.
 //
-// The three norms share one formula. With valid positions V (padding
+// The norms share one formula (group norm: the input viewed with its groups
+// as a dimension, tensor_utils.h group_norm_axes). With valid positions V (padding
 // excluded), statistics taken over `stat_dims`, g = dy * w and
 // xhat = (x - mean) * rstd:
 //   dx = rstd * (g - mean_V(g) - xhat * mean_V(g * xhat))   statistics of the input
