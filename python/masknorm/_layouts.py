@@ -41,7 +41,8 @@ def _spatial_mask(mask: Optional[Tensor], N: int, spatial: torch.Size, what: str
     if mask is None:
         return None
     k = mask.dim() - 1
-    if mask.dim() < 1 or k > len(spatial) or mask.shape[0] != N or tuple(mask.shape[1:]) != tuple(spatial[len(spatial) - k:]):
+    trailing = tuple(spatial[len(spatial) - k:]) if 0 <= k <= len(spatial) else None
+    if k < 0 or trailing is None or mask.shape[0] != N or tuple(mask.shape[1:]) != trailing:
         raise RuntimeError(
             f"masknorm.functional.{fn}: expected padding_mask of shape (N, *spatial) = {(N, *spatial)} or over "
             f"trailing spatial dims only (e.g. {(N, spatial[-1])}) for {what} input, but got {tuple(mask.shape)}"
@@ -136,3 +137,20 @@ def jagged_to_padded(input: Tensor) -> tuple:
 def padded_to_jagged(padded: Tensor, like: Tensor, rows: Tensor) -> Tensor:
     """The valid tokens of ``padded`` (N, L, C) as a jagged tensor with ``like``'s structure."""
     return like_jagged(padded.reshape(-1, padded.shape[-1]).index_select(0, rows), like)
+
+
+def on_values(input: Tensor, padding_mask: Optional[Tensor], fn: str, norm: Callable[[Tensor], Tensor]) -> Tensor:
+    """A norm of the tokens alone (batch norm over all of them, layer/RMS norm
+    of each): ``norm(values)`` (T, C), as a jagged tensor of input's structure."""
+    check_jagged(input, padding_mask, fn)
+    return like_jagged(norm(input.values()), input)
+
+
+def per_sequence(
+    input: Tensor, padding_mask: Optional[Tensor], fn: str, norm: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
+    """A norm of each sequence (group, instance norm): ``norm(padded, mask)``
+    on the padded (N, L, C) tensor and its mask, back as a jagged tensor."""
+    check_jagged(input, padding_mask, fn)
+    padded, mask, rows = jagged_to_padded(input)
+    return padded_to_jagged(norm(padded, mask), input, rows)

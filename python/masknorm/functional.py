@@ -56,12 +56,9 @@ def batch_norm(
     positions of the output are 0. One op call: ``torch.ops.masknorm.batch_norm``.
     """
     if _layouts.is_jagged(input):
-        _layouts.check_jagged(input, padding_mask, "batch_norm")
-        out = torch.ops.masknorm.batch_norm(
-            input.values(), None, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
-            eps, False,
-        )[0]
-        return _layouts.like_jagged(out, input)
+        return _layouts.on_values(input, padding_mask, "batch_norm", lambda values: torch.ops.masknorm.batch_norm(
+            values, None, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, False,
+        )[0])
     x = _layouts.flatten_spatial(input, padding_mask, channels_last, "batch_norm")
     return x.restore(
         torch.ops.masknorm.batch_norm(
@@ -87,9 +84,8 @@ def layer_norm(
     normalized token by token (its values), with ``normalized_shape`` (C,).
     """
     if _layouts.is_jagged(input):
-        _layouts.check_jagged(input, padding_mask, "layer_norm")
-        out = torch.ops.masknorm.layer_norm(input.values(), _as_shape(normalized_shape), None, weight, bias, eps)[0]
-        return _layouts.like_jagged(out, input)
+        return _layouts.on_values(input, padding_mask, "layer_norm", lambda values: torch.ops.masknorm.layer_norm(
+            values, _as_shape(normalized_shape), None, weight, bias, eps)[0])
     return torch.ops.masknorm.layer_norm(input, _as_shape(normalized_shape), padding_mask, weight, bias, eps)[0]
 
 
@@ -108,9 +104,8 @@ def rms_norm(
     A jagged NestedTensor (N, j, C) is normalized token by token (its values).
     """
     if _layouts.is_jagged(input):
-        _layouts.check_jagged(input, padding_mask, "rms_norm")
-        out = torch.ops.masknorm.rms_norm(input.values(), _as_shape(normalized_shape), None, weight, eps)[0]
-        return _layouts.like_jagged(out, input)
+        return _layouts.on_values(input, padding_mask, "rms_norm", lambda values: torch.ops.masknorm.rms_norm(
+            values, _as_shape(normalized_shape), None, weight, eps)[0])
     return torch.ops.masknorm.rms_norm(input, _as_shape(normalized_shape), padding_mask, weight, eps)[0]
 
 
@@ -134,10 +129,10 @@ def group_norm(
     op call: ``torch.ops.masknorm.group_norm``.
     """
     if _layouts.is_jagged(input):
-        _layouts.check_jagged(input, padding_mask, "group_norm")
-        padded, mask, rows = _layouts.jagged_to_padded(input)
-        out = torch.ops.masknorm.group_norm(padded, mask, weight, bias, num_groups, eps, True)[0]
-        return _layouts.padded_to_jagged(out, input, rows)
+        def norm(padded: Tensor, mask: Tensor) -> Tensor:
+            return torch.ops.masknorm.group_norm(padded, mask, weight, bias, num_groups, eps, True)[0]
+
+        return _layouts.per_sequence(input, padding_mask, "group_norm", norm)
     x = _layouts.flatten_spatial(input, padding_mask, channels_last, "group_norm")
     return x.restore(
         torch.ops.masknorm.group_norm(x.input, x.padding_mask, weight, bias, num_groups, eps, x.channels_last)[0]
@@ -175,12 +170,12 @@ def instance_norm(
             channels_last=channels_last,
         )
     if _layouts.is_jagged(input):
-        _layouts.check_jagged(input, padding_mask, "instance_norm")
-        padded, mask, rows = _layouts.jagged_to_padded(input)
-        out = torch.ops.masknorm.instance_norm(
-            padded, mask, weight, bias, running_mean, running_var, momentum, eps, True
-        )[0]
-        return _layouts.padded_to_jagged(out, input, rows)
+        def norm(padded: Tensor, mask: Tensor) -> Tensor:
+            return torch.ops.masknorm.instance_norm(
+                padded, mask, weight, bias, running_mean, running_var, momentum, eps, True
+            )[0]
+
+        return _layouts.per_sequence(input, padding_mask, "instance_norm", norm)
     x = _layouts.flatten_spatial(input, padding_mask, channels_last, "instance_norm")
     return x.restore(
         torch.ops.masknorm.instance_norm(
