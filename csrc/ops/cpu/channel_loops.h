@@ -430,21 +430,19 @@ C10_ALWAYS_INLINE int64_t affine_span(
     fVec v = affine_value<kTerms>(dyv, xm, av, bv, kv);
     return keep ? v & fVec::loadu(keep + i, w) : v;
   };
-  const bool stream = kStream && StreamIO<scalar_t>::aligned(out);
+  bool stream = false;
+  if constexpr (kStream) stream = StreamIO<scalar_t>::aligned(out);
+  const auto put = [&](int64_t at, const fVec& v) {  // a whole vector at out + at
+    if constexpr (kStream) {
+      if (stream) return StreamIO<scalar_t>::store(out + at, v);
+    }
+    IO::store(out + at, v);
+  };
   int64_t i = 0;
-  if (stream) {
-    for (; i + V <= len; i += V) StreamIO<scalar_t>::store(out + i, value(i, V));
-  } else {
-    for (; i + V <= len; i += V) IO::store(out + i, value(i, V));
-  }
+  for (; i + V <= len; i += V) put(i, value(i, V));
   if (i == len) return len;
   if (i + V <= room) {  // a whole vector, the lanes past the span cleared (blend: NaN there cannot stay)
-    const fVec v = fVec::set(fVec(0), value(i, V), len - i);
-    if (stream) {
-      StreamIO<scalar_t>::store(out + i, v);
-    } else {
-      IO::store(out + i, v);
-    }
+    put(i, fVec::set(fVec(0), value(i, V), len - i));
     return i + V;
   }
   IO::store(out + i, value(i, len - i), len - i);
@@ -459,7 +457,7 @@ C10_ALWAYS_INLINE void zero_span(scalar_t* p, int64_t n) {
   using SIO = StreamIO<scalar_t>;
   using Packed = Vectorized<scalar_t>;
   int64_t i = 0;
-  if (kStream) {
+  if constexpr (kStream) {
     for (; i < n && !SIO::aligned(p + i); ++i) p[i] = scalar_t(0);
     for (; i + SIO::fVec::size() <= n; i += SIO::fVec::size()) SIO::store(p + i, typename SIO::fVec(0));
   }
@@ -494,7 +492,7 @@ void affine_per_channel(
               kReadsDy ? dy + r * C : nullptr, kReadsX ? x + r * C : nullptr, static_cast<const opmath_t*>(nullptr),
               C, C, coef, out + r * C);
         }
-        if (kStream) stream_fence();
+        if constexpr (kStream) stream_fence();
       });
       return;
     }
@@ -519,14 +517,13 @@ void affine_per_channel(
         });
         zero_span<kStream>(out_row + written, L - written);
       }
-      if (kStream) stream_fence();
+      if constexpr (kStream) stream_fence();
     });
   };
-  if (StreamIO<scalar_t>::kWorthIt && g.N * C * L * int64_t(sizeof(scalar_t)) >= kStreamingBytes) {
-    run(std::true_type{});
-  } else {
-    run(std::false_type{});
+  if constexpr (StreamIO<scalar_t>::kStreams) {
+    if (g.N * C * L * int64_t(sizeof(scalar_t)) >= kStreamingBytes) return run(std::true_type{});
   }
+  run(std::false_type{});
 }
 
 }  // namespace masknorm::cpu
