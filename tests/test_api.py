@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import masknorm
-from conftest import BN_TAKES_BIAS
+from helpers import BN_TAKES_BIAS
 import masknorm.functional
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import masknorm
 import masknorm.functional as MF
-from conftest import (
+from helpers import (
     device_data_checks,
     ALL_DTYPES,
     BN_LAYOUTS,

@@ -1,7 +1,7 @@
 """masknorm.convert_model: nn.BatchNorm1d / nn.LayerNorm / nn.RMSNorm swapped for
 the masked modules with their state kept.
 
-Converted and original models are compared with tolerances (conftest.tol: 1e-9
+Converted and original models are compared with tolerances (helpers.tol: 1e-9
 in float64, rtol 1e-4 / atol 1e-5 in float32; for parameter gradients atol is
 relative to the largest one), not torch.equal: masknorm's kernels sum in
 another order than torch's (vectorized two-pass / Welford moments), so the two
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import masknorm
-from conftest import BN_TAKES_BIAS, assert_close, init_affine, init_bn_state, tol
+from helpers import BN_TAKES_BIAS, assert_close, init_affine, init_bn_state, tol
 
 NORM_TYPES = {nn.BatchNorm1d: masknorm.MaskedBatchNorm1d, nn.LayerNorm: masknorm.MaskedLayerNorm,
               nn.RMSNorm: masknorm.MaskedRMSNorm}

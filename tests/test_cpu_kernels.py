@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import masknorm
 import samples
-from conftest import ref_bn, ref_rows
+from helpers import ref_bn, ref_rows
 from samples import batch_norm as S
 from samples import row_norm as R
 

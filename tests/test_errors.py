@@ -10,7 +10,7 @@ import torch
 
 import masknorm
 import masknorm.functional as MF
-from conftest import BN_LAYOUTS, bn_input_shape, is_channels_last
+from helpers import BN_LAYOUTS, bn_input_shape, is_channels_last
 import samples
 from samples.common import lengths_mask
 

@@ -46,7 +46,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # as a script: conftest, samples
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # as a script: helpers, samples
 
 import masknorm  # noqa: E402,F401  (registers the ops)
 import samples  # noqa: E402
@@ -409,7 +409,7 @@ def _zero_size_cases() -> Iterator[Fuzz]:
 
 def _non_finite_value_cases() -> Iterator[Fuzz]:
     """NaN and inf at a valid position: propagated as torch's functions propagate them."""
-    from conftest import bn_full_mask, row_full_mask
+    from helpers import bn_full_mask, row_full_mask
 
     bn = samples.SAMPLES["batch_norm"]()
     for key, op, sample in (("batch_norm-train", "batch_norm", by_name(bn, "train-running-NCL-float32")),

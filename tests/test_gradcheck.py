@@ -18,7 +18,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import samples
-from conftest import bn_full_mask, is_channels_last, poison, ref_bn, ref_rows, row_full_mask
+from helpers import bn_full_mask, is_channels_last, poison, ref_bn, ref_rows, row_full_mask
 from samples import batch_norm as SB, row_norm as SR
 from samples.common import by_name, inputs
 

@@ -13,7 +13,7 @@ from torch.autograd import gradcheck
 
 import masknorm
 import samples
-from conftest import ALL_DTYPES, assert_close, tol
+from helpers import ALL_DTYPES, assert_close, tol
 from samples import group_norm as SG
 from samples.common import by_name
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import masknorm
-from conftest import BN_LAYOUTS, assert_close, bn_input_shape, bn_mask_shape, is_channels_last
+from helpers import BN_LAYOUTS, assert_close, bn_input_shape, bn_mask_shape, is_channels_last
 
 ops = torch.ops.masknorm
 N, C, L = 3, 37, 5

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import masknorm
-from conftest import ALL_DTYPES, assert_close, tol
+from helpers import ALL_DTYPES, assert_close, tol
 
 pytestmark = pytest.mark.kernels
 

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import masknorm
-from conftest import (
+from helpers import (
     BN_LAYOUTS,
     LOW_PRECISION,
     assert_buffers_match,
