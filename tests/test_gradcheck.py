@@ -75,9 +75,19 @@ def _differentiable(sample, op=None):
 FORWARD_CASES = [(op, s.name) for op in FORWARD for s in samples.SAMPLES[op](dtype=DT) if s.args[0].numel()]
 
 
-# the quick loop (-m "not slow") runs gradcheck; gradgradcheck is in the full suite
+def _first_quick(cases):
+    """pytest params of (op, sample name) cases: each op's first in the quick loop, the others slow."""
+    seen = set()
+    params = []
+    for op, name in cases:
+        params.append(pytest.param(op, name, id=f"{op}-{name}", marks=() if op not in seen else pytest.mark.slow))
+        seen.add(op)
+    return params
+
+
+# the quick loop (-m "not slow") runs gradcheck on one sample per op; the full suite every sample, and gradgradcheck
 @pytest.mark.parametrize("check", ["grad", pytest.param("gradgrad", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("op,name", FORWARD_CASES, ids=[f"{op}-{name}" for op, name in FORWARD_CASES])
+@pytest.mark.parametrize("op,name", _first_quick(FORWARD_CASES))
 def test_forward_op(op, name, check, device):
     sample = by_name(samples.SAMPLES[op](device=device, dtype=DT), name)
     call, inputs = _differentiable(sample, op)
@@ -92,7 +102,7 @@ BACKWARD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("op,name", BACKWARD_CASES, ids=[f"{op}-{name}" for op, name in BACKWARD_CASES])
+@pytest.mark.parametrize("op,name", _first_quick(BACKWARD_CASES))
 def test_backward_op(op, name, device):
     forward_op, stat_at = BACKWARD[op]
     sample = by_name(samples.SAMPLES[op](device=device, dtype=DT), name)

@@ -298,6 +298,7 @@ def test_instance_norm_refuses_a_single_value():
 # ------------------------------------------------------------- compile, export
 
 
+@pytest.mark.slow  # compiles; test_padding.py compiles in the quick loop
 @pytest.mark.parametrize("module", ["group", "instance"])
 def test_compile_fullgraph_matches_eager(module):
     if module == "group":

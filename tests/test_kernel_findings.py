@@ -252,6 +252,7 @@ def _undefined_std_symbols(library):
     return {n for n in names if _STD_SYMBOL.match(n)}
 
 
+@pytest.mark.slow  # a child process binding every symbol
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_DEBUG and nm: Linux (glibc) only")
 def test_std_symbols_bind_to_libstdcxx(tmp_path):
     """Every std:: symbol the extension's libraries import binds to libstdc++,
