@@ -404,15 +404,15 @@ struct ChannelArrays {
 
 // One contiguous span of affine_per_channel: out = the formula at the `len`
 // positions, cleared where `keep` (lane masks, or nullptr) says padding.
-// A function of its own so that pointers and coefficients are its locals:
-// captured by reference from parallel_for's lambda, they would be reloaded
-// after every vector store (which may alias anything).
+// Its pointers and coefficients are locals (parameters): captured by
+// reference from parallel_for's lambda, they would be reloaded after every
+// vector store (which may alias anything).
 // `room` >= len: positions that may be read and written from the span's
 // start (up to the next span or the row's end); a span ending in padding ends in a whole
 // vector, its lanes past the span written as 0. Returns the positions
 // written.
 template <ChannelAffine kTerms, bool kStream, typename scalar_t, typename Coefficients>
-int64_t affine_span(
+C10_ALWAYS_INLINE int64_t affine_span(
     const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* keep, int64_t len, int64_t room,
     const Coefficients coef, scalar_t* out) {
   using IO = VecIO<scalar_t>;
@@ -430,38 +430,39 @@ int64_t affine_span(
     fVec v = affine_value<kTerms>(dyv, xm, av, bv, kv);
     return keep ? v & fVec::loadu(keep + i, w) : v;
   };
-  const bool stream = kStream && StreamIO<scalar_t>::aligned(out);
+  bool stream = false;
+  if constexpr (kStream) stream = StreamIO<scalar_t>::aligned(out);
+  const auto put = [&](int64_t at, const fVec& v) {  // a whole vector at out + at
+    if constexpr (kStream) {
+      if (stream) return StreamIO<scalar_t>::store(out + at, v);
+    }
+    IO::store(out + at, v);
+  };
   int64_t i = 0;
-  if (stream) {
-    for (; i + V <= len; i += V) StreamIO<scalar_t>::store(out + i, value(i, V));
-  } else {
-    for (; i + V <= len; i += V) IO::store(out + i, value(i, V));
-  }
+  for (; i + V <= len; i += V) put(i, value(i, V));
   if (i == len) return len;
   if (i + V <= room) {  // a whole vector, the lanes past the span cleared (blend: NaN there cannot stay)
-    const fVec v = fVec::set(fVec(0), value(i, V), len - i);
-    if (stream) {
-      StreamIO<scalar_t>::store(out + i, v);
-    } else {
-      IO::store(out + i, v);
-    }
+    put(i, fVec::set(fVec(0), value(i, V), len - i));
     return i + V;
   }
   IO::store(out + i, value(i, len - i), len - i);
   return len;
 }
 
-// Zeros n values at p: with kStream, the aligned whole vectors streamed.
+// Zeros n values at p, inline (the padded tail of a row is short: a memset
+// call per row cost more than the stores); with kStream, the aligned whole
+// vectors streamed.
 template <bool kStream, typename scalar_t>
-void zero_span(scalar_t* p, int64_t n) {
+C10_ALWAYS_INLINE void zero_span(scalar_t* p, int64_t n) {
   using SIO = StreamIO<scalar_t>;
-  constexpr int64_t V = SIO::fVec::size();
+  using Packed = Vectorized<scalar_t>;
   int64_t i = 0;
-  if (kStream) {
+  if constexpr (kStream) {
     for (; i < n && !SIO::aligned(p + i); ++i) p[i] = scalar_t(0);
-    for (; i + V <= n; i += V) SIO::store(p + i, typename SIO::fVec(0));
+    for (; i + SIO::fVec::size() <= n; i += SIO::fVec::size()) SIO::store(p + i, typename SIO::fVec(0));
   }
-  fill_zero(p + i, n - i);
+  for (; i + Packed::size() <= n; i += Packed::size()) Packed(scalar_t(0)).store(p + i);
+  for (; i < n; ++i) p[i] = scalar_t(0);
 }
 
 // One loop for the normalization and the input gradient, so all stages see
@@ -491,13 +492,14 @@ void affine_per_channel(
               kReadsDy ? dy + r * C : nullptr, kReadsX ? x + r * C : nullptr, static_cast<const opmath_t*>(nullptr),
               C, C, coef, out + r * C);
         }
-        if (kStream) stream_fence();
+        if constexpr (kStream) stream_fence();
       });
       return;
     }
     at::parallel_for(0, g.N * C, row_grain(L), [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t n = plane / C, c = plane % C;
+      // plane = n * C + c, stepped without a division per plane (rows may be short)
+      for (int64_t plane = begin, n = begin / C, c = begin % C; plane < end; ++plane, ++c) {
+        if (c == C) { c = 0; ++n; }
         scalar_t* out_row = out + plane * L;
         if (lanes && lanes->valid[n] == 0) { zero_span<kStream>(out_row, L); continue; }
         const ChannelCoefficients<opmath_t> coef{
@@ -515,14 +517,13 @@ void affine_per_channel(
         });
         zero_span<kStream>(out_row + written, L - written);
       }
-      if (kStream) stream_fence();
+      if constexpr (kStream) stream_fence();
     });
   };
-  if (StreamIO<scalar_t>::kWorthIt && g.N * C * L * int64_t(sizeof(scalar_t)) >= kStreamingBytes) {
-    run(std::true_type{});
-  } else {
-    run(std::false_type{});
+  if constexpr (StreamIO<scalar_t>::kStreams) {
+    if (g.N * C * L * int64_t(sizeof(scalar_t)) >= kStreamingBytes) return run(std::true_type{});
   }
+  run(std::false_type{});
 }
 
 }  // namespace masknorm::cpu

@@ -58,44 +58,28 @@ struct VecIO {
 // (kStreamingBytes and up): written to memory without first reading the
 // lines they overwrite, as a plain store does, so an elementwise pass moves
 // two thirds of the bytes. A whole vector at a time, at an address aligned
-// to its stored size (stream_aligned); stream_fence() when a thread is done.
-// Builds without AVX2/AVX512 store plainly.
+// to its size (aligned()); stream_fence() when a thread is done. float and
+// double only (kStreams): half types are bound by their conversions, not by
+// memory. Builds without AVX2/AVX512 store plainly.
 constexpr int64_t kStreamingBytes = int64_t(8) << 20;
 
 template <typename scalar_t>
 struct StreamIO {
   using fVec = typename VecIO<scalar_t>::fVec;
-  static constexpr size_t kBytes = sizeof(scalar_t) * size_t(fVec::size());  // one stored vector
-  // Half types are bound by their conversions, not by memory, and store half
-  // vectors: streaming did not pay for them (docs/performance.md).
-  static constexpr bool kWorthIt = std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
+  static constexpr bool kStreams = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
-  static bool aligned(const scalar_t* p) { return reinterpret_cast<uintptr_t>(p) % kBytes == 0; }
+  static bool aligned(const scalar_t* p) { return reinterpret_cast<uintptr_t>(p) % sizeof(fVec) == 0; }
 
   static C10_ALWAYS_INLINE void store(scalar_t* p, const fVec& v) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    static_assert(kStreams, "streaming stores are for float and double");
 #if defined(CPU_CAPABILITY_AVX512)
-      _mm512_stream_ps(p, v);
+    if constexpr (std::is_same_v<scalar_t, float>) _mm512_stream_ps(p, v);
+    else _mm512_stream_pd(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, float>) _mm256_stream_ps(p, v);
+    else _mm256_stream_pd(p, v);
 #else
-      _mm256_stream_ps(p, v);
-#endif
-    } else if constexpr (std::is_same_v<scalar_t, double>) {
-#if defined(CPU_CAPABILITY_AVX512)
-      _mm512_stream_pd(p, v);
-#else
-      _mm256_stream_pd(p, v);
-#endif
-    } else {  // half types: the low half of the packed conversion
-      const auto packed = at::vec::convert_from_float<scalar_t>(v, v);
-#if defined(CPU_CAPABILITY_AVX512)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(__m512i(packed)));
-#else
-      _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(__m256i(packed)));
-#endif
-    }
-#else
-    VecIO<scalar_t>::store(p, v);
+    v.store(p);
 #endif
   }
 };
