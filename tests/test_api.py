@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import masknorm
-from conftest import BN_TAKES_BIAS
 import masknorm.functional
+import samples
+from helpers import BN_TAKES_BIAS
 
 
 def _public_names():
@@ -26,12 +27,28 @@ FUNCTIONS = {n: f for n, f in PUBLIC.items() if inspect.isfunction(f)}
 CLASSES = {n: c for n, c in PUBLIC.items() if inspect.isclass(c)}
 
 
+# the registered ops (their schemas), and those a user calls: the differentiable forward ops
+REGISTERED_OPS = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("masknorm::")}
+NORM_OPS = {op for op in samples.OPS if not op.endswith("_backward")
+            and any(s.grad_args for s in samples.SAMPLES[op](dtype=torch.float64))}
+
+
+def test_every_registered_op_has_samples():
+    # the samples registry (tests/samples/) feeds the gradcheck, opcheck, fake-kernel, fuzz and error tests:
+    # an op without samples would be tested by none of them
+    assert REGISTERED_OPS, "no masknorm:: schemas registered"
+    missing = REGISTERED_OPS - set(samples.OPS)
+    assert not missing, f"ops without samples in tests/samples/: {sorted(missing)}"
+    assert set(samples.OPS) <= REGISTERED_OPS, set(samples.OPS) - REGISTERED_OPS
+
+
 def test_all_names_exist():
     assert set(masknorm.__all__) >= {
-        "MaskedBatchNorm1d", "MaskedBatchNorm2d", "MaskedBatchNorm3d", "MaskedGroupNorm", "MaskedInstanceNorm1d",
-        "MaskedLayerNorm", "MaskedRMSNorm", "functional", "padding_mask_from_lengths", "convert_model", "build_info",
+        "MaskedBatchNorm1d", "functional", "padding_mask_from_lengths", "convert_model", "build_info",
     }
-    assert set(masknorm.functional.__all__) == {"batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"}
+    # every norm op has a functional form of the same name, and a module
+    assert set(masknorm.functional.__all__) == NORM_OPS
+    assert len(MODULES) >= len(NORM_OPS)
 
 
 @pytest.mark.parametrize("name", list(PUBLIC))
@@ -67,6 +84,18 @@ def test_public_functions_are_fully_annotated(name):
 
 def test_py_typed_ships_with_the_package():
     assert (pathlib.Path(masknorm.__file__).parent / "py.typed").is_file()
+
+
+# every module (a class of masknorm.__all__ named Masked<torch module>): constructor arguments for both
+MODULES = {name: cls for name, cls in CLASSES.items() if name.startswith("Masked")}
+MODULE_ARGS = {"MaskedGroupNorm": (2, 4)}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_every_module_has_torchs_repr(name):
+    args = MODULE_ARGS.get(name, (4,))
+    torch_cls = getattr(nn, name[len("Masked"):])
+    assert repr(MODULES[name](*args)) == "Masked" + repr(torch_cls(*args))
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import masknorm
 import masknorm.functional as MF
-from conftest import (
+from helpers import (
     device_data_checks,
     ALL_DTYPES,
     BN_LAYOUTS,
@@ -84,7 +84,8 @@ def _small(layout, device, mask_kind="padded", dtype=torch.float32):
 
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("layout", BN_LAYOUTS)
-@pytest.mark.parametrize("mode", list(MODES))
+# the quick loop runs training and eval with the default options, the full suite every mode
+@pytest.mark.parametrize("mode", [m if m in ("train", "eval") else pytest.param(m, marks=pytest.mark.slow) for m in MODES])
 def test_parity_with_nn_batchnorm(mode, layout, mask_kind, device):
     case = S.parity_case(layout, mask_kind)
     m, r = _pair(layout, mode, device, C=case.C)

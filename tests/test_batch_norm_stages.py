@@ -18,7 +18,7 @@ the generic kernels, on every device:
 import pytest
 import torch
 
-from conftest import ALL_DTYPES, BN_LAYOUTS, bn_full_mask, bn_pack, device_data_checks, poison
+from helpers import ALL_DTYPES, BN_LAYOUTS, bn_full_mask, bn_pack, device_data_checks, poison
 from samples import batch_norm as S
 
 pytestmark = pytest.mark.kernels

@@ -11,7 +11,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import masknorm
-from conftest import (
+from helpers import (
     BN_LAYOUTS,
     assert_buffers_match,
     call_masked,

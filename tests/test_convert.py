@@ -1,7 +1,7 @@
 """masknorm.convert_model: nn.BatchNorm1d / nn.LayerNorm / nn.RMSNorm swapped for
 the masked modules with their state kept.
 
-Converted and original models are compared with tolerances (conftest.tol: 1e-9
+Converted and original models are compared with tolerances (helpers.tol: 1e-9
 in float64, rtol 1e-4 / atol 1e-5 in float32; for parameter gradients atol is
 relative to the largest one), not torch.equal: masknorm's kernels sum in
 another order than torch's (vectorized two-pass / Welford moments), so the two
@@ -15,10 +15,15 @@ import torch
 from torch import nn
 
 import masknorm
-from conftest import BN_TAKES_BIAS, assert_close, init_affine, init_bn_state, tol
+from helpers import BN_TAKES_BIAS, assert_close, init_affine, init_bn_state, tol
 
-NORM_TYPES = {nn.BatchNorm1d: masknorm.MaskedBatchNorm1d, nn.LayerNorm: masknorm.MaskedLayerNorm,
-              nn.RMSNorm: masknorm.MaskedRMSNorm}
+# torch's norm -> masknorm's, for every module masknorm exports (MaskedSyncBatchNorm: test_sync_batch_norm.py)
+NORM_TYPES = {getattr(nn, name[len("Masked"):]): getattr(masknorm, name) for name in masknorm.__all__
+              if name.startswith("Masked") and name != "MaskedSyncBatchNorm"}
+# constructor arguments and an input for each torch norm
+EXAMPLES = {nn.BatchNorm1d: ((5,), (4, 5)), nn.BatchNorm2d: ((5,), (2, 5, 3, 2)), nn.BatchNorm3d: ((5,), (2, 5, 2, 2, 2)),
+            nn.LayerNorm: ((5,), (4, 5)), nn.RMSNorm: ((5,), (4, 5)), nn.GroupNorm: ((5, 5), (2, 5, 3)),
+            nn.InstanceNorm1d: ((5,), (2, 5, 3))}
 
 
 class Model(nn.Module):
@@ -161,15 +166,19 @@ def test_flags_leave_a_kind_alone(flag):
             assert type(m) in NORM_TYPES.values()
 
 
-@pytest.mark.parametrize("torch_cls", list(NORM_TYPES))
+@pytest.mark.parametrize("torch_cls", list(NORM_TYPES), ids=lambda c: c.__name__)
 def test_top_level_norm_is_replaced(torch_cls):
-    module = torch_cls(5).eval()
+    assert torch_cls in EXAMPLES, f"no example for {torch_cls.__name__}: add one to EXAMPLES"
+    args, shape = EXAMPLES[torch_cls]
+    module = torch_cls(*args).eval()
+    if torch_cls is nn.InstanceNorm1d:
+        module = torch_cls(*args, affine=True)
     converted = masknorm.convert_model(module)
     assert type(converted) is NORM_TYPES[torch_cls] and converted is not module
-    assert converted.weight is module.weight and not converted.training
+    assert converted.weight is module.weight and converted.training == module.training
     if torch_cls is nn.BatchNorm1d:
         assert converted.channels_last is False
-    x = torch.randn(4, 5)
+    x = torch.randn(shape)
     assert_close(converted(x), module(x))
 
 

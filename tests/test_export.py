@@ -21,7 +21,7 @@ from torch import nn
 from torch.export import Dim
 
 import masknorm
-from conftest import assert_close, init_affine, init_bn_state, running_tol
+from helpers import assert_close, init_affine, init_bn_state, running_tol
 from samples.common import make_mask
 
 pytestmark = pytest.mark.slow  # torch.export traces and runs decompositions

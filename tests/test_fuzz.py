@@ -46,7 +46,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # as a script: conftest, samples
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # as a script: helpers, samples
 
 import masknorm  # noqa: E402,F401  (registers the ops)
 import samples  # noqa: E402
@@ -110,6 +110,12 @@ def is_mutable_arg(op: str, i: int) -> bool:
 
 def is_optional_arg(op: str, i: int) -> bool:
     return isinstance(schema(op)[i].type, torch.OptionalType)
+
+
+def main_input(op: str) -> str:
+    """The op's input (the first argument of an op without one: merge_stats' mean)."""
+    names = arg_names(op)
+    return "input" if "input" in names else names[0]
 
 
 def base_sample(op: str):
@@ -220,37 +226,46 @@ FORWARD_REFERENCES: Dict[str, Callable] = {
 }
 
 
+# eps = 0 is refused where a batch's variance is normalized in training (as nn.BatchNorm1d refuses it)
+EPS_ZERO_REFUSED = {"batch_norm-train", "batch_norm_merge_stats"}
+
+
 def _eps_cases() -> Iterator[Fuzz]:
-    bases = {
-        "batch_norm-train": (by_name(samples.SAMPLES["batch_norm"](), "train-running-NCL-float32"), 9, True),
-        "batch_norm-eval": (by_name(samples.SAMPLES["batch_norm"](), "eval-NC-float32"), 9, False),
-        "batch_norm_merge_stats": (base_sample("batch_norm_merge_stats"), 7, True),
-        "layer_norm": (base_sample("layer_norm"), 5, False),
-        "rms_norm": (base_sample("rms_norm"), 4, False),
-    }
-    for key, (sample, at, positive) in bases.items():
+    """Every op with an eps argument (batch_norm in training and in eval)."""
+    bases = {op: base_sample(op) for op in samples.OPS if "eps" in arg_names(op)}
+    bases["batch_norm-train"] = bases.pop("batch_norm")
+    bases["batch_norm-eval"] = by_name(samples.SAMPLES["batch_norm"](), "eval-NC-float32")
+    for key, sample in bases.items():
         op = key.split("-")[0]
+        at = arg_names(op).index("eps")
         values = dict(BAD_EPS, zero=0.0, huge=1e300, tiny=1e-30)
         for what, eps in values.items():
             args = replaced(sample.args, at, eps)
-            rejected = what in BAD_EPS or (what == "zero" and positive)
-            if rejected:
+            if what in BAD_EPS or (what == "zero" and key in EPS_ZERO_REFUSED):
                 yield Fuzz(f"{key}-eps_{what}", op, args, raises="eps")
-            else:
+            elif op in FORWARD_REFERENCES:
                 ref = FORWARD_REFERENCES[op]
                 yield Fuzz(f"{key}-eps_{what}", op, args, reference=lambda args=args, ref=ref: ref(fresh(args)))
+            else:
+                yield Fuzz(f"{key}-eps_{what}", op, args)
 
 
 def _momentum_cases() -> Iterator[Fuzz]:
-    bases = {"batch_norm": (by_name(samples.SAMPLES["batch_norm"](), "train-running-NCL-float32"), 8),
-             "batch_norm_merge_stats": (by_name(samples.SAMPLES["batch_norm_merge_stats"](), "running_momentum-float32"),
-                                        6)}
-    for op, (sample, at) in bases.items():
+    """Every op with a momentum argument: out of [0, 1] raises; the edges 0 and
+    1 update the running statistics as the formula says (the ops with one here)."""
+    bases = {op: base_sample(op) for op in samples.OPS if "momentum" in arg_names(op)}
+    bases["batch_norm_merge_stats"] = by_name(samples.SAMPLES["batch_norm_merge_stats"](), "running_momentum-float32")
+    for op, sample in bases.items():
+        at = arg_names(op).index("momentum")
         for what, momentum in BAD_MOMENTUM.items():
             yield Fuzz(f"{op}-momentum_{what}", op, replaced(sample.args, at, momentum), raises="momentum")
-        for momentum in (0.0, 1.0):
-            yield Fuzz(f"{op}-momentum_{momentum}", op, replaced(sample.args, at, momentum),
-                       reference=lambda: None, check=_running_stats_check(op, momentum))
+        if op in RUNNING_STATS_OPS:
+            for momentum in (0.0, 1.0):
+                yield Fuzz(f"{op}-momentum_{momentum}", op, replaced(sample.args, at, momentum),
+                           reference=lambda: None, check=_running_stats_check(op, momentum))
+
+
+RUNNING_STATS_OPS = ("batch_norm", "batch_norm_merge_stats")  # the ops _running_stats_check knows
 
 
 def _running_stats_check(op: str, momentum: float):
@@ -274,7 +289,7 @@ def _running_stats_check(op: str, momentum: float):
 
 
 def _normalized_shape_cases() -> Iterator[Fuzz]:
-    for op in ("layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward"):
+    for op in (op for op in samples.OPS if "normalized_shape" in arg_names(op)):
         sample = base_sample(op)
         at = arg_names(op).index("normalized_shape")
         x = sample.args[arg_names(op).index("input")]
@@ -286,16 +301,17 @@ def _normalized_shape_cases() -> Iterator[Fuzz]:
 
 
 def _count_cases() -> Iterator[Fuzz]:
-    merge = by_name(samples.SAMPLES["batch_norm_merge_stats"](), "running_cumulative-float32")
-    elemt = base_sample("batch_norm_backward_elemt")
-    for what, value in BAD_COUNTS.items():
-        dtype = torch.float64 if isinstance(value, float) else torch.long
-        count = merge.args[2].to(dtype)
-        count[0] = value
-        yield Fuzz(f"batch_norm_merge_stats-count_{what}", "batch_norm_merge_stats", replaced(merge.args, 2, count),
-                   raises="count", meta=False)
-        yield Fuzz(f"batch_norm_backward_elemt-count_{what}", "batch_norm_backward_elemt",
-                   replaced(elemt.args, 8, torch.tensor(value, dtype=dtype)), raises="count", meta=False)
+    """Every op with a count argument (a tensor of whole numbers)."""
+    bases = {op: base_sample(op) for op in samples.OPS if "count" in arg_names(op)}
+    bases["batch_norm_merge_stats"] = by_name(samples.SAMPLES["batch_norm_merge_stats"](), "running_cumulative-float32")
+    for op, sample in bases.items():
+        at = arg_names(op).index("count")
+        for what, value in BAD_COUNTS.items():
+            dtype = torch.float64 if isinstance(value, float) else torch.long
+            count = sample.args[at].to(dtype)
+            count.view(-1)[0] = value
+            yield Fuzz(f"{op}-count_{what}", op, replaced(sample.args, at, count), raises="count", meta=False)
+    merge = bases["batch_norm_merge_stats"]
     total = torch.tensor([2**62, 2**62, 0, 0])
     yield Fuzz("batch_norm_merge_stats-count_total_overflows", "batch_norm_merge_stats",
                replaced(merge.args, 2, total), raises="count", meta=False)
@@ -315,7 +331,7 @@ def _tensor_argument_cases(op: str) -> Iterator[Fuzz]:
         t = sample.args[i]
         if t is None:
             continue
-        if name == ("mean" if op == "batch_norm_merge_stats" else "input"):
+        if name == main_input(op):
             # the input (or first tensor) elsewhere: the first argument checked against it is named
             others = "|".join(n for n in tensor_names if n != name and sample.args[names.index(n)] is not None)
             yield Fuzz(f"{op}-{name}_meta", op, replaced(sample.args, i, t.to("meta")), raises=rf"(?:{others})",
@@ -359,7 +375,7 @@ def _input_cases(op: str) -> Iterator[Fuzz]:
     """The op's main tensor (input; mean for merge_stats) of a wrong dtype or rank."""
     sample = base_sample(op)
     names = arg_names(op)
-    name = "mean" if op == "batch_norm_merge_stats" else "input"
+    name = main_input(op)
     i = names.index(name)
     t = sample.args[i]
     for dtype in (torch.int32, torch.bool, torch.complex64, torch.float16 if name == "mean" else torch.uint8):
@@ -409,7 +425,7 @@ def _zero_size_cases() -> Iterator[Fuzz]:
 
 def _non_finite_value_cases() -> Iterator[Fuzz]:
     """NaN and inf at a valid position: propagated as torch's functions propagate them."""
-    from conftest import bn_full_mask, row_full_mask
+    from helpers import bn_full_mask, row_full_mask
 
     bn = samples.SAMPLES["batch_norm"]()
     for key, op, sample in (("batch_norm-train", "batch_norm", by_name(bn, "train-running-NCL-float32")),

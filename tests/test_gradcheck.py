@@ -1,7 +1,7 @@
 """torch.autograd.gradcheck and gradgradcheck (float64) of the differentiable
 ops (every forward op of the samples registry: a new op's samples bring it
-here), and of the batch, layer and RMS norm backward ops (whose
-derivatives are what double backward runs), from the samples of
+here), and of every backward op of the registry (whose derivatives are what
+double backward runs), from the samples of
 tests/samples/, with the native and the generic kernels, on every device.
 
 Only output[0] of a forward op is differentiated (w.r.t. input, weight and
@@ -18,7 +18,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import samples
-from conftest import bn_full_mask, is_channels_last, poison, ref_bn, ref_rows, row_full_mask
+from helpers import bn_full_mask, is_channels_last, poison, ref_bn, ref_rows, row_full_mask
 from samples import batch_norm as SB, row_norm as SR
 from samples.common import by_name, inputs
 
@@ -31,9 +31,20 @@ TOL = dict(eps=1e-6, atol=1e-5, rtol=1e-4)
 # every forward op of the samples registry whose samples differentiate something
 FORWARD = tuple(op for op in samples.OPS if not op.endswith("_backward")
                 and any(s.grad_args and s.args[0].numel() for s in samples.SAMPLES[op](dtype=DT)))
-# backward op -> (forward op, positions of the saved statistics in its arguments)
-BACKWARD = {"batch_norm_backward": ("batch_norm", (4, 5)), "layer_norm_backward": ("layer_norm", (4, 5)),
-            "rms_norm_backward": ("rms_norm", (4,))}
+
+
+def _saved_statistics(backward_op):
+    """(forward op, positions in the backward op's arguments of the saved
+    statistics): the arguments named as the forward op's outputs after the first."""
+    forward_op = backward_op[: -len("_backward")]
+    saved = [r.name for r in getattr(ops, forward_op).default._schema.returns[1:]]
+    names = [a.name for a in getattr(ops, backward_op).default._schema.arguments]
+    assert all(n in names for n in saved), (backward_op, saved, names)
+    return forward_op, tuple(names.index(n) for n in saved)
+
+
+# every backward op of the samples registry -> (forward op, positions of the saved statistics)
+BACKWARD = {op: _saved_statistics(op) for op in samples.OPS if op.endswith("_backward")}
 
 
 def _mutated_positions(op):
@@ -64,9 +75,19 @@ def _differentiable(sample, op=None):
 FORWARD_CASES = [(op, s.name) for op in FORWARD for s in samples.SAMPLES[op](dtype=DT) if s.args[0].numel()]
 
 
-# the quick loop (-m "not slow") runs gradcheck; gradgradcheck is in the full suite
+def _first_quick(cases):
+    """pytest params of (op, sample name) cases: each op's first in the quick loop, the others slow."""
+    seen = set()
+    params = []
+    for op, name in cases:
+        params.append(pytest.param(op, name, id=f"{op}-{name}", marks=() if op not in seen else pytest.mark.slow))
+        seen.add(op)
+    return params
+
+
+# the quick loop (-m "not slow") runs gradcheck on one sample per op; the full suite every sample, and gradgradcheck
 @pytest.mark.parametrize("check", ["grad", pytest.param("gradgrad", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("op,name", FORWARD_CASES, ids=[f"{op}-{name}" for op, name in FORWARD_CASES])
+@pytest.mark.parametrize("op,name", _first_quick(FORWARD_CASES))
 def test_forward_op(op, name, check, device):
     sample = by_name(samples.SAMPLES[op](device=device, dtype=DT), name)
     call, inputs = _differentiable(sample, op)
@@ -81,7 +102,7 @@ BACKWARD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("op,name", BACKWARD_CASES, ids=[f"{op}-{name}" for op, name in BACKWARD_CASES])
+@pytest.mark.parametrize("op,name", _first_quick(BACKWARD_CASES))
 def test_backward_op(op, name, device):
     forward_op, stat_at = BACKWARD[op]
     sample = by_name(samples.SAMPLES[op](device=device, dtype=DT), name)
@@ -203,16 +224,21 @@ def test_first_order_backward_runs_the_kernel(op):
         assert grads[0].requires_grad == create_graph  # the input's (the bias's, sum(dy), needs no graph)
 
 
+def _padded_all_gradients_sample(op):
+    """The first float64 sample of backward op ``op`` asking for every gradient,
+    with a weight and a padding mask that pads something."""
+    names = [a.name for a in getattr(ops, op).default._schema.arguments]
+    mask_at, w_at = names.index("padding_mask"), names.index("weight")
+    return next(s for s in samples.SAMPLES[op](dtype=DT) if s.name.endswith("-all") and s.args[w_at] is not None
+                and s.args[mask_at] is not None and bool(s.args[mask_at].any()))
+
+
 @pytest.mark.parametrize("op", BACKWARD)
 def test_backward_op_composite_matches_kernel(op):
     # The backward op called directly with inputs that require grad (composite)
     # gives the kernel's values, leaves unrequested outputs None, and refuses
     # derivatives w.r.t. the saved statistics.
-    sample = by_name(samples.SAMPLES[op](dtype=DT), {
-        "batch_norm_backward": "train-NCL_3x3x4_padded-float64-all",
-        "layer_norm_backward": "3x4x5_ns5_padded-float64-all",
-        "rms_norm_backward": "3x4x5_ns5_padded-float64-eps_none-all",
-    }[op])
+    sample = _padded_all_gradients_sample(op)
     output_mask = [True, False, True][: len(sample.args[-1])]  # no weight gradient
     sample = sample.replace("no_weight_grad", **{f"a{len(sample.args) - 1}": output_mask})
     fn = getattr(ops, op)

@@ -13,7 +13,7 @@ from torch.autograd import gradcheck
 
 import masknorm
 import samples
-from conftest import ALL_DTYPES, assert_close, tol
+from helpers import ALL_DTYPES, assert_close, tol
 from samples import group_norm as SG
 from samples.common import by_name
 
@@ -298,6 +298,7 @@ def test_instance_norm_refuses_a_single_value():
 # ------------------------------------------------------------- compile, export
 
 
+@pytest.mark.slow  # compiles; test_padding.py compiles in the quick loop
 @pytest.mark.parametrize("module", ["group", "instance"])
 def test_compile_fullgraph_matches_eager(module):
     if module == "group":

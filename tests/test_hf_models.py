@@ -18,6 +18,8 @@ import masknorm
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install '.[test]')")
 
+pytestmark = pytest.mark.slow  # whole models; test_padding.py covers the padding context in the quick loop
+
 LENGTHS = [1000, 730, 411]
 
 TINY = dict(

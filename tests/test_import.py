@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # a child process
 def test_import_masknorm_standalone():
     code = "import masknorm, torch; assert hasattr(torch.ops.masknorm, 'batch_norm'); print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

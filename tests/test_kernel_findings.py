@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import masknorm
-from conftest import BN_LAYOUTS, assert_close, bn_input_shape, bn_mask_shape, is_channels_last
+from helpers import BN_LAYOUTS, assert_close, bn_input_shape, bn_mask_shape, is_channels_last
 
 ops = torch.ops.masknorm
 N, C, L = 3, 37, 5
@@ -252,6 +252,7 @@ def _undefined_std_symbols(library):
     return {n for n in names if _STD_SYMBOL.match(n)}
 
 
+@pytest.mark.slow  # a child process binding every symbol
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_DEBUG and nm: Linux (glibc) only")
 def test_std_symbols_bind_to_libstdcxx(tmp_path):
     """Every std:: symbol the extension's libraries import binds to libstdc++,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import masknorm
-from conftest import ALL_DTYPES, assert_close, tol
+from helpers import ALL_DTYPES, assert_close, tol
 
 pytestmark = pytest.mark.kernels
 
@@ -173,6 +173,7 @@ def test_jagged_training_step_end_to_end():
     assert_close(model[1].running_mean, tokens.mean(0), rtol=0.3, atol=0.3)
 
 
+@pytest.mark.slow  # compiles every module; test_padding.py compiles in the quick loop
 @pytest.mark.parametrize("name", MODULES)
 def test_jagged_compile_fullgraph(name):
     m = MODULES[name]().double()

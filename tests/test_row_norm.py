@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import masknorm.functional as MF
-from conftest import (
+from helpers import (
     ALL_DTYPES,
     LOW_PRECISION,
     assert_close,

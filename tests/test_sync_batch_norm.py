@@ -34,9 +34,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import masknorm
 
-pytestmark = pytest.mark.slow  # spawns 2- and 3-process groups
+MULTIPROCESS = pytest.mark.slow  # the tests that spawn 2- and 3-process groups
 
 PG_TIMEOUT_S = 20  # every collective of the workers' process groups
+# The collectives of the scenarios whose failure is a hang (a rank missing a
+# collective): they run on a group with this timeout, right after a barrier,
+# so that the ranks enter them together and a hang is reported in seconds.
+HANG_TIMEOUT_S = 5
 START_TIMEOUT_S = 180  # a worker's imports and process-group setup (a busy 2-core machine)
 RUN_TIMEOUT_S = 90  # one scenario on every rank
 
@@ -49,7 +53,8 @@ F64 = torch.float64
 # A rank's batch: (N, L, kind); L None is 2-D (N, C) input with an (N,) mask.
 # kind: "lengths" (random lengths, or random padded rows for 2-D), "full"
 # (all-False mask), "nomask" (padding_mask=None), "allpad", "one" (exactly one
-# valid position).
+# valid position), "far" (all valid, the values shifted by 100 * rank - 50: rank
+# means far apart).
 Spec = Tuple[int, Optional[int], str]
 
 
@@ -72,6 +77,9 @@ def _batch(seed: int, rank: int, spec: Spec, C: int, channels_last: bool, dtype:
             mask = torch.arange(L).view(1, L) >= lengths.view(N, 1)
     elif kind in ("full", "nomask"):
         mask = torch.zeros(mshape, dtype=torch.bool)
+    elif kind == "far":
+        mask = torch.zeros(mshape, dtype=torch.bool)
+        x = x + (100.0 * rank - 50.0)
     elif kind == "allpad":
         mask = torch.ones(mshape, dtype=torch.bool)
     elif kind == "one":
@@ -205,23 +213,30 @@ def train(ctx: _Ctx, C: int, plan: List[List[Spec]], seed: int = 0, group: Any =
 @_scenario
 def failing_forward(ctx: _Ctx, C: int, plan: List[List[Spec]], mismatch: str = "", seed: int = 0,
                     **kw) -> Dict[str, Any]:
-    """A forward that must raise on every rank; then a good step, to show the ranks are still in step."""
+    """A forward that must raise on every rank; then a good step, to show the ranks are still in step.
+    The forward runs on the group with the short timeout (HANG_TIMEOUT_S), after a barrier: a rank
+    waiting in a collective that another rank skipped gives up there ("hung")."""
     cl = kw.get("channels_last", False)
     features = C + ctx.rank if mismatch == "num_features" else C
-    bn = masknorm.MaskedSyncBatchNorm(features, **_bn_kwargs(kw))
+    bn = masknorm.MaskedSyncBatchNorm(features, process_group=ctx.groups["hang"], **_bn_kwargs(kw))
     x, m, _ = _batch(seed, ctx.rank, plan[0][ctx.rank], C, cl)
     if mismatch == "mask" and ctx.rank == 1:
         m = torch.zeros(m.shape[0] + 1, *m.shape[1:], dtype=torch.bool)
     if mismatch == "channels" and ctx.rank == 1:
         x = x.narrow(1 if x.dim() == 2 or not cl else 2, 0, C - 1)
-    out: Dict[str, Any] = {"buffers_before": {k: v.clone() for k, v in bn.named_buffers()}}
+    out: Dict[str, Any] = {"buffers_before": {k: v.clone() for k, v in bn.named_buffers()}, "hung": False}
+    dist.barrier()
     start = time.monotonic()
-    try:
-        bn(x, m)
-        out["error"] = None
-    except Exception as e:  # noqa: BLE001  (the test looks at it)
-        out["error"] = _error(e)
+    with _Collectives() as seen:
+        try:
+            bn(x, m)
+            out["error"] = None
+        except Exception as e:  # noqa: BLE001  (the test looks at it)
+            out["error"] = _error(e)
     out["seconds"] = time.monotonic() - start
+    out["collectives"] = seen.ops
+    # the expected errors come at once; one after the timeout is a collective given up on
+    out["hung"] = out["error"] is not None and out["seconds"] >= HANG_TIMEOUT_S * 0.9
     out["buffers_after"] = {k: v.clone() for k, v in bn.named_buffers()}
     good = masknorm.MaskedSyncBatchNorm(C, **_bn_kwargs(kw))
     _init_params(good, seed)
@@ -315,10 +330,16 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
         )
         groups: Dict[str, Any] = {None: None, "world": None}
+        groups["hang"] = dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=HANG_TIMEOUT_S))
+        ctx = _Ctx(rank, world_size, groups)
+        # A first training step, recording collectives: the one-time costs of a first synchronized
+        # step (seconds on a busy machine) come here, not inside a timed scenario.
+        with _Collectives():
+            _step(ctx, masknorm.MaskedSyncBatchNorm(3), 0, (2, 4, "lengths"), 3, False, torch.float32)
+        dist.barrier(group=groups["hang"])
         if world_size == 3:  # every rank creates every group
             groups["pair"] = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
             groups["solo"] = dist.new_group([2], timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-        ctx = _Ctx(rank, world_size, groups)
         outbox.put((rank, "ready", None))
     except BaseException as e:  # noqa: BLE001
         outbox.put((rank, "error", (_error(e), traceback.format_exc())))
@@ -481,6 +502,7 @@ def _check_against_reference(results, C, plan, ranks, tol=None, **kw):
 # --------------------------------------------------------------------------
 
 
+@MULTIPROCESS
 @pytest.mark.parametrize("layout", ["2d", "3d", "3d_channels_last"])
 def test_uneven_ranks_match_the_concatenated_batch(pools, layout):
     """Different batch sizes and lengths per rank, a rank without a mask: outputs,
@@ -506,6 +528,7 @@ def _mask_of(rank: int, spec: Spec, C: int, channels_last: bool, seed: int = 0) 
     return _mask_or_false(x, m, spec)
 
 
+@MULTIPROCESS
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_three_ranks_low_precision_channels_last_momentum(pools, dtype):
     """3 ranks, float32 / bfloat16 input (float32 statistics, count packed as
@@ -520,6 +543,43 @@ def test_three_ranks_low_precision_channels_last_momentum(pools, dtype):
     _check_against_reference(results, ranks=[0, 1, 2], tol=tol, **kw)
 
 
+@MULTIPROCESS
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_input_with_counts_in_the_thousands(pools, dtype):
+    """bfloat16 / float16 input, per-rank valid counts 300, 517 and 2049, rank
+    means 100 apart: the merged mean and unbiased variance (the running
+    statistics after one step with momentum=None) are float64's on the same
+    values to float32 accuracy, and the outputs are those values normalized.
+    The counts travel as float32 (exact): rounded to the input dtype, 517 and
+    2049 would be 516 and 2048 (bfloat16) or 2048 (float16), which moves the
+    mean and variance by about 1e-4 relative, ten times the tolerance."""
+    specs = [(20, 15, "far"), (11, 47, "far"), (3, 683, "far")]
+    C = 3
+    kw = dict(C=C, plan=[specs], momentum=None, dtype=dtype)
+    results = pools(3).run("train", **kw)
+    parts = [_batch(0, r, specs[r], C, False, getattr(torch, dtype)) for r in range(3)]
+    rows = [_packed(x.double(), _mask_or_false(x, m, s), False) for (x, m, _), s in zip(parts, specs)]
+    assert [len(r) for r in rows] == [300, 517, 2049]
+    packed = torch.cat(rows)
+    mean, var = packed.mean(0), packed.var(0)
+    assert float((rows[2].mean(0) - rows[0].mean(0)).min()) > 150  # ranks far apart
+    bn = masknorm.MaskedBatchNorm1d(C, dtype=F64)
+    _init_params(bn, 0)
+    invstd = (packed.var(0, unbiased=False) + bn.eps).rsqrt()
+    for r in range(3):
+        buffers = results[r]["buffers"]
+        _close(buffers["running_mean"], mean, rtol=1e-5, atol=1e-4, msg=lambda m: f"rank {r} mean: {m}")
+        _close(buffers["running_var"], var, rtol=1e-5, atol=0.0, msg=lambda m: f"rank {r} variance: {m}")
+        assert int(buffers["num_batches_tracked"]) == 1
+        x = parts[r][0].double()
+        expected = (x - mean.view(1, C, 1)) * (invstd * bn.weight.detach()).view(1, C, 1) + bn.bias.detach().view(
+            1, C, 1)
+        y = results[r]["y"][0]
+        assert y.dtype == getattr(torch, dtype)
+        _close(y.double(), expected, rtol=1e-2, atol=2e-2, msg=lambda m: f"rank {r} output: {m}")
+
+
+@MULTIPROCESS
 @pytest.mark.parametrize("into_tensor,generic", [(True, False), (False, True), (True, True)])
 def test_other_devices_paths(pools, into_tensor, generic):
     """What other backends and devices run, here on gloo and CPU: all_gather_into_tensor
@@ -531,6 +591,7 @@ def test_other_devices_paths(pools, into_tensor, generic):
     _check_against_reference(results, ranks=[0, 1, 2], **kw)
 
 
+@MULTIPROCESS
 def test_running_statistics_after_many_steps_are_those_of_all_the_data(pools):
     """momentum=None (cumulative average), 3 ranks with batch sizes and lengths
     changing every step: running_mean / running_var are the averages over the
@@ -550,6 +611,7 @@ def test_running_statistics_after_many_steps_are_those_of_all_the_data(pools):
         assert int(results[r]["buffers"]["num_batches_tracked"]) == steps
 
 
+@MULTIPROCESS
 @pytest.mark.parametrize("empty", ["allpad", "N=0"])
 @pytest.mark.parametrize("layout", ["2d", "3d", "3d_channels_last"])
 def test_a_rank_without_valid_positions(pools, empty, layout):
@@ -566,6 +628,7 @@ def test_a_rank_without_valid_positions(pools, empty, layout):
     assert bool((results[1]["dw"][0] == 0).all()) and bool((results[1]["db"][0] == 0).all())
 
 
+@MULTIPROCESS
 @pytest.mark.parametrize("kinds", [("allpad", "allpad", "allpad"), ("allpad", "N=0", "allpad"), ("N=0",) * 3])
 def test_every_rank_without_valid_positions(pools, kinds):
     """Zeros out, zero gradients, running statistics untouched (num_batches_tracked
@@ -584,6 +647,7 @@ def test_every_rank_without_valid_positions(pools, kinds):
         assert int(res["buffers"]["num_batches_tracked"]) == int(ref["buffers"]["num_batches_tracked"]) == 1
 
 
+@MULTIPROCESS
 def test_subgroups_are_respected(pools):
     """Ranks 0 and 1 share statistics in their subgroup; rank 2, alone in its
     group (world size 1), computes exactly what MaskedBatchNorm1d computes."""
@@ -600,43 +664,58 @@ def test_subgroups_are_respected(pools):
         assert torch.equal(results[2]["buffers"][name], value), name
 
 
+@MULTIPROCESS
 def test_global_count_of_one_raises_on_every_rank(pools):
     """One valid value over all ranks: nn.BatchNorm1d's ValueError on every rank,
     promptly, and the ranks stay in step."""
     plan = [[(2, 3, "one"), (0, 3, "lengths"), (3, 3, "allpad")]]
-    results = pools(3).run("failing_forward", C=3, plan=plan)
+    pool = pools(3)
+    results = pool.run("failing_forward", C=3, plan=plan)
     with pytest.raises(ValueError) as single:
         _reference(3, plan, [0, 1, 2])
     expected = str(single.value).split(": ", 1)[1]
-    _check_errors(results, lambda r: ("ValueError", expected))
+    _check_errors(results, lambda r: ("ValueError", expected), pool)
     for res in results:  # running statistics untouched, as MaskedBatchNorm1d leaves them
         assert torch.equal(res["buffers_after"]["running_mean"], res["buffers_before"]["running_mean"])
         assert torch.equal(res["buffers_after"]["running_var"], res["buffers_before"]["running_var"])
 
 
-def _check_errors(results, expected: Callable[[int], Tuple[str, str]]):
+def _check_errors(results, expected: Callable[[int], Tuple[str, str]], pool: "_Pool"):
+    hung = {r: res for r, res in enumerate(results) if res["hung"]}
+    if hung:
+        pool.broken = True  # collectives left unmatched: the next test gets fresh processes
+        raised = [r for r, res in enumerate(results) if not res["hung"]]
+        pytest.fail("hung: rank(s) " + ", ".join(
+            f"{r} in {res['collectives'] or 'a collective'} of MaskedSyncBatchNorm's forward"
+            for r, res in hung.items()) + f", given up after {HANG_TIMEOUT_S}s, while rank(s) {raised} raised "
+            f"without taking part: {[results[r]['error'] for r in raised]}")
     for r, res in enumerate(results):
         kind, text = expected(r)
         assert res["error"] is not None, f"rank {r} did not raise"
         assert res["error"]["type"] == kind and text in res["error"]["message"], (r, res["error"])
-        assert res["seconds"] < PG_TIMEOUT_S / 2, f"rank {r} took {res['seconds']:.1f}s: it waited for a timeout"
         y, dx = res["after"]  # the next collective still pairs up: a good step works
         assert y.shape[0] == 3 and not y.isnan().any() and not dx.isnan().any()
 
 
+@MULTIPROCESS
 def test_num_features_mismatch_raises_on_every_rank(pools):
-    results = pools(2).run("failing_forward", C=4, plan=[[(3, 5, "lengths")] * 2], mismatch="num_features")
-    _check_errors(results, lambda r: ("ValueError", "num_features differs across the ranks of process_group: [4, 5]"))
+    pool = pools(2)
+    results = pool.run("failing_forward", C=4, plan=[[(3, 5, "lengths")] * 2], mismatch="num_features")
+    _check_errors(results, lambda r: ("ValueError", "num_features differs across the ranks of process_group: [4, 5]"),
+                  pool)
 
 
+@MULTIPROCESS
 @pytest.mark.parametrize("mismatch", ["mask", "channels"])
 def test_a_bad_input_on_one_rank_raises_on_every_rank(pools, mismatch):
     """Rank 1's input is wrong: it raises its own error, the others a RuntimeError naming it, no hang."""
-    results = pools(3).run("failing_forward", C=4, plan=[[(3, 5, "lengths")] * 3], mismatch=mismatch)
+    pool = pools(3)
+    results = pool.run("failing_forward", C=4, plan=[[(3, 5, "lengths")] * 3], mismatch=mismatch)
     own = ("RuntimeError", "padding_mask") if mismatch == "mask" else ("ValueError", "expected input with 4 channels")
-    _check_errors(results, lambda r: own if r == 1 else ("RuntimeError", "failed on rank(s) [1]"))
+    _check_errors(results, lambda r: own if r == 1 else ("RuntimeError", "failed on rank(s) [1]"), pool)
 
 
+@MULTIPROCESS
 def test_collectives_per_step(pools):
     """Training: one all_gather in forward (plus the one-time num_features check
     on a module's first call), one all_reduce in backward (none when only weight
@@ -654,6 +733,7 @@ def test_collectives_per_step(pools):
         assert counts["eval forward"] == counts["eval backward"] == [], counts
 
 
+@MULTIPROCESS
 def test_ddp_training_matches_single_process_training(pools):
     """convert_model(sync_batch_norm=True) + DistributedDataParallel on 2 ranks:
     three SGD steps give the parameters, running statistics and losses of one
@@ -695,6 +775,7 @@ def _run_command(args: List[str], timeout: float) -> str:
     return done.stdout
 
 
+@MULTIPROCESS
 def test_the_torchrun_example_runs():
     """examples/distributed_batch_norm.py under torchrun (torch.distributed.run), 2 processes: it
     trains and checks the synced output against MaskedBatchNorm1d on the concatenated batch."""
@@ -704,6 +785,7 @@ def test_the_torchrun_example_runs():
     assert "synced output vs MaskedBatchNorm1d on the concatenated batch" in out, out
 
 
+@MULTIPROCESS
 def test_the_overhead_benchmark_runs():
     out = _run_command([sys.executable, "-m", "benchmarks.sync_overhead", "--quick"], timeout=240)
     assert "| allgather_, allreduce_ |" in out, out
@@ -783,6 +865,87 @@ def test_convert_sync_batchnorm_keeps_state():
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
     single = masknorm.MaskedSyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(2))
     assert type(single) is masknorm.MaskedSyncBatchNorm and single.process_group is None
+
+
+class _Positive(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.abs() + 0.1
+
+
+def test_convert_sync_batchnorm_leaves_parametrized_norms_alone():
+    """A batch norm parametrized with torch.nn.utils.parametrize (here its
+    weight) is left as it is, parametrization working, as convert_model
+    leaves it: torch's SyncBatchNorm.convert_sync_batchnorm cannot convert it
+    either (it raises TypeError, the weight being no Parameter). The
+    plain norms around it and inside a parametrized parent are converted."""
+    from torch.nn.utils import parametrize
+
+    def model():
+        torch.manual_seed(0)
+        parametrized = nn.BatchNorm1d(4)
+        parametrize.register_parametrization(parametrized, "weight", _Positive())
+        parent = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        parametrize.register_parametrization(parent[0], "weight", _Positive())
+        return nn.Sequential(nn.BatchNorm1d(4), parametrized, parent)
+
+    with pytest.raises(TypeError, match="weight"):
+        nn.SyncBatchNorm.convert_sync_batchnorm(model())
+    m = model()
+    parametrized, original = m[1], m[1].parametrizations.weight.original
+    converted = masknorm.MaskedSyncBatchNorm.convert_sync_batchnorm(m)
+    assert converted is m
+    assert type(m[0]) is masknorm.MaskedSyncBatchNorm and type(m[2][1]) is masknorm.MaskedSyncBatchNorm
+    assert m[1] is parametrized and parametrize.is_parametrized(m[1], "weight")
+    assert m[1].parametrizations.weight.original is original
+    assert parametrize.is_parametrized(m[2][0], "weight") and isinstance(m[2][0], nn.Linear)
+    torch.testing.assert_close(m[1].weight, original.abs() + 0.1)
+    x = torch.randn(6, 4)
+    y = m(x)  # no process group: the converted modules compute MaskedBatchNorm1d's
+    y.sum().backward()
+    assert original.grad is not None and torch.isfinite(y).all()
+
+
+@pytest.fixture
+def one_rank_world(monkeypatch):
+    """A gloo process group of one rank in this process (an in-memory store),
+    and a record of every collective torch.distributed is asked for."""
+    calls: List[str] = []
+    for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "barrier", "reduce_scatter",
+                 "all_to_all", "gather", "scatter", "reduce"):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield calls
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("group", ["world", "new_group"])
+def test_a_one_rank_group_does_not_communicate(one_rank_world, group):
+    """With a group of one rank the module is MaskedBatchNorm1d, bit for bit,
+    and issues no collective: none through torch.distributed's functions,
+    none dispatched as a c10d op."""
+    process_group = dist.new_group([0]) if group == "new_group" else None
+    one_rank_world.clear()
+    sync = masknorm.MaskedSyncBatchNorm(4, process_group=process_group, dtype=F64)
+    plain = masknorm.MaskedBatchNorm1d(4, dtype=F64)
+    _init_params(sync, 1), _init_params(plain, 1)
+    outs = []
+    for bn in (sync, plain):
+        with _Collectives() as seen:
+            for step in range(2):
+                x, m, g = _batch(step, 0, (3, 5, "lengths"), 4, False)
+                x.requires_grad_()
+                y = bn(x, m)
+                y.backward(g)
+                outs.append((y, x.grad))
+        if bn is sync:
+            assert seen.ops == [] and one_rank_world == [], (seen.ops, one_rank_world)
+    for (a, ga), (b, gb) in zip(outs[:2], outs[2:]):
+        assert torch.equal(a, b) and torch.equal(ga, gb)
+    for (name, a), (_, b) in zip(sync.named_buffers(), plain.named_buffers()):
+        assert torch.equal(a, b), name
 
 
 def test_convert_model_sync_batch_norm():

@@ -125,6 +125,20 @@ MUTANTS: List[Mutant] = [
            "num_batches_tracked=module.num_batches_tracked if track else None,",
            "num_batches_tracked=None,",
            "masked batch norms never count batches (num_batches_tracked stays 0)"),
+    Mutant("sync_count_input_dtype", "python/masknorm/distributed.py",
+           "count.to(mean.dtype).reshape(1)", "count.to(input.dtype).reshape(1)",
+           "MaskedSyncBatchNorm packs the count in the input dtype (517 is 516 in bfloat16)"),
+    Mutant("sync_convert_parametrized", "python/masknorm/distributed.py",
+           "    if not uses_forward_of(module, *bases):",
+           "    if not (isinstance(module, bases) and type(module).forward in {b.forward for b in bases}):",
+           "convert_sync_batchnorm replaces parametrized batch norms"),
+    Mutant("sync_one_rank_communicates", "python/masknorm/distributed.py",
+           "if world_size > 1 else None", "if world_size >= 1 else None",
+           "MaskedSyncBatchNorm communicates on a one-rank group"),
+    Mutant("sync_error_skips_exchange", "python/masknorm/distributed.py",
+           "            error = e\n            packed = torch.zeros(",
+           "            raise\n            packed = torch.zeros(",
+           "a rank whose input is wrong raises before the statistics exchange: the others hang"),
 ]
 
 

@@ -24,7 +24,7 @@ OPS = tuple(SAMPLES)
 
 def wrong_cases():
     """(op, argument, what is wrong, sample) for every op: samples.common.wrong_variants
-    of the sample WRONG names (shared by test_errors.py, through the real ops,
+    of the sample WRONG names (shared by test_fuzz.py, through the real ops,
     and test_fake_kernels.py, through the fake kernels)."""
     from samples.common import by_name, wrong_variants
     import torch

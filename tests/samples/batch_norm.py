@@ -2,7 +2,7 @@
 the stages batch_norm_stats, batch_norm_merge_stats, batch_norm_elemt,
 batch_norm_backward_reduce and batch_norm_backward_elemt.
 
-* ``Case``: an input, by layout (conftest's NC / NCL / NLC), sizes and mask
+* ``Case``: an input, by layout (helpers' NC / NCL / NLC), sizes and mask
   kind; ``inputs(case)`` makes it. ``PARITY_CASES`` have odd sizes and C not a
   multiple of 16, ``EDGE_CASES`` size-1 dims and empty batches, ``SMALL_CASES``
   are gradcheck-sized.
@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from conftest import BN_LAYOUTS, bn_input_shape, bn_mask_shape, is_channels_last
+from helpers import BN_LAYOUTS, bn_input_shape, bn_mask_shape, is_channels_last
 from samples.common import DTYPE_NAMES, MASKS, Sample, cast, generator, inputs, randn, uniform
 
 ops = torch.ops.masknorm
