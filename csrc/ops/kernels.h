@@ -8,7 +8,8 @@
 //   cuda/     CUDA kernels, built when torch has CUDA (cuda/kernel_table.cu)
 //   generic/  ATen ops: any device torch supports, and the reference for the others
 //
-// Every tensor in an Args struct is contiguous and on the input's device.
+// Every tensor in an Args struct is contiguous and on the input's device. The
+// CPU and CUDA loops take its pointers with arg_pointers.h.
 // "opmath" is the accumulation dtype: float32 for float16/bfloat16/float32
 // input, float64 for float64. Optional tensors are undefined when absent.
 // Adding an argument to a kernel: add a field to its struct, fill it in the

@@ -2,6 +2,8 @@
 // accumulation type, padding-mask helpers, and numerically stable moments.
 #pragma once
 
+#include "../arg_pointers.h"
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -246,16 +248,6 @@ class PerThreadBuffers {
   int64_t width_, arrays_, threads_;
   std::vector<T> data_;
 };
-
-// A padding mask's elements, read as bytes: a bool tensor may hold bytes
-// other than 0 and 1 (a uint8 tensor viewed as bool, a buffer from
-// elsewhere), which torch reads as True when nonzero (c10::load<bool>). Read
-// as `bool`, such a byte is undefined behaviour, and was in practice taken as
-// padding by some loops and as valid by others. Test `!= 0`.
-using MaskByte = uint8_t;
-inline const MaskByte* mask_bytes(const at::Tensor& mask) {
-  return mask.defined() ? reinterpret_cast<const MaskByte*>(mask.const_data_ptr<bool>()) : nullptr;
-}
 
 // The padding mask of an (N, L) batch as lane masks (keep_bits), and the number of
 // valid positions in each of the N rows. Used where masked positions sit
