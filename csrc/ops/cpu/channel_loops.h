@@ -147,16 +147,13 @@ void moments_channels_inner(
       });
       // Scalar math (MergeT): the chunk's corrected moments
       //   cm = chunk_mean + dsum / k; cm2 = chunk_m2 - dsum^2 / k
-      // merged into the thread's (Chan): delta = cm - mean; f = k / (n + k);
-      //   mean += delta * f; m2 += cm2 + delta^2 * n * f
+      // merged into the thread's (chan_merge, f = k / (n + k))
       const MergeT kd = MergeT(k), f = kd / MergeT(n + k), nf = MergeT(n) * f;
       for (int64_t c = 0; c < C; ++c) {
         const MergeT ds = chunk_dsum[c];
         const MergeT cm = MergeT(chunk_mean[c]) + ds / kd;
         const MergeT cm2 = std::max(MergeT(chunk_m2[c]) - ds * ds / kd, MergeT(0));
-        const MergeT delta = cm - mean[c];
-        mean[c] += delta * f;
-        m2[c] += cm2 + delta * delta * nf;
+        chan_merge(mean[c], m2[c], cm, cm2, f, nf);
       }
       n += k;
     }

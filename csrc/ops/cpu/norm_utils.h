@@ -104,22 +104,30 @@ inline bool kept(opmath_t lane) {
 // it into the variance.
 using MergeT = double;
 
+// Chan et al.'s pairwise combination, the one merge of partial moments: the
+// moments (mean, m2) of n values take in a part of k values (part_mean,
+// part_m2), given the part's weight f = k / (n + k) and nf = n * f (callers
+// merging many channels' parts of the same counts compute them once).
+template <typename T>
+C10_ALWAYS_INLINE void chan_merge(T& mean, T& m2, T part_mean, T part_m2, T f, T nf) {
+  const T delta = part_mean - mean;
+  mean += delta * f;
+  m2 += part_m2 + delta * delta * nf;
+}
+
 template <typename opmath_t>
 struct Moments {
   int64_t count = 0;
   opmath_t mean = 0;
   opmath_t m2 = 0;
 
-  // Chan et al.'s pairwise combination: exact merge of two partial results.
+  // Exact merge of two partial results (chan_merge).
   void merge(const Moments& other) {
     if (other.count == 0) return;
     if (count == 0) { *this = other; return; }
-    const int64_t n = count + other.count;
-    const opmath_t delta = other.mean - mean;
-    const opmath_t w = opmath_t(other.count) / opmath_t(n);
-    mean += delta * w;
-    m2 += other.m2 + delta * delta * opmath_t(count) * w;
-    count = n;
+    const opmath_t f = opmath_t(other.count) / opmath_t(count + other.count);
+    chan_merge(mean, m2, other.mean, other.m2, f, opmath_t(count) * f);
+    count += other.count;
   }
 };
 
