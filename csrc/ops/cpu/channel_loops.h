@@ -17,17 +17,9 @@
 
 namespace masknorm::cpu {
 
-// The layout the loops run: NCL input with L = 1 is (N, C) in memory and its
-// (N, 1) mask an (N,) one, so the channels-inner loops (vectorized over
-// channels, parallel over rows) serve it.
-inline BatchNormLayout loop_layout(const BatchNormLayout& g) {
-  if (g.channels_inner || g.L != 1) return g;
-  return BatchNormLayout{g.N, g.C, 1, true};
-}
-
 // ---------------------------------------------------------------- statistics
 
-// The two passes of moments_channels_inner over one chunk's valid rows
+// The two passes of moments_channels_last over one chunk's valid rows
 // [first, last), for a block of NV vectors of channels from c0 (the last
 // vector holding `last_lanes` lanes): accumulators stay in registers while
 // the rows go by (the chunk is in cache), and are stored once.
@@ -110,7 +102,7 @@ C10_ALWAYS_INLINE void column_blocks(int64_t C, const Block& block) {
 // (out_t: the accumulation type, or MergeT for callers that merge the
 // channels' moments further, as group norm does.)
 template <typename scalar_t, typename out_t = at::opmath_type<scalar_t>>
-void moments_channels_inner(
+void moments_channels_last(
     const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t C, out_t* mean_out, out_t* m2_out) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
@@ -168,7 +160,7 @@ void moments_channels_inner(
   }
 }
 
-// Channels-outer reductions split each (n, c) row of L into segments of at
+// Channels-first reductions split each (n, c) row of L into segments of at
 // most this many positions, so that few long rows ((1, 8, 1M)) still keep
 // every thread busy. A fixed length, not one derived from the thread count:
 // the same segments, so the same result, for any number of threads.
@@ -220,7 +212,7 @@ std::vector<Moments<MergeT>> plane_row_moments(
 // Per-channel moments of (N, C, L) planes: the rows' moments merged per
 // channel in order of n (in MergeT), the same result for any thread count.
 template <typename scalar_t>
-void moments_channels_outer(
+void moments_channels_first(
     const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C,
     int64_t L, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -246,9 +238,9 @@ void grad_sums(
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
   const int64_t C = g.C;
-  if (g.channels_inner) {
+  if (g.channels_last) {
     PerThreadBuffers<opmath_t> partial(C, 2);
-    at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.positions(), row_grain(C), [&](int64_t begin, int64_t end) {
       opmath_t* s1 = partial.local(0);
       opmath_t* s2 = partial.local(1);
       for (int64_t r = begin; r < end; ++r) {
@@ -266,7 +258,7 @@ void grad_sums(
     partial.sum_into(sum_dy_xmu, 1);
     return;
   }
-  // Channels outer: sums per segment of each (n, c) row in parallel, then
+  // Channels first: sums per segment of each (n, c) row in parallel, then
   // per channel in order of n and segment (the same result for any thread count).
   const int64_t L = g.L, S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
   std::vector<opmath_t> parts(static_cast<size_t>(g.N * C * S * 2), opmath_t(0));
@@ -349,8 +341,8 @@ void affine_per_channel(
     else return dyv * av;
   };
   const int64_t C = g.C;
-  if (g.channels_inner) {
-    at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
+  if (g.channels_last) {
+    at::parallel_for(0, g.positions(), row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         if (pad && pad[r] != 0) { fill_zero(out + r * C, C); continue; }
         vec_loop<V>(C, [&](int64_t c, int64_t w) {
