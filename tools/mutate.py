@@ -107,10 +107,8 @@ MUTANTS: List[Mutant] = [
            "if (centered) v = v - masked_mean(g);", "(void)centered;",
            "double-backward composite drops dx's mean(g) term"),
     Mutant("autograd_bias_grad", "csrc/ops/autograd/norm_autograd.cpp",
-           "channels_last;\n    ctx->saved_data[\"output_mask\"] =\n"
-           "        std::vector<bool>{input.requires_grad(), wants_grad(weight), wants_grad(bias)};",
-           "channels_last;\n    ctx->saved_data[\"output_mask\"] =\n"
-           "        std::vector<bool>{input.requires_grad(), wants_grad(weight), wants_grad(weight)};",
+           "channels_last;\n    save_output_mask(ctx, input, weight, bias);",
+           "channels_last;\n    save_output_mask(ctx, input, weight, weight);",
            "BN autograd asks for the bias gradient when the weight needs one"),
     # ---------------------------------------------------------------- Python
     Mutant("fake_2d_channels_last", "python/masknorm/_ops.py",
