@@ -36,6 +36,8 @@ class Shape:
     padding: float       # fraction of padded positions (0 = no mask passed)
     norms: tuple         # which norms run on it
     large: bool = False  # counts for the bandwidth bars
+    inference: bool = False  # forward only, modules in eval mode, under torch.inference_mode
+    small: bool = False  # per-call overhead: masknorm against stock only
 
 
 # Batch-norm layouts as everywhere in masknorm: NC (N, C), NCL (N, C, L), NLC (N, L, C).
@@ -53,10 +55,24 @@ SHAPES = (
     Shape("N32 L256 C512 bf16 30% pad", (32, 256, 512), torch.bfloat16, 0.3, ALL_NORMS),
     Shape("N16 L1024 C512 fp32 30% pad", (16, 1024, 512), torch.float32, 0.3, SAMPLE_NORMS + JAGGED_NORMS),
     Shape("N16 L1024 C512 bf16 30% pad", (16, 1024, 512), torch.bfloat16, 0.3, SAMPLE_NORMS),
+    # Inference: what most CPU users run.
+    Shape("N32 L256 C512 fp32 30% pad eval", (32, 256, 512), torch.float32, 0.3, ALL_NORMS, inference=True),
+    Shape("N32 L256 C512 fp32 no pad eval", (32, 256, 512), torch.float32, 0.0, ALL_NORMS, inference=True),
+    Shape("N32 L256 C512 bf16 30% pad eval", (32, 256, 512), torch.bfloat16, 0.3, ALL_NORMS, inference=True),
+    Shape("N32 L256 C512 bf16 no pad eval", (32, 256, 512), torch.bfloat16, 0.0, ALL_NORMS, inference=True),
+    Shape("N8 L1024 C1024 fp32 30% pad eval", (8, 1024, 1024), torch.float32, 0.3, ("bn-NCL", "ln"), inference=True),
+    # Per-call cost: small tensors, training step and inference.
+    Shape("N8 L32 C256 fp32 30% pad small", (8, 32, 256), torch.float32, 0.3, ALL_NORMS, small=True),
+    Shape("N64 L64 C256 fp32 30% pad small", (64, 64, 256), torch.float32, 0.3, ALL_NORMS, small=True),
+    Shape("N8 L32 C256 fp32 30% pad small eval", (8, 32, 256), torch.float32, 0.3, ALL_NORMS, small=True,
+          inference=True),
+    Shape("N64 L64 C256 fp32 30% pad small eval", (64, 64, 256), torch.float32, 0.3, ALL_NORMS, small=True,
+          inference=True),
 )
 QUICK_SHAPES = (
     Shape("N8 L64 C128 fp32 30% pad", (8, 64, 128), torch.float32, 0.3, ALL_NORMS + SAMPLE_NORMS + JAGGED_NORMS),
     Shape("N4096 C64 fp32 30% pad", (4096, 64), torch.float32, 0.3, ("bn-NC",)),
+    Shape("N8 L64 C128 fp32 30% pad eval", (8, 64, 128), torch.float32, 0.3, ALL_NORMS, inference=True),
 )
 # GPU shapes: large enough to fill the card (`large`: the bandwidth bars apply).
 GPU_SHAPES = (
@@ -137,14 +153,15 @@ def _to_channels_last(layout, x):
     return x.transpose(1, 2) if layout == "NCL" else x
 
 
-def make_bn(impl, layout, x, mask, C):
-    """layout: "NLC" (N, L, C), "NCL" (N, C, L) or "NC" (N, C), as `x` is given (layout_input)."""
+def make_bn(impl, layout, x, mask, C, training=True):
+    """layout: "NLC" (N, L, C), "NCL" (N, C, L) or "NC" (N, C), as `x` is given (layout_input).
+    training=False: the modules in eval mode (running statistics; masknorm and stock only)."""
     device = x.device
     if impl == "masknorm":
-        m = masknorm.MaskedBatchNorm1d(C, channels_last=layout == "NLC", device=device)
+        m = masknorm.MaskedBatchNorm1d(C, channels_last=layout == "NLC", device=device).train(training)
         return (lambda x: m(x, mask)), list(m.parameters())
     if impl == "stock":
-        m = nn.BatchNorm1d(C, device=device)
+        m = nn.BatchNorm1d(C, device=device).train(training)
         if layout == "NLC":  # what users write today for transformer-layout batches
             return (lambda x: m(x.transpose(1, 2)).transpose(1, 2)), list(m.parameters())
         return m, list(m.parameters())
@@ -274,8 +291,11 @@ def make_jagged(norm, impl, x, mask, C):
     raise ValueError(impl)
 
 
-def implementations(norm, has_mask, compile_composites=True):
-    """Implementation names to run for a norm, masknorm first."""
+def implementations(norm, has_mask, compile_composites=True, stock_only=False):
+    """Implementation names to run for a norm, masknorm first (stock_only:
+    inference and per-call rows, against stock torch alone)."""
+    if stock_only:
+        return ["masknorm", "stock"]
     if norm.endswith("-jagged"):
         return ["masknorm", "padded"]
     if norm in SAMPLE_NORMS and has_mask:
@@ -291,14 +311,14 @@ def implementations(norm, has_mask, compile_composites=True):
     return names
 
 
-def make(norm, impl, x, mask, C):
+def make(norm, impl, x, mask, C, training=True):
     if norm.endswith("-jagged"):
         return make_jagged(norm, impl, x, mask, C)
     if norm in SAMPLE_NORMS:
         return make_per_sample(norm, impl, x, mask, C)
     if norm.startswith("bn-"):
-        return make_bn(impl, norm[3:], x, mask, C)
-    return make_row_norm(norm, impl, x, mask, C)
+        return make_bn(impl, norm[3:], x, mask, C, training)
+    return make_row_norm(norm, impl, x, mask, C)  # the same in eval mode
 
 
 def layout_input(norm, impl, x, mask):

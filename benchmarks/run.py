@@ -13,7 +13,11 @@ torch.utils.benchmark (median of blocked_autorange) in three modes:
   fwd       forward in training mode, autograd graph recorded
   bwd       backward alone (torch.autograd.grad of a recorded forward, retain_graph)
   fwd+bwd   both
-on the threads torch uses by default.
+on the threads torch uses by default. Rows marked "eval" time inference
+instead: forward alone, modules in eval mode (batch norm normalizes with its
+running statistics), under torch.inference_mode, against stock torch on the
+same tensor. Rows marked "small" time the per-call cost on small tensors
+(training step and inference) against stock torch.
 
 Minimum-traffic model. A norm must at least read its input and write its
 output (forward: 2 passes over the tensor), and read input and incoming
@@ -157,6 +161,15 @@ def run_case(norm, impl, x, mask, min_run_time):
     return result
 
 
+def run_inference_case(norm, impl, x, mask, min_run_time):
+    """Forward alone, modules in eval mode, under torch.inference_mode."""
+    C = x.shape[1] if norm.endswith("-NCL") else x.shape[-1]
+    forward, _ = cases.make(norm, impl, x, mask, C, training=False)
+    with torch.inference_mode():
+        forward(x)  # warm up
+        return {"fwd": median_seconds(lambda: forward(x), min_run_time)}
+
+
 def run(shapes, min_run_time, compile_composites, only=None, device="cpu"):
     from tqdm import tqdm
 
@@ -169,7 +182,8 @@ def run(shapes, min_run_time, compile_composites, only=None, device="cpu"):
     jobs = []
     for shape in shapes:
         for norm in shape.norms:
-            for impl in cases.implementations(norm, shape.padding > 0, compile_composites):
+            stock_only = shape.inference or shape.small
+            for impl in cases.implementations(norm, shape.padding > 0, compile_composites, stock_only):
                 if only is None or only in f"{shape.name} {norm} {impl}":
                     jobs.append((shape, norm, impl))
     results, copy_bw, inputs = [], {}, {}
@@ -179,13 +193,15 @@ def run(shapes, min_run_time, compile_composites, only=None, device="cpu"):
             copy_bw[shape.name] = copy_bandwidth(inputs[shape.name][0], min_run_time)
         x, mask = inputs[shape.name]
         useful = cases.useful_elements(x, mask) * x.element_size()
-        r = run_case(norm, impl, cases.layout_input(norm, impl, x, mask), mask, min_run_time)
-        for mode in MODES:
+        case = run_inference_case if shape.inference else run_case
+        r = case(norm, impl, cases.layout_input(norm, impl, x, mask), mask, min_run_time)
+        for mode in (m for m in MODES if m in r):
             r[f"{mode}_gbps"] = PASSES[mode] * useful / r[mode] / 1e9
             r[f"{mode}_pct_copy"] = 100 * PASSES[mode] * useful / r[mode] / copy_bw[shape.name]
             if norm.startswith("bn-"):
                 r[f"{mode}_pct_copy_bn_min"] = 100 * BN_MIN_PASSES[mode] * useful / r[mode] / copy_bw[shape.name]
-        results.append({"shape": shape.name, "large": shape.large, "norm": norm, "impl": impl, **r})
+        results.append({"shape": shape.name, "large": shape.large, "inference": shape.inference,
+                        "small": shape.small, "norm": norm, "impl": impl, **r})
     return results, {k: v / 1e9 for k, v in copy_bw.items()}
 
 
@@ -208,8 +224,11 @@ def check_bars(results, device="cpu"):
             continue
         shape, norm = r["shape"], r["norm"]
         case = f"{shape}, {cases.NORM_TITLES[norm]}"
-        t = r["fwd+bwd"]
         stock = lookup(results, shape, norm, "stock")
+        if r.get("inference") or r.get("small"):
+            bars += stock_bars(r, stock, case, device)
+            continue
+        t = r["fwd+bwd"]
         compiled = lookup(results, shape, norm, "compiled")
         if device == "cuda":
             if stock:
@@ -255,6 +274,23 @@ def check_bars(results, device="cpu"):
     return bars
 
 
+def stock_bars(r, stock, case, device):
+    """Inference and per-call rows against stock torch: inference no slower,
+    and (CPU) 1.2x faster for (N, C, L) batch norm with padding (it reads the
+    valid positions only, stock reads everything); small tensors within 10%
+    of stock's time per call. Stock RMSNorm is a slow composite: not a bar."""
+    if stock is None or r["norm"] == "rms":
+        return []
+    mode = "fwd" if r.get("inference") else "fwd+bwd"
+    ratio = stock[mode] / r[mode]
+    what = "inference" if r.get("inference") else "training step fwd+bwd"
+    if r.get("small"):
+        return [(f"{what} per call vs stock (within 10%)", case, ratio, 1 / 1.1, ratio >= 1 / 1.1)]
+    if device == "cpu" and r["norm"] == "bn-NCL" and "no pad" not in r["shape"]:
+        return [("inference vs stock, (N, C, L) BN with padding", case, ratio, 1.2, ratio >= 1.2)]
+    return [("inference vs stock (no slower)", case, ratio, 1.0, ratio >= 1.0)]
+
+
 def environment(device="cpu", allocator=None):
     cpu = platform.processor()
     try:
@@ -294,7 +330,7 @@ def summary(results, other=None, other_name=None):
         "|---|---|---:|" + "---:|" * len(impls) + "---:|---:|" + ("---:|" if has_bn else "") + "---:|",
     ]
     for r in results:
-        if r["impl"] != "masknorm":
+        if r["impl"] != "masknorm" or r.get("inference"):
             continue
         o = lookup(other, r["shape"], r["norm"], "masknorm") if both else None
         ms = f"{1e3 * r['fwd+bwd']:.2f}" + (f" / {1e3 * o['fwd+bwd']:.2f}" if o else "")
@@ -319,6 +355,35 @@ def summary(results, other=None, other_name=None):
     return lines
 
 
+def inference_summary(results, other=None):
+    """Inference rows: masknorm's and stock's forward in eval mode, under torch.inference_mode."""
+    rows = [r for r in results if r.get("inference") and r["impl"] == "masknorm"]
+    if not rows:
+        return []
+    both = other is not None
+    head = " (kept / glibc)" if both else ""
+    lines = [
+        "## Inference (eval mode, torch.inference_mode)",
+        "",
+        f"| shape | norm | masknorm ms{head} | stock ms{head} | vs stock{head} | % copy |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+
+    def pair(rs, key):
+        return " / ".join(f"{1e3 * x[key]:.3f}" for x in rs if x)
+
+    for r in rows:
+        stock = lookup(results, r["shape"], r["norm"], "stock")
+        o = lookup(other, r["shape"], r["norm"], "masknorm") if both else None
+        so = lookup(other, r["shape"], r["norm"], "stock") if both else None
+        ratio = " / ".join(f"{s['fwd'] / m['fwd']:.2f}x" for m, s in ((r, stock), (o, so)) if m and s)
+        lines.append(
+            f"| {r['shape']} | {cases.NORM_TITLES[r['norm']]} | {pair([r, o], 'fwd')} | {pair([stock, so], 'fwd')} "
+            f"| {ratio} | {r['fwd_pct_copy']:.0f}% |"
+        )
+    return lines + [""]
+
+
 def markdown(results, copy_gbps, bars, env, command, other=None):
     where = (f"{env['gpu']} (masknorm {env['masknorm_kernels']} kernels)" if env.get("device") == "cuda"
              else f"{env['cpu']}, {env['threads']} threads ({env['torch_cpu_capability']}, masknorm "
@@ -338,7 +403,8 @@ def markdown(results, copy_gbps, bars, env, command, other=None):
         *summary(results, other, other_name),
         "",
     ]
-    for shape in dict.fromkeys(r["shape"] for r in results):
+    lines += inference_summary(results, other)
+    for shape in dict.fromkeys(r["shape"] for r in results if not r.get("inference")):
         lines += [
             f"## {shape} (copy bandwidth {copy_gbps[shape]:.1f} GB/s)",
             "",
@@ -375,6 +441,7 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if not r.get("inference")]  # training fwd+bwd only
     shapes = list(dict.fromkeys(r["shape"] for r in results))
     impls = list(dict.fromkeys(r["impl"] for r in results))
     fig, axes = plt.subplots(len(shapes), 1, figsize=(10, 3.2 * len(shapes)), squeeze=False)

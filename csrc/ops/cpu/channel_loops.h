@@ -78,6 +78,42 @@ struct ChunkColumns {
   }
 };
 
+// The backward reduction over one chunk's valid rows [first, last), for the
+// same blocks of channels: s1[c] += sum dy, s2[c] += sum dy * (x - mean),
+// accumulated in registers and added to the thread's sums once.
+template <typename scalar_t, int NV>
+struct ChunkGradColumns : ChunkColumns<scalar_t, NV> {
+  using Base = ChunkColumns<scalar_t, NV>;
+  using typename Base::fVec;
+  using typename Base::opmath_t;
+  using Base::V;
+
+  static void sums(
+      const scalar_t* dy, const scalar_t* x, const MaskByte* pad, int64_t first, int64_t last, int64_t C,
+      int64_t c0, int64_t last_lanes, const opmath_t* mean, opmath_t* s1, opmath_t* s2) {
+    fVec m[NV], a1[NV], a2[NV];
+    for (int j = 0; j < NV; ++j) {
+      const int64_t w = j + 1 < NV ? V : last_lanes;
+      m[j] = fVec::loadu(mean + c0 + j * V, w);
+      a1[j] = fVec::loadu(s1 + c0 + j * V, w);
+      a2[j] = fVec::loadu(s2 + c0 + j * V, w);
+    }
+    for (int64_t r = first; r < last; ++r) {
+      if (pad && pad[r] != 0) continue;
+      for (int j = 0; j < NV; ++j) {
+        // Scalar math: s1 += dy; s2 += dy * (x - mean)   (tail lanes: 0 * (0 - 0))
+        const fVec d = Base::load(dy + r * C + c0, j, last_lanes);
+        a1[j] += d;
+        a2[j] = at::vec::fmadd(d, Base::load(x + r * C + c0, j, last_lanes) - m[j], a2[j]);
+      }
+    }
+    for (int j = 0; j < NV; ++j) {
+      Base::store(s1 + c0, a1[j], j, last_lanes);
+      Base::store(s2 + c0, a2[j], j, last_lanes);
+    }
+  }
+};
+
 // Runs block(std::integral_constant<int, NV>, c0, last_lanes) over the C
 // channels in blocks of 4, 2 and 1 vectors (independent accumulators, more
 // in flight), the last one partial.
@@ -171,7 +207,8 @@ inline int64_t plane_segments(int64_t L) { return std::max<int64_t>(1, (L + kPla
 // Moments of every (n, c) row of (N, C, L) planes over its valid positions;
 // [n * C + c]. The rows' segments are visited in memory order
 // (prefetch-friendly), in parallel, and merged per row in order (in MergeT).
-// Half types convert each segment once (RowScratch) for its two passes.
+// Half types convert on load, in both passes (cheaper than a float copy of
+// the segment: one instruction more per vector, no store).
 // Batch norm merges the rows per channel, group and instance norm per
 // (sample, group).
 template <typename scalar_t>
@@ -191,14 +228,18 @@ std::vector<Moments<MergeT>> plane_row_moments(
   }
   std::vector<Moments<MergeT>> parts(static_cast<size_t>(N * C * S));
   at::parallel_for(0, N * C * S, row_grain(seg_len), [&](int64_t begin, int64_t end) {
-    RowScratch<scalar_t> scratch(seg_len);
     for (int64_t part = begin; part < end; ++part) {
       const int64_t row = part / S, s = part % S, n = row / C;
       const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
       const int64_t count = lanes ? valid[n * S + s] : len;
       if (count == 0) continue;
-      parts[part] = row_moments<opmath_t>(
-          scratch.as_opmath(x + row * L + l0, len), lanes ? lanes->keep.data() + n * L + l0 : nullptr, len, count);
+      const scalar_t* xr = x + row * L;
+      Moments<MergeT> m;
+      for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep) {
+        // A span under lane masks is the whole segment, holding `count` valid positions.
+        m.merge(row_moments<scalar_t>(xr + b, keep ? keep + b : nullptr, e - b, keep ? count : e - b, L - b));
+      });
+      parts[part] = m;
     }
   });
   if (S == 1) return parts;
@@ -239,18 +280,17 @@ void grad_sums(
   constexpr int64_t V = IO::size();
   const int64_t C = g.C;
   if (g.channels_last) {
+    // Chunks of rows whose dy and x stay in L2 while the blocks of channels
+    // go through them (as moments_channels_last).
+    const int64_t chunk_rows = std::clamp<int64_t>((128 * 1024) / std::max<int64_t>(1, C * int64_t(sizeof(scalar_t))), 1, 64);
     PerThreadBuffers<opmath_t> partial(C, 2);
     at::parallel_for(0, g.positions(), row_grain(C), [&](int64_t begin, int64_t end) {
       opmath_t* s1 = partial.local(0);
       opmath_t* s2 = partial.local(1);
-      for (int64_t r = begin; r < end; ++r) {
-        if (pad && pad[r] != 0) continue;
-        vec_loop<V>(C, [&](int64_t c, int64_t k) {
-          // Scalar math: s1 += dy; s2 += dy * (x - mean)
-          const fVec d = IO::load(dy + r * C + c, k);
-          const fVec xm = IO::load(x + r * C + c, k) - fVec::loadu(mean + c, k);
-          (fVec::loadu(s1 + c, k) + d).store(s1 + c, k);
-          at::vec::fmadd(d, xm, fVec::loadu(s2 + c, k)).store(s2 + c, k);
+      for (int64_t first = begin; first < end; first += chunk_rows) {
+        const int64_t last = std::min(end, first + chunk_rows);
+        column_blocks<V>(C, [&](auto nv, int64_t c0, int64_t lanes) {
+          ChunkGradColumns<scalar_t, decltype(nv)::value>::sums(dy, x, pad, first, last, C, c0, lanes, mean, s1, s2);
         });
       }
     });
@@ -268,24 +308,26 @@ void grad_sums(
       const int64_t plane = part / S, s = part % S, n = plane / C, c = plane % C;
       if (lanes && lanes->valid[n] == 0) continue;
       const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
-      const auto* keep = lanes ? lanes->keep.data() + n * L + l0 : nullptr;
-      const scalar_t* dyr = dy + plane * L + l0;
-      const scalar_t* xr = x + plane * L + l0;
+      const scalar_t* dyr = dy + plane * L;
+      const scalar_t* xr = x + plane * L;
       const fVec m(mean[c]);
       fVec s1(0), s2(0);
-      vec_loop<V>(len, [&](int64_t l, int64_t k) {
-        // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
-        fVec d = IO::load(dyr + l, k);
-        fVec dxm = d * (IO::load(xr + l, k) - m);
-        if (keep) {
-          const fVec kv = fVec::loadu(keep + l, k);
-          d = d & kv;
-          dxm = dxm & kv;
-        } else if (k < V) {
-          dxm = fVec::set(zero, dxm, k);  // tail lanes hold 0 * (0 - mean)
-        }
-        s1 += d;
-        s2 += dxm;
+      for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep) {
+        vec_loop<V>(e - b, [&](int64_t i, int64_t k) {
+          // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
+          const int64_t l = b + i;
+          fVec d = load_first(dyr + l, k, L - l);
+          fVec dxm = d * (load_first(xr + l, k, L - l) - m);
+          if (keep) {
+            const fVec kv = fVec::loadu(keep + l, k);
+            d = d & kv;
+            dxm = dxm & kv;
+          } else if (k < V) {
+            dxm = fVec::set(zero, dxm, k);  // tail lanes hold 0 * (0 - mean)
+          }
+          s1 += d;
+          s2 += dxm;
+        });
       });
       parts[part * 2] = sum_lanes(s1);
       parts[part * 2 + 1] = sum_lanes(s2);
@@ -319,41 +361,98 @@ enum class ChannelAffine {
                   // multiple of a (group norm: a varies within the group)
 };
 
+// The formulas of ChannelAffine, from the loaded values (xm = x - mean).
+template <ChannelAffine kTerms, typename fVec>
+C10_ALWAYS_INLINE fVec affine_value(const fVec& dy, const fVec& xm, const fVec& a, const fVec& b, const fVec& k) {
+  if constexpr (kTerms == ChannelAffine::kNormalize) return at::vec::fmadd(xm, b, k);
+  else if constexpr (kTerms == ChannelAffine::kGradient) return at::vec::fmadd(xm, b, (dy + k) * a);
+  else if constexpr (kTerms == ChannelAffine::kGradientSum) return at::vec::fmadd(dy, a, at::vec::fmadd(xm, b, k));
+  else return dy * a;
+}
+
+// A row's coefficients: one channel's, broadcast along a channels-first row,
+// or each channel's own along a channels-last row (arrays indexed by lane).
+template <typename opmath_t>
+struct ChannelCoefficients {
+  using fVec = Vectorized<opmath_t>;
+  fVec mean, a, b, k;
+  C10_ALWAYS_INLINE fVec mean_at(int64_t, int64_t) const { return mean; }
+  C10_ALWAYS_INLINE fVec a_at(int64_t, int64_t) const { return a; }
+  C10_ALWAYS_INLINE fVec b_at(int64_t, int64_t) const { return b; }
+  C10_ALWAYS_INLINE fVec k_at(int64_t, int64_t) const { return k; }
+};
+template <typename opmath_t>
+struct ChannelArrays {
+  using fVec = Vectorized<opmath_t>;
+  const opmath_t *mean, *a, *b, *k;
+  C10_ALWAYS_INLINE fVec mean_at(int64_t i, int64_t w) const { return fVec::loadu(mean + i, w); }
+  C10_ALWAYS_INLINE fVec a_at(int64_t i, int64_t w) const { return fVec::loadu(a + i, w); }
+  C10_ALWAYS_INLINE fVec b_at(int64_t i, int64_t w) const { return fVec::loadu(b + i, w); }
+  C10_ALWAYS_INLINE fVec k_at(int64_t i, int64_t w) const { return fVec::loadu(k + i, w); }
+};
+
+// One contiguous span of affine_per_channel: out = the formula at the `len`
+// positions, cleared where `keep` (lane masks, or nullptr) says padding.
+// A function of its own so that pointers and coefficients are its locals:
+// captured by reference from parallel_for's lambda, they would be reloaded
+// after every vector store (which may alias anything).
+// `room` >= len: positions that may be read and written from the span's
+// start (to the end of its row); a span ending in padding ends in a whole
+// vector, its lanes past the span written as 0. Returns the positions
+// written.
+template <ChannelAffine kTerms, typename scalar_t, typename Coefficients>
+int64_t affine_span(
+    const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* keep, int64_t len, int64_t room,
+    const Coefficients coef, scalar_t* out) {
+  using IO = VecIO<scalar_t>;
+  using fVec = typename IO::fVec;
+  constexpr int64_t V = IO::size();
+  constexpr bool kReadsX = kTerms != ChannelAffine::kGradientOfDy;  // and mean, b, k
+  constexpr bool kReadsDy = kTerms != ChannelAffine::kNormalize;    // and a
+  const auto value = [&](int64_t i, int64_t w) {
+    const fVec zero(0);
+    const fVec dyv = kReadsDy ? IO::load(dy + i, w) : zero;
+    const fVec xm = kReadsX ? IO::load(x + i, w) - coef.mean_at(i, w) : zero;
+    const fVec av = kReadsDy ? coef.a_at(i, w) : zero;
+    const fVec bv = kReadsX ? coef.b_at(i, w) : zero;
+    const fVec kv = kReadsX ? coef.k_at(i, w) : zero;
+    fVec v = affine_value<kTerms>(dyv, xm, av, bv, kv);
+    return keep ? v & fVec::loadu(keep + i, w) : v;
+  };
+  int64_t i = 0;
+  for (; i + V <= len; i += V) IO::store(out + i, value(i, V));
+  if (i == len) return len;
+  if (i + V <= room) {  // a whole vector, the lanes past the span cleared (blend: NaN there cannot stay)
+    IO::store(out + i, fVec::set(fVec(0), value(i, V), len - i));
+    return i + V;
+  }
+  IO::store(out + i, value(i, len - i), len - i);
+  return len;
+}
+
 // One loop for the normalization and the input gradient, so all stages see
-// the same traversal of both layouts.
+// the same traversal of both layouts. Padded positions are written as 0;
+// channels-first rows read only their valid runs where the mask has few
+// (for_valid_spans).
 template <ChannelAffine kTerms, typename scalar_t>
 void affine_per_channel(
     const BatchNormLayout& g, const scalar_t* dy, const scalar_t* x, const MaskByte* pad,
     const MaskLanes<at::opmath_type<scalar_t>>* lanes, const at::opmath_type<scalar_t>* mean,
     const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b,
     const at::opmath_type<scalar_t>* k, scalar_t* out) {
-  using IO = VecIO<scalar_t>;
-  using opmath_t = typename IO::opmath_t;
-  using fVec = typename IO::fVec;
-  constexpr int64_t V = IO::size();
-  constexpr bool kReadsX = kTerms != ChannelAffine::kGradientOfDy;  // and mean, b, k
+  using opmath_t = at::opmath_type<scalar_t>;
+  using fVec = Vectorized<opmath_t>;
+  constexpr bool kReadsX = kTerms != ChannelAffine::kGradientOfDy;
   constexpr bool kReadsDy = kTerms != ChannelAffine::kNormalize;
-  // Scalar math: the formulas of ChannelAffine, from the loaded values.
-  const auto value = [](const fVec& dyv, const fVec& xm, const fVec& av, const fVec& bv, const fVec& kv) {
-    if constexpr (kTerms == ChannelAffine::kNormalize) return at::vec::fmadd(xm, bv, kv);
-    else if constexpr (kTerms == ChannelAffine::kGradient) return at::vec::fmadd(xm, bv, (dyv + kv) * av);
-    else if constexpr (kTerms == ChannelAffine::kGradientSum) return at::vec::fmadd(dyv, av, at::vec::fmadd(xm, bv, kv));
-    else return dyv * av;
-  };
   const int64_t C = g.C;
   if (g.channels_last) {
+    const ChannelArrays<opmath_t> coef{mean, a, b, k};
     at::parallel_for(0, g.positions(), row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         if (pad && pad[r] != 0) { fill_zero(out + r * C, C); continue; }
-        vec_loop<V>(C, [&](int64_t c, int64_t w) {
-          const fVec zero(0);
-          const fVec dyv = kReadsDy ? IO::load(dy + r * C + c, w) : zero;
-          const fVec xm = kReadsX ? IO::load(x + r * C + c, w) - fVec::loadu(mean + c, w) : zero;
-          const fVec av = kReadsDy ? fVec::loadu(a + c, w) : zero;
-          const fVec bv = kReadsX ? fVec::loadu(b + c, w) : zero;
-          const fVec kv = kReadsX ? fVec::loadu(k + c, w) : zero;
-          IO::store(out + r * C + c, value(dyv, xm, av, bv, kv), w);
-        });
+        affine_span<kTerms>(
+            kReadsDy ? dy + r * C : nullptr, kReadsX ? x + r * C : nullptr, static_cast<const opmath_t*>(nullptr),
+            C, C, coef, out + r * C);
       }
     });
     return;
@@ -362,18 +461,21 @@ void affine_per_channel(
   at::parallel_for(0, g.N * C, row_grain(L), [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / C, c = plane % C;
-      if (lanes && lanes->valid[n] == 0) { fill_zero(out + plane * L, L); continue; }
-      const auto* keep = lanes ? lanes->keep.data() + n * L : nullptr;
-      const fVec m(kReadsX ? mean[c] : opmath_t(0)), bv(kReadsX ? b[c] : opmath_t(0));
-      const fVec kv(kReadsX ? k[c] : opmath_t(0)), av(kReadsDy ? a[c] : opmath_t(0));
-      vec_loop<V>(L, [&](int64_t l, int64_t w) {
-        const fVec zero(0);
-        const fVec dyv = kReadsDy ? IO::load(dy + plane * L + l, w) : zero;
-        const fVec xm = kReadsX ? IO::load(x + plane * L + l, w) - m : zero;
-        fVec v = value(dyv, xm, av, bv, kv);
-        if (keep) v = v & fVec::loadu(keep + l, w);
-        IO::store(out + plane * L + l, v, w);
+      scalar_t* out_row = out + plane * L;
+      if (lanes && lanes->valid[n] == 0) { fill_zero(out_row, L); continue; }
+      const ChannelCoefficients<opmath_t> coef{
+          fVec(kReadsX ? mean[c] : opmath_t(0)), fVec(kReadsDy ? a[c] : opmath_t(0)),
+          fVec(kReadsX ? b[c] : opmath_t(0)), fVec(kReadsX ? k[c] : opmath_t(0))};
+      const scalar_t* dy_row = kReadsDy ? dy + plane * L : nullptr;
+      const scalar_t* x_row = kReadsX ? x + plane * L : nullptr;
+      int64_t written = 0;  // out_row[0, written) is done
+      for_valid_spans(lanes, n, 0, L, [&](int64_t b0, int64_t e0, const opmath_t* keep) {
+        fill_zero(out_row + written, b0 - written);
+        written = b0 + affine_span<kTerms>(
+            dy_row ? dy_row + b0 : nullptr, x_row ? x_row + b0 : nullptr, keep ? keep + b0 : nullptr, e0 - b0,
+            L - b0, coef, out_row + b0);
       });
+      fill_zero(out_row + written, L - written);
     }
   });
 }

@@ -11,8 +11,11 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/bit_cast.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -156,24 +159,40 @@ inline opmath_t sum_lanes(const Vectorized<opmath_t>& v) {
   }
 }
 
+// Loads the `n` values at p (n <= V) as a vector with the other lanes 0.
+// When a whole vector may be read there (n <= room: the row goes on, as
+// padding), a full load and a blend, not at::vec's partial load (a memcpy
+// through the stack, costly when every run of a masked row ends in one).
+template <typename scalar_t>
+C10_ALWAYS_INLINE typename VecIO<scalar_t>::fVec load_first(const scalar_t* p, int64_t n, int64_t room) {
+  using IO = VecIO<scalar_t>;
+  using fVec = typename IO::fVec;
+  if (n == IO::size()) return IO::load(p);
+  if (room >= IO::size()) return fVec::set(fVec(0), IO::load(p), n);
+  return IO::load(p, n);
+}
+
 // Moments of the `count` valid elements of a contiguous row of length `len`.
 // `keep` is a per-element lane mask (see keep_bits), or nullptr when every
-// element is valid. Corrected two-pass: the row is small enough to be re-read
-// from cache, and the second pass subtracts the residual of the first pass's
-// mean, so data with a large offset keeps its variance. The corrected mean
-// and M2 are formed in MergeT (the correction is below the float mean's ulp).
+// element is valid. `room` >= len: how many elements may be read from x (a
+// run of valid positions inside a longer row). Corrected two-pass: the row
+// is small enough to be re-read from cache, and the second pass subtracts
+// the residual of the first pass's mean, so data with a large offset keeps
+// its variance. The corrected mean and M2 are formed in MergeT (the
+// correction is below the float mean's ulp).
 template <typename scalar_t>
 Moments<MergeT> row_moments(
-    const scalar_t* x, const at::opmath_type<scalar_t>* keep, int64_t len, int64_t count) {
+    const scalar_t* x, const at::opmath_type<scalar_t>* keep, int64_t len, int64_t count, int64_t room = 0) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
   Moments<MergeT> m;
   if (count == 0) return m;
-  const fVec zero(0);
+  room = std::max(room, len);
+  // Valid lanes of x[i, i + n), the rest 0 (keep clears padded lanes bit by bit).
   auto load_valid = [&](int64_t i, int64_t n) {
-    fVec v = IO::load(x + i, n);
+    const fVec v = load_first(x + i, n, room - i);
     return keep ? v & fVec::loadu(keep + i, n) : v;
   };
   // Scalar math: mean = sum(x) / count
@@ -186,9 +205,9 @@ Moments<MergeT> row_moments(
   vec_loop<V>(len - i, [&](int64_t j, int64_t n) { acc0 += load_valid(i + j, n); });
   const opmath_t mean = sum_lanes(acc0 + acc1) / opmath_t(count);
   // Scalar math: d = x - mean; m2 = sum(d * d) - sum(d)^2 / count
-  const fVec mean_vec(mean);
+  const fVec zero(0), mean_vec(mean);
   auto deviation = [&](int64_t i, int64_t n) {
-    fVec d = IO::load(x + i, n) - mean_vec;
+    const fVec d = load_valid(i, n) - mean_vec;
     if (keep) return d & fVec::loadu(keep + i, n);  // tail lanes load as 0: dropped
     return n < V ? fVec::set(zero, d, n) : d;       // drop tail lanes, which hold 0 - mean
   };
@@ -257,29 +276,64 @@ class PerThreadBuffers {
   std::vector<T> data_;
 };
 
-// The padding mask of an (N, L) batch as lane masks (keep_bits), and the number of
-// valid positions in each of the N rows. Used where masked positions sit
-// inside a contiguous row (channels-first batch norm).
+// The padding mask of an (N, L) batch, for loops over contiguous rows of L
+// (channels-first batch norm, group norm): per row, the number of valid
+// positions, their lane masks (keep_bits), and the runs of valid positions.
+// A row with few runs (the usual suffix padding: one) is visited run by run,
+// reading no mask and no padding; a fragmented row in one pass under its lane
+// masks (for_valid_spans).
 template <typename opmath_t>
 struct MaskLanes {
   std::vector<opmath_t> keep;    // N * L lane masks, all bits set where valid
   std::vector<int64_t> valid;    // N counts of valid positions
-  int64_t total = 0;
+  std::vector<int64_t> runs;     // [begin, end) pairs of each row's valid runs, row after row
+  std::vector<int64_t> row_runs; // N + 1: row n's runs are pairs [row_runs[n], row_runs[n + 1])
+  int64_t L = 0, total = 0;
 
   MaskLanes(const MaskByte* pad, int64_t N, int64_t L)
-      : keep(static_cast<size_t>(N * L)), valid(static_cast<size_t>(N)) {
+      : keep(static_cast<size_t>(N * L)), valid(static_cast<size_t>(N)), row_runs(static_cast<size_t>(N + 1)), L(L) {
     for (int64_t n = 0; n < N; ++n) {
       int64_t v = 0;
+      bool in_run = false;
       for (int64_t l = 0; l < L; ++l) {
         const bool ok = pad[n * L + l] == 0;
         keep[n * L + l] = keep_bits<opmath_t>(ok);
         v += ok;
+        if (ok != in_run) runs.push_back(l);  // a run begins or ends
+        in_run = ok;
       }
+      if (in_run) runs.push_back(L);
       valid[n] = v;
       total += v;
+      row_runs[n + 1] = static_cast<int64_t>(runs.size()) / 2;
     }
   }
+
+  // Whether row n is visited run by run: each run costs a partial vector at
+  // each end, so only rows with at most one run per 64 positions (and one
+  // more) are.
+  bool by_runs(int64_t n) const { return row_runs[n + 1] - row_runs[n] <= 1 + L / 64; }
 };
+
+// Calls body(begin, end, keep) over the valid positions of row n of an
+// (N, L) mask within [l0, l1): once per run of valid positions with keep ==
+// nullptr (every position in [begin, end) is valid), or, for a fragmented
+// row, once for all of [l0, l1) with keep = the row's lane masks (indexed by
+// position in the row). Without a mask (lanes == nullptr): body(l0, l1, nullptr).
+template <typename opmath_t, typename Body>
+C10_ALWAYS_INLINE void for_valid_spans(
+    const MaskLanes<opmath_t>* lanes, int64_t n, int64_t l0, int64_t l1, const Body& body) {
+  if (lanes == nullptr) {
+    body(l0, l1, static_cast<const opmath_t*>(nullptr));
+  } else if (!lanes->by_runs(n)) {
+    body(l0, l1, lanes->keep.data() + n * lanes->L);
+  } else {
+    for (int64_t r = lanes->row_runs[n]; r < lanes->row_runs[n + 1]; ++r) {
+      const int64_t begin = std::max(l0, lanes->runs[2 * r]), end = std::min(l1, lanes->runs[2 * r + 1]);
+      if (begin < end) body(begin, end, static_cast<const opmath_t*>(nullptr));
+    }
+  }
+}
 
 // Number of valid (non-padding) rows.
 inline int64_t count_valid(const MaskByte* pad, int64_t rows) {
@@ -289,9 +343,12 @@ inline int64_t count_valid(const MaskByte* pad, int64_t rows) {
   return rows - padded;
 }
 
+// Zeros n values: memset, as +0.0 is all bits zero in every floating type
+// (std::fill over c10::BFloat16/Half stores two bytes at a time).
 template <typename scalar_t>
 inline void fill_zero(scalar_t* p, int64_t n) {
-  std::fill(p, p + n, scalar_t(0));
+  static_assert(std::is_trivially_copyable_v<scalar_t>);
+  if (n > 0) std::memset(static_cast<void*>(p), 0, static_cast<size_t>(n) * sizeof(scalar_t));
 }
 
 }  // namespace masknorm::cpu

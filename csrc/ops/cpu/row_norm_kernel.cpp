@@ -6,6 +6,8 @@
 #include "isa_select.h"
 #include "norm_utils.h"
 
+#include <utility>
+
 namespace masknorm::cpu {
 namespace {
 
@@ -28,6 +30,71 @@ at::opmath_type<scalar_t> mean_of_squares(const scalar_t* x, int64_t len) {
   return sum_lanes(acc0 + acc1) / at::opmath_type<scalar_t>(len);
 }
 
+// The per-row loops are functions of their own so that their pointers are
+// locals: captured by reference from parallel_for's lambda they would be
+// reloaded after every vector store (which may alias anything).
+
+// y = (x - mean) * rstd * w + b over one row of D values (w, b may be null).
+template <typename scalar_t>
+void normalize_row(
+    const at::opmath_type<scalar_t>* x, int64_t D, at::opmath_type<scalar_t> mean, at::opmath_type<scalar_t> rstd,
+    const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b, scalar_t* y) {
+  using IO = VecIO<scalar_t>;
+  using fVec = typename IO::fVec;
+  const fVec mean_v(mean), rstd_v(rstd);
+  vec_loop<IO::size()>(D, [&](int64_t d, int64_t k) {
+    // Scalar math: y = (x - mean) * rstd * w + b
+    fVec v = (fVec::loadu(x + d, k) - mean_v) * rstd_v;
+    if (w) v = v * fVec::loadu(w + d, k);
+    if (b) v = v + fVec::loadu(b + d, k);
+    IO::store(y + d, v, k);
+  });
+}
+
+// The first backward pass over one row, with g = dy * w and xhat = (x - mean)
+// * rstd: dw += dy * xhat, db += dy (each may be null), and returns
+// (sum g, sum g * xhat) when `sums` (dx is wanted).
+template <typename scalar_t>
+std::pair<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> row_gradient_sums(
+    const scalar_t* dy, const scalar_t* x, int64_t D, at::opmath_type<scalar_t> mean, at::opmath_type<scalar_t> rstd,
+    const at::opmath_type<scalar_t>* w, bool sums, at::opmath_type<scalar_t>* dw, at::opmath_type<scalar_t>* db) {
+  using IO = VecIO<scalar_t>;
+  using fVec = typename IO::fVec;
+  const fVec mean_v(mean), rstd_v(rstd);
+  fVec sum_g(0), sum_gx(0);
+  vec_loop<IO::size()>(D, [&](int64_t d, int64_t k) {
+    // Scalar math: xhat = (x - mean) * rstd; g = dy * w;
+    //              sum_g += g; sum_gx += g * xhat; dw += dy * xhat; db += dy
+    const fVec dyv = IO::load(dy + d, k);
+    const fVec xhat = (IO::load(x + d, k) - mean_v) * rstd_v;
+    if (dw) at::vec::fmadd(dyv, xhat, fVec::loadu(dw + d, k)).store(dw + d, k);
+    if (db) (fVec::loadu(db + d, k) + dyv).store(db + d, k);
+    if (sums) {
+      const fVec g = w ? dyv * fVec::loadu(w + d, k) : dyv;  // tail lanes: 0
+      sum_g += g;
+      sum_gx = at::vec::fmadd(g, xhat, sum_gx);
+    }
+  });
+  return {sum_lanes(sum_g), sum_lanes(sum_gx)};
+}
+
+// The second pass: dx = rstd * (g + c_g + xhat * c_x) over one row.
+template <typename scalar_t>
+void row_gradient(
+    const scalar_t* dy, const scalar_t* x, int64_t D, at::opmath_type<scalar_t> mean, at::opmath_type<scalar_t> rstd,
+    const at::opmath_type<scalar_t>* w, at::opmath_type<scalar_t> c_g, at::opmath_type<scalar_t> c_x, scalar_t* dx) {
+  using IO = VecIO<scalar_t>;
+  using fVec = typename IO::fVec;
+  const fVec mean_v(mean), rstd_v(rstd), c_g_v(c_g), c_x_v(c_x);
+  vec_loop<IO::size()>(D, [&](int64_t d, int64_t k) {
+    // Scalar math: dx = rstd * (g + c_g + xhat * c_x)
+    const fVec dyv = IO::load(dy + d, k);
+    const fVec g = w ? dyv * fVec::loadu(w + d, k) : dyv;
+    const fVec xhat = (IO::load(x + d, k) - mean_v) * rstd_v;
+    IO::store(dx + d, rstd_v * at::vec::fmadd(xhat, c_x_v, g + c_g_v), k);
+  });
+}
+
 // out = (x - mean) * rstd * w + b per valid row; mean/rstd saved per row.
 // w, b and mean_out may be null (no weight, no bias, RMS norm). Half types
 // convert each row once (RowScratch); the passes then read floats.
@@ -38,8 +105,6 @@ void row_norm_forward_loop(
     scalar_t* out, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
-  using fVec = typename IO::fVec;
-  constexpr int64_t V = IO::size();
   at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
     RowScratch<scalar_t> scratch(D);
     for (int64_t r = begin; r < end; ++r) {
@@ -62,14 +127,7 @@ void row_norm_forward_loop(
       const opmath_t rstd = opmath_t(1) / std::sqrt(var + opmath_t(eps));
       if (mean_out) mean_out[r] = mean;
       rstd_out[r] = rstd;
-      const fVec mean_v(mean), rstd_v(rstd);
-      vec_loop<V>(D, [&](int64_t d, int64_t k) {
-        // Scalar math: y = (x - mean) * rstd * w + b
-        fVec y = (fVec::loadu(xr + d, k) - mean_v) * rstd_v;
-        if (w) y = y * fVec::loadu(w + d, k);
-        if (b) y = y + fVec::loadu(b + d, k);
-        IO::store(yr + d, y, k);
-      });
+      normalize_row(xr, D, mean, rstd, w, b, yr);
     }
   });
 }
@@ -89,8 +147,6 @@ void row_norm_backward_loop(
     at::opmath_type<scalar_t>* db) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
-  using fVec = typename IO::fVec;
-  constexpr int64_t V = IO::size();
   const bool need_columns = dw || db;
   PerThreadBuffers<opmath_t> columns(need_columns ? D : 0, 2);
   const opmath_t inv_D = opmath_t(1) / opmath_t(D);
@@ -104,32 +160,11 @@ void row_norm_backward_loop(
       }
       const scalar_t* xr = x + r * D;
       const scalar_t* dyr = dy + r * D;
-      const fVec mean_v(centered ? mean[r] : opmath_t(0)), rstd_v(rstd[r]);
-      fVec sum_g(0), sum_gx(0);
-      vec_loop<V>(D, [&](int64_t d, int64_t k) {
-        // Scalar math: xhat = (x - mean) * rstd; g = dy * w;
-        //              sum_g += g; sum_gx += g * xhat; dw += dy * xhat; db += dy
-        const fVec dyv = IO::load(dyr + d, k);
-        const fVec xhat = (IO::load(xr + d, k) - mean_v) * rstd_v;
-        if (dw_local) at::vec::fmadd(dyv, xhat, fVec::loadu(dw_local + d, k)).store(dw_local + d, k);
-        if (db_local) (fVec::loadu(db_local + d, k) + dyv).store(db_local + d, k);
-        if (dx) {
-          const fVec g = w ? dyv * fVec::loadu(w + d, k) : dyv;  // tail lanes: 0
-          sum_g += g;
-          sum_gx = at::vec::fmadd(g, xhat, sum_gx);
-        }
-      });
+      const opmath_t mean_r = centered ? mean[r] : opmath_t(0);
+      const auto [sum_g, sum_gx] = row_gradient_sums(dyr, xr, D, mean_r, rstd[r], w, dx != nullptr, dw_local, db_local);
       if (!dx) continue;
-      const opmath_t c_g = centered ? -sum_lanes(sum_g) * inv_D : opmath_t(0);
-      const fVec c_x(-sum_lanes(sum_gx) * inv_D), c_g_v(c_g);
-      scalar_t* dxr = dx + r * D;
-      vec_loop<V>(D, [&](int64_t d, int64_t k) {
-        // Scalar math: dx = rstd * (g + c_g + xhat * c_x)
-        const fVec dyv = IO::load(dyr + d, k);
-        const fVec g = w ? dyv * fVec::loadu(w + d, k) : dyv;
-        const fVec xhat = (IO::load(xr + d, k) - mean_v) * rstd_v;
-        IO::store(dxr + d, rstd_v * at::vec::fmadd(xhat, c_x, g + c_g_v), k);
-      });
+      const opmath_t c_g = centered ? -sum_g * inv_D : opmath_t(0);
+      row_gradient(dyr, xr, D, mean_r, rstd[r], w, c_g, -sum_gx * inv_D, dx + r * D);
     }
   });
   if (dw) columns.sum_into(dw, 0);

@@ -1,0 +1,105 @@
+"""Channels-first masks of every shape through the CPU kernels.
+
+For (N, C, L) input the CPU kernels visit each row's runs of valid positions
+(reading no padding, ending each run in a whole vector whose lanes past the
+run are cleared), or a fragmented row in one pass under its lane masks
+(csrc/ops/cpu/norm_utils.h: MaskLanes, for_valid_spans). Both must give the
+generic kernels' results, with NaN stored at every padded position (a run's
+last vector reads past the run) and rows of every length around the vector
+width.
+"""
+import pytest
+import torch
+
+import masknorm
+
+LENGTHS = (1, 7, 8, 9, 17, 63, 64, 65, 200)
+
+
+def masks(L, generator):
+    """(name, (4, L) mask) pairs: suffix, prefix and middle padding, holes one
+    position wide, fragmented rows (lane-mask path), all-valid and all-padded rows."""
+    pos = torch.arange(L)
+    rows = {
+        "suffix": pos >= max(1, L * 2 // 3),
+        "prefix": pos < L // 3,
+        "middle": (pos >= L // 4) & (pos < max(L // 4 + 1, L // 2)),
+        "holes": (pos % 5 == 3),
+        "alternating": pos % 2 == 1,
+        "random": torch.rand(L, generator=generator) < 0.4,
+        "none": torch.zeros(L, dtype=torch.bool),
+        "all": torch.ones(L, dtype=torch.bool),
+    }
+    names = list(rows)
+    # Each mask mixes row kinds, so that one call takes both paths.
+    return [(f"{a}+{b}", torch.stack([rows[a], rows[b], rows["none"], rows[a] | rows[b]]))
+            for a, b in zip(names, names[1:] + names[:1])]
+
+
+def nan_padded(x, mask):
+    return x.masked_fill(mask[:, None, :], float("nan"))
+
+
+def native_and_generic(fn):
+    results = []
+    for generic in (False, True):
+        masknorm._C._force_generic_kernels(generic)
+        try:
+            results.append(fn())
+        finally:
+            masknorm._C._force_generic_kernels(False)
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L", LENGTHS)
+def test_batch_norm_stages_agree_with_generic_kernels(L, dtype):
+    g = torch.Generator().manual_seed(L)
+    ops = torch.ops.masknorm
+    C = 3
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for name, mask in masks(L, g):
+        x = nan_padded(torch.randn(4, C, L, generator=g, dtype=torch.float64).mul(3).add(5), mask).to(dtype)
+        dy = nan_padded(torch.randn(4, C, L, generator=g, dtype=torch.float64), mask).to(dtype)
+        opmath = torch.float64 if dtype == torch.float64 else torch.float32
+        weight = torch.randn(C, generator=g, dtype=torch.float64).to(opmath)
+        bias = torch.randn(C, generator=g, dtype=torch.float64).to(opmath)
+
+        def stages():
+            mean, m2, count = ops.batch_norm_stats(x, mask, False)
+            invstd = (m2 / count.clamp_min(1) + 1e-5).rsqrt()
+            y = ops.batch_norm_elemt(x, mask, weight, bias, mean, invstd, False)
+            sum_dy, sum_dy_xhat = ops.batch_norm_backward_reduce(dy, x, mask, mean, invstd, False)
+            dx = ops.batch_norm_backward_elemt(dy, x, mask, weight, mean, invstd, sum_dy, sum_dy_xhat, count, False)
+            dx_given = ops.batch_norm_backward_elemt(dy, x, mask, weight, mean, invstd, None, None, None, False)
+            return mean, m2, count, y, sum_dy, sum_dy_xhat, dx, dx_given
+
+        native, generic = native_and_generic(stages)
+        for what, a, b in zip(("mean", "m2", "count", "y", "sum_dy", "sum_dy_xhat", "dx", "dx_given"), native, generic):
+            msg = f"{name}, L={L}, {dtype}: {what}"
+            assert not a.isnan().any(), msg
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * L, msg=msg)
+        for t in native[3], native[6], native[7]:  # padded positions: exact zeros
+            assert (t.float().masked_select(mask[:, None, :].expand_as(t)) == 0).all(), name
+
+
+@pytest.mark.parametrize("L", LENGTHS)
+def test_group_norm_agrees_with_generic_kernels(L):
+    g = torch.Generator().manual_seed(L)
+    for name, mask in masks(L, g):
+        # InstanceNorm's rule: a sample with exactly one valid position raises on the CPU.
+        if ((~mask).sum(1) == 1).any():
+            continue
+        x = nan_padded(torch.randn(4, 6, L, generator=g, dtype=torch.float64), mask).requires_grad_()
+        weight = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+        dy = torch.randn(4, 6, L, generator=g, dtype=torch.float64)
+
+        def run():
+            y = masknorm.functional.group_norm(x, 3, weight, bias, padding_mask=mask)
+            return (y, *torch.autograd.grad(y, (x, weight, bias), dy))
+
+        native, generic = native_and_generic(run)
+        for a, b in zip(native, generic):
+            assert not a.isnan().any(), name
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"{name}, L={L}")
