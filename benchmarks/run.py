@@ -443,6 +443,13 @@ def plot(results, path):
 
     results = [r for r in results if not r.get("inference")]  # training fwd+bwd only
     shapes = list(dict.fromkeys(r["shape"] for r in results))
+    if not shapes:  # inference rows only: nothing to plot
+        fig, ax = plt.subplots(figsize=(6, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no training rows (inference: see results.md)", ha="center", va="center")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     impls = list(dict.fromkeys(r["impl"] for r in results))
     fig, axes = plt.subplots(len(shapes), 1, figsize=(10, 3.2 * len(shapes)), squeeze=False)
     for ax, shape in zip(axes[:, 0], shapes):

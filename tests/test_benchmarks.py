@@ -28,14 +28,35 @@ def test_quick_benchmark_writes_its_report(tmp_path):
         (shape.name, norm, impl)
         for shape in cases.QUICK_SHAPES
         for norm in shape.norms
-        for impl in cases.implementations(norm, shape.padding > 0, compile_composites=False)
+        for impl in cases.implementations(
+            norm, shape.padding > 0, compile_composites=False, stock_only=shape.inference or shape.small)
     }
     assert {(r["shape"], r["norm"], r["impl"]) for r in data["results"]} == expected
+    assert any(r["inference"] for r in data["results"]) and not all(r["inference"] for r in data["results"])
     for r in data["results"]:
-        for key in ("fwd", "bwd", "fwd+bwd", "fwd_pct_copy", "bwd_pct_copy"):
+        keys = ("fwd", "fwd_pct_copy") if r["inference"] else ("fwd", "bwd", "fwd+bwd", "fwd_pct_copy", "bwd_pct_copy")
+        for key in keys:
             assert math.isfinite(r[key]) and r[key] > 0, (r, key)
-        assert r["peak_bytes"] > 0
+        assert r["inference"] or r["peak_bytes"] > 0
     report = (tmp_path / "results.md").read_text()
-    assert report.count("| masknorm |") == sum(len(s.norms) for s in cases.QUICK_SHAPES)
+    training = [s for s in cases.QUICK_SHAPES if not s.inference]
+    inference = [s for s in cases.QUICK_SHAPES if s.inference]
+    assert report.count("| masknorm |") == sum(len(s.norms) for s in training)
+    assert "## Inference" in report
+    assert sum(report.count(f"| {s.name} |") for s in inference) == sum(len(s.norms) for s in inference)
     assert "## Bars" in report
+    assert "inference vs stock" in report
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_per_call_breakdown_prints_every_layer():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.per_call", "--shape", "2", "8", "16", "--min-run-time", "0.01"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| masknorm") or line.startswith("| stock")]
+    assert len(rows) == 9, proc.stdout
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")[1:]]
+        assert all(float(c) > 0 for c in cells if c), row

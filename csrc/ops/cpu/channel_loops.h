@@ -235,7 +235,7 @@ std::vector<Moments<MergeT>> plane_row_moments(
       if (count == 0) continue;
       const scalar_t* xr = x + row * L;
       Moments<MergeT> m;
-      for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep) {
+      for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep, int64_t) {
         // A span under lane masks is the whole segment, holding `count` valid positions.
         m.merge(row_moments<scalar_t>(xr + b, keep ? keep + b : nullptr, e - b, keep ? count : e - b, L - b));
       });
@@ -312,7 +312,7 @@ void grad_sums(
       const scalar_t* xr = x + plane * L;
       const fVec m(mean[c]);
       fVec s1(0), s2(0);
-      for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep) {
+      for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep, int64_t) {
         vec_loop<V>(e - b, [&](int64_t i, int64_t k) {
           // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
           const int64_t l = b + i;
@@ -393,15 +393,15 @@ struct ChannelArrays {
 
 // One contiguous span of affine_per_channel: out = the formula at the `len`
 // positions, cleared where `keep` (lane masks, or nullptr) says padding.
-// A function of its own so that pointers and coefficients are its locals:
-// captured by reference from parallel_for's lambda, they would be reloaded
-// after every vector store (which may alias anything).
+// Its pointers and coefficients are locals (parameters): captured by
+// reference from parallel_for's lambda, they would be reloaded after every
+// vector store (which may alias anything).
 // `room` >= len: positions that may be read and written from the span's
-// start (to the end of its row); a span ending in padding ends in a whole
+// start (up to the next span or the row's end); a span ending in padding ends in a whole
 // vector, its lanes past the span written as 0. Returns the positions
 // written.
-template <ChannelAffine kTerms, typename scalar_t, typename Coefficients>
-int64_t affine_span(
+template <ChannelAffine kTerms, bool kStream, typename scalar_t, typename Coefficients>
+C10_ALWAYS_INLINE int64_t affine_span(
     const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* keep, int64_t len, int64_t room,
     const Coefficients coef, scalar_t* out) {
   using IO = VecIO<scalar_t>;
@@ -419,21 +419,46 @@ int64_t affine_span(
     fVec v = affine_value<kTerms>(dyv, xm, av, bv, kv);
     return keep ? v & fVec::loadu(keep + i, w) : v;
   };
+  bool stream = false;
+  if constexpr (kStream) stream = StreamIO<scalar_t>::aligned(out);
+  const auto put = [&](int64_t at, const fVec& v) {  // a whole vector at out + at
+    if constexpr (kStream) {
+      if (stream) return StreamIO<scalar_t>::store(out + at, v);
+    }
+    IO::store(out + at, v);
+  };
   int64_t i = 0;
-  for (; i + V <= len; i += V) IO::store(out + i, value(i, V));
+  for (; i + V <= len; i += V) put(i, value(i, V));
   if (i == len) return len;
   if (i + V <= room) {  // a whole vector, the lanes past the span cleared (blend: NaN there cannot stay)
-    IO::store(out + i, fVec::set(fVec(0), value(i, V), len - i));
+    put(i, fVec::set(fVec(0), value(i, V), len - i));
     return i + V;
   }
   IO::store(out + i, value(i, len - i), len - i);
   return len;
 }
 
+// Zeros n values at p, inline (the padded tail of a row is short: a memset
+// call per row cost more than the stores); with kStream, the aligned whole
+// vectors streamed.
+template <bool kStream, typename scalar_t>
+C10_ALWAYS_INLINE void zero_span(scalar_t* p, int64_t n) {
+  using SIO = StreamIO<scalar_t>;
+  using Packed = Vectorized<scalar_t>;
+  int64_t i = 0;
+  if constexpr (kStream) {
+    for (; i < n && !SIO::aligned(p + i); ++i) p[i] = scalar_t(0);
+    for (; i + SIO::fVec::size() <= n; i += SIO::fVec::size()) SIO::store(p + i, typename SIO::fVec(0));
+  }
+  for (; i + Packed::size() <= n; i += Packed::size()) Packed(scalar_t(0)).store(p + i);
+  for (; i < n; ++i) p[i] = scalar_t(0);
+}
+
 // One loop for the normalization and the input gradient, so all stages see
 // the same traversal of both layouts. Padded positions are written as 0;
 // channels-first rows read only their valid runs where the mask has few
-// (for_valid_spans).
+// (for_valid_spans). Outputs of kStreamingBytes and more are written with
+// streaming stores.
 template <ChannelAffine kTerms, typename scalar_t>
 void affine_per_channel(
     const BatchNormLayout& g, const scalar_t* dy, const scalar_t* x, const MaskByte* pad,
@@ -444,40 +469,50 @@ void affine_per_channel(
   using fVec = Vectorized<opmath_t>;
   constexpr bool kReadsX = kTerms != ChannelAffine::kGradientOfDy;
   constexpr bool kReadsDy = kTerms != ChannelAffine::kNormalize;
-  const int64_t C = g.C;
-  if (g.channels_last) {
-    const ChannelArrays<opmath_t> coef{mean, a, b, k};
-    at::parallel_for(0, g.positions(), row_grain(C), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        if (pad && pad[r] != 0) { fill_zero(out + r * C, C); continue; }
-        affine_span<kTerms>(
-            kReadsDy ? dy + r * C : nullptr, kReadsX ? x + r * C : nullptr, static_cast<const opmath_t*>(nullptr),
-            C, C, coef, out + r * C);
-      }
-    });
-    return;
-  }
-  const int64_t L = g.L;
-  at::parallel_for(0, g.N * C, row_grain(L), [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / C, c = plane % C;
-      scalar_t* out_row = out + plane * L;
-      if (lanes && lanes->valid[n] == 0) { fill_zero(out_row, L); continue; }
-      const ChannelCoefficients<opmath_t> coef{
-          fVec(kReadsX ? mean[c] : opmath_t(0)), fVec(kReadsDy ? a[c] : opmath_t(0)),
-          fVec(kReadsX ? b[c] : opmath_t(0)), fVec(kReadsX ? k[c] : opmath_t(0))};
-      const scalar_t* dy_row = kReadsDy ? dy + plane * L : nullptr;
-      const scalar_t* x_row = kReadsX ? x + plane * L : nullptr;
-      int64_t written = 0;  // out_row[0, written) is done
-      for_valid_spans(lanes, n, 0, L, [&](int64_t b0, int64_t e0, const opmath_t* keep) {
-        fill_zero(out_row + written, b0 - written);
-        written = b0 + affine_span<kTerms>(
-            dy_row ? dy_row + b0 : nullptr, x_row ? x_row + b0 : nullptr, keep ? keep + b0 : nullptr, e0 - b0,
-            L - b0, coef, out_row + b0);
+  const int64_t C = g.C, L = g.L;
+  const auto run = [&](auto streaming) {
+    constexpr bool kStream = decltype(streaming)::value;
+    if (g.channels_last) {
+      const ChannelArrays<opmath_t> coef{mean, a, b, k};
+      at::parallel_for(0, g.positions(), row_grain(C), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          if (pad && pad[r] != 0) { zero_span<kStream>(out + r * C, C); continue; }
+          affine_span<kTerms, kStream>(
+              kReadsDy ? dy + r * C : nullptr, kReadsX ? x + r * C : nullptr, static_cast<const opmath_t*>(nullptr),
+              C, C, coef, out + r * C);
+        }
+        if constexpr (kStream) stream_fence();
       });
-      fill_zero(out_row + written, L - written);
+      return;
     }
-  });
+    at::parallel_for(0, g.N * C, row_grain(L), [&](int64_t begin, int64_t end) {
+      // plane = n * C + c, stepped without a division per plane (rows may be short)
+      for (int64_t plane = begin, n = begin / C, c = begin % C; plane < end; ++plane, ++c) {
+        if (c == C) { c = 0; ++n; }
+        scalar_t* out_row = out + plane * L;
+        if (lanes && lanes->valid[n] == 0) { zero_span<kStream>(out_row, L); continue; }
+        const ChannelCoefficients<opmath_t> coef{
+            fVec(kReadsX ? mean[c] : opmath_t(0)), fVec(kReadsDy ? a[c] : opmath_t(0)),
+            fVec(kReadsX ? b[c] : opmath_t(0)), fVec(kReadsX ? k[c] : opmath_t(0))};
+        const scalar_t* dy_row = kReadsDy ? dy + plane * L : nullptr;
+        const scalar_t* x_row = kReadsX ? x + plane * L : nullptr;
+        int64_t written = 0;  // out_row[0, written) is done
+        for_valid_spans(lanes, n, 0, L, [&](int64_t b0, int64_t e0, const opmath_t* keep, int64_t next) {
+          zero_span<kStream>(out_row + written, b0 - written);
+          // Up to the next span: its positions are written once, in order.
+          written = b0 + affine_span<kTerms, kStream>(
+              dy_row ? dy_row + b0 : nullptr, x_row ? x_row + b0 : nullptr, keep ? keep + b0 : nullptr, e0 - b0,
+              next - b0, coef, out_row + b0);
+        });
+        zero_span<kStream>(out_row + written, L - written);
+      }
+      if constexpr (kStream) stream_fence();
+    });
+  };
+  if constexpr (StreamIO<scalar_t>::kStreams) {
+    if (g.N * C * L * int64_t(sizeof(scalar_t)) >= kStreamingBytes) return run(std::true_type{});
+  }
+  run(std::false_type{});
 }
 
 }  // namespace masknorm::cpu

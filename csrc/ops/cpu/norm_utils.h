@@ -56,6 +56,42 @@ struct VecIO {
   }
 };
 
+// Streaming (non-temporal) stores, for outputs too large to stay in cache
+// (kStreamingBytes and up): written to memory without first reading the
+// lines they overwrite, as a plain store does, so an elementwise pass moves
+// two thirds of the bytes. A whole vector at a time, at an address aligned
+// to its size (aligned()); stream_fence() when a thread is done. float and
+// double only (kStreams): half types are bound by their conversions, not by
+// memory. Builds without AVX2/AVX512 store plainly.
+constexpr int64_t kStreamingBytes = int64_t(8) << 20;
+
+template <typename scalar_t>
+struct StreamIO {
+  using fVec = typename VecIO<scalar_t>::fVec;
+  static constexpr bool kStreams = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+
+  static bool aligned(const scalar_t* p) { return reinterpret_cast<uintptr_t>(p) % sizeof(fVec) == 0; }
+
+  static C10_ALWAYS_INLINE void store(scalar_t* p, const fVec& v) {
+    static_assert(kStreams, "streaming stores are for float and double");
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, float>) _mm512_stream_ps(p, v);
+    else _mm512_stream_pd(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, float>) _mm256_stream_ps(p, v);
+    else _mm256_stream_pd(p, v);
+#else
+    v.store(p);
+#endif
+  }
+};
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // A row of bfloat16/float16 values converted once to the accumulation type
 // (a buffer per thread, reused row after row), so that the passes over the
 // row read floats from cache instead of converting again. For float and
@@ -315,22 +351,26 @@ struct MaskLanes {
   bool by_runs(int64_t n) const { return row_runs[n + 1] - row_runs[n] <= 1 + L / 64; }
 };
 
-// Calls body(begin, end, keep) over the valid positions of row n of an
-// (N, L) mask within [l0, l1): once per run of valid positions with keep ==
-// nullptr (every position in [begin, end) is valid), or, for a fragmented
-// row, once for all of [l0, l1) with keep = the row's lane masks (indexed by
-// position in the row). Without a mask (lanes == nullptr): body(l0, l1, nullptr).
+// Calls body(begin, end, keep, next) over the valid positions of row n of
+// an (N, L) mask within [l0, l1): once per run of valid positions with keep
+// == nullptr (every position in [begin, end) is valid), or, for a
+// fragmented row, once for all of [l0, l1) with keep = the row's lane masks
+// (indexed by position in the row). Without a mask (lanes == nullptr):
+// body(l0, l1, nullptr, l1). `next` is where the next span begins (l1 after
+// the last): [end, next) is padding, which a loop may write as 0.
 template <typename opmath_t, typename Body>
 C10_ALWAYS_INLINE void for_valid_spans(
     const MaskLanes<opmath_t>* lanes, int64_t n, int64_t l0, int64_t l1, const Body& body) {
   if (lanes == nullptr) {
-    body(l0, l1, static_cast<const opmath_t*>(nullptr));
+    body(l0, l1, static_cast<const opmath_t*>(nullptr), l1);
   } else if (!lanes->by_runs(n)) {
-    body(l0, l1, lanes->keep.data() + n * lanes->L);
+    body(l0, l1, lanes->keep.data() + n * lanes->L, l1);
   } else {
-    for (int64_t r = lanes->row_runs[n]; r < lanes->row_runs[n + 1]; ++r) {
+    const int64_t last = lanes->row_runs[n + 1];
+    for (int64_t r = lanes->row_runs[n]; r < last; ++r) {
       const int64_t begin = std::max(l0, lanes->runs[2 * r]), end = std::min(l1, lanes->runs[2 * r + 1]);
-      if (begin < end) body(begin, end, static_cast<const opmath_t*>(nullptr));
+      const int64_t next = r + 1 < last ? std::min(l1, lanes->runs[2 * r + 2]) : l1;
+      if (begin < end) body(begin, end, static_cast<const opmath_t*>(nullptr), next);
     }
   }
 }
