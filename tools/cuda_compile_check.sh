@@ -26,7 +26,7 @@ CUDA_HOME=$CUDA PATH=$CUDA/bin:$PATH CPATH=$SITE/nvidia/cu13/include \
 LIB=$(ls "$BUILD"/lib/masknorm/_C.*.so)
 # The CUDA kernels and their registration must be in the library.
 nm -C "$LIB" > "$BUILD/symbols"
-for kernel in row_norm_forward_kernel row_norm_backward_kernel reduce_inner_kernel elemt_outer_kernel merge_stats_kernel; do
+for kernel in row_norm_forward_kernel row_norm_backward_kernel reduce_channels_last_kernel elemt_channels_first_kernel merge_stats_kernel; do
   grep -q "masknorm::cuda::.*$kernel" "$BUILD/symbols" || { echo "cuda_compile_check: $kernel missing from $LIB" >&2; exit 1; }
 done
 readelf -S "$LIB" > "$BUILD/sections"

@@ -63,11 +63,11 @@ class Mutant:
 MUTANTS: List[Mutant] = [
     # ---------------------------------------------------------------- CPU kernels
     Mutant("chan_merge_chunk", "csrc/ops/cpu/channel_loops.h",
-           "m2[c] += cm2 + delta * delta * nf;", "m2[c] += cm2;",
+           "nf = MergeT(n) * f;", "nf = MergeT(0) * f;",
            "BN chunk merge drops the between-chunk variance term (Chan)"),
     Mutant("chan_merge_moments", "csrc/ops/cpu/norm_utils.h",
-           "m2 += other.m2 + delta * delta * opmath_t(count) * w;", "m2 += other.m2;",
-           "Moments::merge (threads, rows, parts) drops the between-group variance term"),
+           "m2 += part_m2 + delta * delta * nf;", "m2 += part_m2;",
+           "chan_merge (chunks, threads, rows, parts) drops the between-group variance term"),
     Mutant("running_var_biased", "csrc/ops/cpu/batch_norm_kernel.cpp",
            "double(acc.m2) / double(acc.count - 1)", "double(acc.m2) / double(acc.count)",
            "running variance divides by count instead of count - 1 (biased)"),
@@ -107,10 +107,8 @@ MUTANTS: List[Mutant] = [
            "if (centered) v = v - masked_mean(g);", "(void)centered;",
            "double-backward composite drops dx's mean(g) term"),
     Mutant("autograd_bias_grad", "csrc/ops/autograd/norm_autograd.cpp",
-           "channels_last;\n    ctx->saved_data[\"output_mask\"] =\n"
-           "        std::vector<bool>{input.requires_grad(), wants_grad(weight), wants_grad(bias)};",
-           "channels_last;\n    ctx->saved_data[\"output_mask\"] =\n"
-           "        std::vector<bool>{input.requires_grad(), wants_grad(weight), wants_grad(weight)};",
+           "channels_last;\n    save_output_mask(ctx, input, weight, bias);",
+           "channels_last;\n    save_output_mask(ctx, input, weight, weight);",
            "BN autograd asks for the bias gradient when the weight needs one"),
     # ---------------------------------------------------------------- Python
     Mutant("fake_2d_channels_last", "python/masknorm/_ops.py",

@@ -258,7 +258,7 @@ Tensor run_backward_elemt(
 
 // Number of valid positions (the same for every channel), an int64 scalar on input's device.
 Tensor valid_positions(const Prepared& p) {
-  if (!p.mask.defined()) return at::scalar_tensor(p.layout.rows(), p.stat_options.dtype(at::kLong));
+  if (!p.mask.defined()) return at::scalar_tensor(p.layout.positions(), p.stat_options.dtype(at::kLong));
   return p.mask.numel() - p.mask.sum(at::kLong);
 }
 
@@ -292,7 +292,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
     // devices without data checks raise too (after counting the batch, as
     // torch); where data checks run, run_merge_stats has raised on the count.
     TORCH_CHECK_VALUE(
-        p.mask.defined() || p.layout.rows() != 1,
+        p.mask.defined() || p.layout.positions() != 1,
         op, ": expected more than 1 value per channel when training, got input of shape ", input.sizes());
   } else {
     check_eps(eps, op, "in eval", /*positive=*/false);

@@ -8,7 +8,8 @@
 //   cuda/     CUDA kernels, built when torch has CUDA (cuda/kernel_table.cu)
 //   generic/  ATen ops: any device torch supports, and the reference for the others
 //
-// Every tensor in an Args struct is contiguous and on the input's device.
+// Every tensor in an Args struct is contiguous and on the input's device. The
+// CPU and CUDA loops take its pointers with arg_pointers.h.
 // "opmath" is the accumulation dtype: float32 for float16/bfloat16/float32
 // input, float64 for float64. Optional tensors are undefined when absent.
 // Adding an argument to a kernel: add a field to its struct, fill it in the
@@ -21,16 +22,29 @@
 
 namespace masknorm {
 
-// A batch-norm input as kernels see it.
-//  channels_inner: rows of C contiguous channels, one mask entry per row:
-//    (N, C) input, and (N, L, C) input with channels_last (layouts NC, NLC).
+// A batch-norm input as kernels see it, built from the input's shape and the
+// ops' channels_last (tensor_utils.h: batch_norm_layout):
+//  channels_last: C is the contiguous dim, rows of C channels, one mask entry
+//    per row: (N, C) input (L = 1) and (N, L, C) input (layouts NC, NLC).
 //  otherwise: (N, C, L) planes, the (N, L) mask selects positions inside
 //    each row of L (layout NCL).
+// In memory both are (outer, C, inner). N stays apart from L for the loops
+// that run per sample (group norm).
 struct BatchNormLayout {
   int64_t N = 0, C = 0, L = 1;
-  bool channels_inner = true;
-  int64_t rows() const { return N * L; }  // positions, each with C channels
+  bool channels_last = true;
+  int64_t positions() const { return N * L; }  // each with C channels
+  int64_t outer() const { return channels_last ? N * L : N; }
+  int64_t inner() const { return channels_last ? 1 : L; }
 };
+
+// The layout the CPU and CUDA loops run: NCL input with L = 1 is (N, C) in
+// memory and its (N, 1) mask an (N,) one, so it runs as channels_last
+// (vectors along C, work split along N).
+inline BatchNormLayout loop_layout(const BatchNormLayout& layout) {
+  if (layout.channels_last || layout.L != 1) return layout;
+  return BatchNormLayout{layout.N, layout.C, 1, true};
+}
 
 // Layer norm (centered) and RMS norm (mean fixed at 0, no bias) of `rows`
 // rows of `width` values: output = (x - mean) * rstd * weight + bias on valid

@@ -33,7 +33,7 @@ BatchNormLayout batch_norm_layout(const at::Tensor& input, bool channels_last) {
   } else {
     g.C = input.size(1);
     g.L = input.size(2);
-    g.channels_inner = false;
+    g.channels_last = false;
   }
   return g;
 }
@@ -63,7 +63,7 @@ NormAxes batch_norm_axes(const at::Tensor& input, const at::Tensor& padding_mask
 
 std::vector<int64_t> group_norm_view(const BatchNormLayout& layout, int64_t groups) {
   const int64_t D = groups > 0 ? layout.C / groups : 0;
-  if (layout.channels_inner) return {layout.N, layout.L, groups, D};
+  if (layout.channels_last) return {layout.N, layout.L, groups, D};
   return {layout.N, groups, D, layout.L};
 }
 
@@ -71,7 +71,7 @@ NormAxes group_norm_axes(const BatchNormLayout& layout, int64_t groups, const at
   NormAxes axes;
   const int64_t N = layout.N, L = layout.L, D = groups > 0 ? layout.C / groups : 0;
   std::vector<int64_t> mask_view;
-  if (layout.channels_inner) {
+  if (layout.channels_last) {
     axes.stat_dims = {1, 3};
     axes.param_dims = {0, 1};
     axes.param_view = {1, 1, groups, D};

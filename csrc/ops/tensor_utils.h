@@ -40,8 +40,8 @@ struct NormAxes {
 NormAxes batch_norm_axes(const at::Tensor& input, const at::Tensor& padding_mask, bool channels_last);
 
 // Group norm of a batch-norm layout with `groups` groups, on the input
-// viewed as group_norm_view(layout, groups): (N, G, C / G, L) channels outer,
-// (N, L, G, C / G) channels inner. Statistics per (sample, group) over the
+// viewed as group_norm_view(layout, groups): (N, G, C / G, L) channels first,
+// (N, L, G, C / G) channels last. Statistics per (sample, group) over the
 // group's channels and the sample's valid positions; parameter gradients per
 // channel, summed over samples and positions.
 std::vector<int64_t> group_norm_view(const BatchNormLayout& layout, int64_t groups);

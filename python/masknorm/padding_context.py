@@ -20,7 +20,7 @@ active (``_any_active``), so batches with new lengths and the same padded shape
 reuse the graph.
 
 Neighbours: modules.py (the callers of :func:`mask_for`), convert.py
-(attaches the convolution hooks), masks.py (masks from lengths).
+(attaches the convolution hooks), masks.py (masks from lengths, the lengths check).
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from .masks import check_lengths
 
 __all__ = ["mask_for", "padding", "track_convolutions"]
 
@@ -159,12 +161,7 @@ _active_lock = threading.Lock()
 def _check_lengths(lengths: Tensor) -> Tensor:
     if not isinstance(lengths, Tensor):
         raise TypeError(f"masknorm.padding: expected lengths to be a tensor, but got {type(lengths).__name__}")
-    if lengths.dim() != 1:
-        raise ValueError(f"masknorm.padding: expected lengths of shape (N,), but got shape {list(lengths.shape)}")
-    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise TypeError(f"masknorm.padding: expected integer lengths, but got dtype {lengths.dtype}")
-    if lengths.numel() and bool((lengths < 0).any()):
-        raise ValueError(f"masknorm.padding: expected lengths >= 0, but got {lengths.tolist()}")
+    check_lengths(lengths, "masknorm.padding")
     return lengths.to(torch.int64)
 
 

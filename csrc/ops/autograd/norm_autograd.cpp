@@ -24,6 +24,7 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <array>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -66,6 +67,16 @@ class Saved {
 
 std::optional<Tensor> maybe(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
 bool wants_grad(const std::optional<Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); }
+
+// Which gradients backward computes (input, weight, bias), saved by forward.
+void save_output_mask(
+    AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias) {
+  ctx->saved_data["output_mask"] = std::vector<bool>{input.requires_grad(), wants_grad(weight), wants_grad(bias)};
+}
+std::array<bool, 3> saved_output_mask(AutogradContext* ctx) {
+  const auto mask = ctx->saved_data["output_mask"].toBoolList();
+  return {mask[0], mask[1], mask[2]};
+}
 
 template <typename Norm, typename = void>
 struct HasBias : std::false_type {};
@@ -139,19 +150,17 @@ struct BatchNorm {
                      {"weight", weight.value_or(Tensor())}, {"save_mean", save_mean}, {"save_invstd", save_invstd}});
     ctx->saved_data["training"] = training;
     ctx->saved_data["channels_last"] = channels_last;
-    ctx->saved_data["output_mask"] =
-        std::vector<bool>{input.requires_grad(), wants_grad(weight), wants_grad(bias)};
+    save_output_mask(ctx, input, weight, bias);
     ctx->mark_non_differentiable({save_mean, save_invstd});
     return {output, save_mean, save_invstd};
   }
 
   static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
     const Saved saved(ctx);
-    const auto mask = ctx->saved_data["output_mask"].toBoolList();
     std::tie(grads[kInput], grads[kWeight], grads[kBias]) = batch_norm_backward(
         grad_output, saved["input"], maybe(saved["padding_mask"]), maybe(saved["weight"]), saved["save_mean"],
         saved["save_invstd"], ctx->saved_data["training"].toBool(), ctx->saved_data["channels_last"].toBool(),
-        {mask[0], mask[1], mask[2]});
+        saved_output_mask(ctx));
   }
 };
 
@@ -169,19 +178,17 @@ struct LayerNorm {
     save_named(ctx, {{"input", input}, {"padding_mask", padding_mask.value_or(Tensor())},
                      {"weight", weight.value_or(Tensor())}, {"mean", mean}, {"rstd", rstd}});
     ctx->saved_data["normalized_shape"] = normalized_shape.vec();
-    ctx->saved_data["output_mask"] =
-        std::vector<bool>{input.requires_grad(), wants_grad(weight), wants_grad(bias)};
+    save_output_mask(ctx, input, weight, bias);
     ctx->mark_non_differentiable({mean, rstd});
     return {output, mean, rstd};
   }
 
   static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
     const Saved saved(ctx);
-    const auto mask = ctx->saved_data["output_mask"].toBoolList();
     std::tie(grads[kInput], grads[kWeight], grads[kBias]) = layer_norm_backward(
         grad_output, saved["input"], ctx->saved_data["normalized_shape"].toIntVector(),
         maybe(saved["padding_mask"]), saved["mean"], saved["rstd"], maybe(saved["weight"]),
-        {mask[0], mask[1], mask[2]});
+        saved_output_mask(ctx));
   }
 };
 
@@ -196,14 +203,14 @@ struct RMSNorm {
     save_named(ctx, {{"input", input}, {"padding_mask", padding_mask.value_or(Tensor())},
                      {"weight", weight.value_or(Tensor())}, {"rstd", rstd}});
     ctx->saved_data["normalized_shape"] = normalized_shape.vec();
-    ctx->saved_data["output_mask"] = std::vector<bool>{input.requires_grad(), wants_grad(weight)};
+    save_output_mask(ctx, input, weight, std::nullopt);
     ctx->mark_non_differentiable({rstd});
     return {output, rstd};
   }
 
   static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
     const Saved saved(ctx);
-    const auto mask = ctx->saved_data["output_mask"].toBoolList();
+    const auto mask = saved_output_mask(ctx);
     std::tie(grads[kInput], grads[kWeight]) = rms_norm_backward(
         grad_output, saved["input"], ctx->saved_data["normalized_shape"].toIntVector(),
         maybe(saved["padding_mask"]), saved["rstd"], maybe(saved["weight"]), {mask[0], mask[1]});
@@ -222,17 +229,16 @@ void save_group_norm(
                    {"weight", weight.value_or(Tensor())}, {"mean", mean}, {"rstd", rstd}});
   ctx->saved_data["num_groups"] = num_groups;
   ctx->saved_data["channels_last"] = channels_last;
-  ctx->saved_data["output_mask"] = std::vector<bool>{input.requires_grad(), wants_grad(weight), wants_grad(bias)};
+  save_output_mask(ctx, input, weight, bias);
   ctx->mark_non_differentiable({mean, rstd});
 }
 
 std::tuple<Tensor, Tensor, Tensor> group_norm_backward_of(AutogradContext* ctx, const Tensor& grad_output) {
   const Saved saved(ctx);
-  const auto mask = ctx->saved_data["output_mask"].toBoolList();
   return group_norm_backward(
       grad_output, saved["input"], maybe(saved["padding_mask"]), maybe(saved["weight"]), saved["mean"],
       saved["rstd"], ctx->saved_data["num_groups"].toInt(), ctx->saved_data["channels_last"].toBool(),
-      {mask[0], mask[1], mask[2]});
+      saved_output_mask(ctx));
 }
 
 struct GroupNorm {

@@ -4,9 +4,9 @@
 // arguments and prepared contiguous tensors and outputs.
 //
 // Two memory layouts, one set of formulas:
-//  - "channels inner": rows of C contiguous channels, one mask entry per row
+//  - "channels last": rows of C contiguous channels, one mask entry per row
 //    (layouts NC and NLC).
-//  - "channels outer": (N, C, L) planes; the mask (N, L) selects positions
+//  - "channels first": (N, C, L) planes; the mask (N, L) selects positions
 //    inside each contiguous row of L (layout NCL).
 // Statistics come from two-pass moments of L2-sized chunks of rows, or
 // corrected two-pass moments of each plane row, merged with Chan's formula;
@@ -29,14 +29,14 @@ void batch_norm_stats(const BatchNormStatsArgs& a) {
     opmath_t* mean = a.mean.mutable_data_ptr<opmath_t>();
     opmath_t* m2 = a.m2.mutable_data_ptr<opmath_t>();
     int64_t count;
-    if (g.channels_inner) {
-      count = count_valid(pad, g.rows());
-      moments_channels_inner<scalar_t>(x, pad, g.rows(), g.C, mean, m2);
+    if (g.channels_last) {
+      count = count_valid(pad, g.positions());
+      moments_channels_last<scalar_t>(x, pad, g.positions(), g.C, mean, m2);
     } else {
       std::optional<MaskLanes<opmath_t>> lanes;
       if (pad) lanes.emplace(pad, g.N, g.L);
-      count = lanes ? lanes->total : g.rows();
-      moments_channels_outer<scalar_t>(x, lanes ? &*lanes : nullptr, g.N, g.C, g.L, mean, m2);
+      count = lanes ? lanes->total : g.positions();
+      moments_channels_first<scalar_t>(x, lanes ? &*lanes : nullptr, g.N, g.C, g.L, mean, m2);
     }
     *a.count.mutable_data_ptr<int64_t>() = count;
   });
@@ -91,7 +91,7 @@ void batch_norm_elemt(const BatchNormElemtArgs& a) {
       beta[c] = b ? b[c] : opmath_t(0);
     }
     std::optional<MaskLanes<opmath_t>> lanes;
-    if (pad && !g.channels_inner) lanes.emplace(pad, g.N, g.L);
+    if (pad && !g.channels_last) lanes.emplace(pad, g.N, g.L);
     affine_per_channel<ChannelAffine::kNormalize, scalar_t>(
         g, nullptr, a.input.const_data_ptr<scalar_t>(), pad, lanes ? &*lanes : nullptr,
         a.mean.const_data_ptr<opmath_t>(), nullptr, alpha.data(), beta.data(), a.output.mutable_data_ptr<scalar_t>());
@@ -104,7 +104,7 @@ void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_backward_reduce", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     std::optional<MaskLanes<opmath_t>> lanes;
-    if (pad && !g.channels_inner) lanes.emplace(pad, g.N, g.L);
+    if (pad && !g.channels_last) lanes.emplace(pad, g.N, g.L);
     opmath_t* sum_dy = a.sum_dy.mutable_data_ptr<opmath_t>();
     opmath_t* sum_dy_xhat = a.sum_dy_xhat.mutable_data_ptr<opmath_t>();
     grad_sums<scalar_t>(
@@ -138,7 +138,7 @@ void batch_norm_backward_elemt(const BatchNormBackwardElemtArgs& a) {
       }
     }
     std::optional<MaskLanes<opmath_t>> lanes;
-    if (pad && !g.channels_inner) lanes.emplace(pad, g.N, g.L);
+    if (pad && !g.channels_last) lanes.emplace(pad, g.N, g.L);
     const scalar_t* dy = a.grad_output.const_data_ptr<scalar_t>();
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
     const opmath_t* mean = a.mean.const_data_ptr<opmath_t>();

@@ -17,17 +17,9 @@
 
 namespace masknorm::cpu {
 
-// The layout the loops run: NCL input with L = 1 is (N, C) in memory and its
-// (N, 1) mask an (N,) one, so the channels-inner loops (vectorized over
-// channels, parallel over rows) serve it.
-inline BatchNormLayout loop_layout(const BatchNormLayout& g) {
-  if (g.channels_inner || g.L != 1) return g;
-  return BatchNormLayout{g.N, g.C, 1, true};
-}
-
 // ---------------------------------------------------------------- statistics
 
-// The two passes of moments_channels_inner over one chunk's valid rows
+// The two passes of moments_channels_last over one chunk's valid rows
 // [first, last), for a block of NV vectors of channels from c0 (the last
 // vector holding `last_lanes` lanes): accumulators stay in registers while
 // the rows go by (the chunk is in cache), and are stored once.
@@ -146,7 +138,7 @@ C10_ALWAYS_INLINE void column_blocks(int64_t C, const Block& block) {
 // (out_t: the accumulation type, or MergeT for callers that merge the
 // channels' moments further, as group norm does.)
 template <typename scalar_t, typename out_t = at::opmath_type<scalar_t>>
-void moments_channels_inner(
+void moments_channels_last(
     const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t C, out_t* mean_out, out_t* m2_out) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
@@ -183,16 +175,13 @@ void moments_channels_inner(
       });
       // Scalar math (MergeT): the chunk's corrected moments
       //   cm = chunk_mean + dsum / k; cm2 = chunk_m2 - dsum^2 / k
-      // merged into the thread's (Chan): delta = cm - mean; f = k / (n + k);
-      //   mean += delta * f; m2 += cm2 + delta^2 * n * f
+      // merged into the thread's (chan_merge, f = k / (n + k))
       const MergeT kd = MergeT(k), f = kd / MergeT(n + k), nf = MergeT(n) * f;
       for (int64_t c = 0; c < C; ++c) {
         const MergeT ds = chunk_dsum[c];
         const MergeT cm = MergeT(chunk_mean[c]) + ds / kd;
         const MergeT cm2 = std::max(MergeT(chunk_m2[c]) - ds * ds / kd, MergeT(0));
-        const MergeT delta = cm - mean[c];
-        mean[c] += delta * f;
-        m2[c] += cm2 + delta * delta * nf;
+        chan_merge(mean[c], m2[c], cm, cm2, f, nf);
       }
       n += k;
     }
@@ -207,7 +196,7 @@ void moments_channels_inner(
   }
 }
 
-// Channels-outer reductions split each (n, c) row of L into segments of at
+// Channels-first reductions split each (n, c) row of L into segments of at
 // most this many positions, so that few long rows ((1, 8, 1M)) still keep
 // every thread busy. A fixed length, not one derived from the thread count:
 // the same segments, so the same result, for any number of threads.
@@ -264,7 +253,7 @@ std::vector<Moments<MergeT>> plane_row_moments(
 // Per-channel moments of (N, C, L) planes: the rows' moments merged per
 // channel in order of n (in MergeT), the same result for any thread count.
 template <typename scalar_t>
-void moments_channels_outer(
+void moments_channels_first(
     const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C,
     int64_t L, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -290,12 +279,12 @@ void grad_sums(
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
   const int64_t C = g.C;
-  if (g.channels_inner) {
+  if (g.channels_last) {
     // Chunks of rows whose dy and x stay in L2 while the blocks of channels
-    // go through them (as moments_channels_inner).
+    // go through them (as moments_channels_last).
     const int64_t chunk_rows = std::clamp<int64_t>((128 * 1024) / std::max<int64_t>(1, C * int64_t(sizeof(scalar_t))), 1, 64);
     PerThreadBuffers<opmath_t> partial(C, 2);
-    at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.positions(), row_grain(C), [&](int64_t begin, int64_t end) {
       opmath_t* s1 = partial.local(0);
       opmath_t* s2 = partial.local(1);
       for (int64_t first = begin; first < end; first += chunk_rows) {
@@ -309,7 +298,7 @@ void grad_sums(
     partial.sum_into(sum_dy_xmu, 1);
     return;
   }
-  // Channels outer: sums per segment of each (n, c) row in parallel, then
+  // Channels first: sums per segment of each (n, c) row in parallel, then
   // per channel in order of n and segment (the same result for any thread count).
   const int64_t L = g.L, S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
   std::vector<opmath_t> parts(static_cast<size_t>(g.N * C * S * 2), opmath_t(0));
@@ -381,8 +370,8 @@ C10_ALWAYS_INLINE fVec affine_value(const fVec& dy, const fVec& xm, const fVec& 
   else return dy * a;
 }
 
-// A row's coefficients: one channel's, broadcast along a channels-outer row,
-// or each channel's own along a channels-inner row (arrays indexed by lane).
+// A row's coefficients: one channel's, broadcast along a channels-first row,
+// or each channel's own along a channels-last row (arrays indexed by lane).
 template <typename opmath_t>
 struct ChannelCoefficients {
   using fVec = Vectorized<opmath_t>;
@@ -467,7 +456,7 @@ C10_ALWAYS_INLINE void zero_span(scalar_t* p, int64_t n) {
 
 // One loop for the normalization and the input gradient, so all stages see
 // the same traversal of both layouts. Padded positions are written as 0;
-// channels-outer rows read only their valid runs where the mask has few
+// channels-first rows read only their valid runs where the mask has few
 // (for_valid_spans). Outputs of kStreamingBytes and more are written with
 // streaming stores.
 template <ChannelAffine kTerms, typename scalar_t>
@@ -483,9 +472,9 @@ void affine_per_channel(
   const int64_t C = g.C, L = g.L;
   const auto run = [&](auto streaming) {
     constexpr bool kStream = decltype(streaming)::value;
-    if (g.channels_inner) {
+    if (g.channels_last) {
       const ChannelArrays<opmath_t> coef{mean, a, b, k};
-      at::parallel_for(0, g.rows(), row_grain(C), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, g.positions(), row_grain(C), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           if (pad && pad[r] != 0) { zero_span<kStream>(out + r * C, C); continue; }
           affine_span<kTerms, kStream>(

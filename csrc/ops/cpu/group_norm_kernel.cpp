@@ -52,10 +52,10 @@ void channel_moments(
   if (pad) {
     for (int64_t n = 0; n < N; ++n) valid[n] = count_valid(pad + n * L, L);
   }
-  if (g.channels_inner) {
+  if (g.channels_last) {
     for_each_sample(N, [&](int64_t n) {
       if (valid[n] == 0) return;
-      moments_channels_inner<scalar_t, MergeT>(
+      moments_channels_last<scalar_t, MergeT>(
           x + n * L * C, pad ? pad + n * L : nullptr, L, C, mean.data() + n * C, m2.data() + n * C);
     });
     return;
@@ -85,7 +85,7 @@ void affine_sample(
   const int64_t offset = n * g.C * g.L;
   const MaskByte* sample_pad = pad ? pad + n * g.L : nullptr;
   std::optional<MaskLanes<opmath_t>> lanes;
-  if (sample_pad && !g.channels_inner) lanes.emplace(sample_pad, 1, g.L);
+  if (sample_pad && !g.channels_last) lanes.emplace(sample_pad, 1, g.L);
   affine_per_channel<kTerms, scalar_t>(
       sample_layout(g), kTerms != ChannelAffine::kNormalize ? dy + offset : nullptr, x + offset, sample_pad,
       lanes ? &*lanes : nullptr, k.mean.data(), k.a.data(), k.b.data(), k.k0.data(), out + offset);
@@ -179,7 +179,7 @@ void group_norm_backward(const GroupNormBackwardArgs& a) {
       const int64_t offset = n * C * L;
       const MaskByte* sample_pad = pad ? pad + n * L : nullptr;
       std::optional<MaskLanes<opmath_t>> lanes;
-      if (sample_pad && !g.channels_inner) lanes.emplace(sample_pad, 1, L);
+      if (sample_pad && !g.channels_last) lanes.emplace(sample_pad, 1, L);
       grad_sums<scalar_t>(
           sample_layout(g), dy + offset, x + offset, sample_pad, lanes ? &*lanes : nullptr, k.mean.data(),
           s1.data() + n * C, s2.data() + n * C);

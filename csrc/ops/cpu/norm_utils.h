@@ -2,6 +2,8 @@
 // accumulation type, padding-mask helpers, and numerically stable moments.
 #pragma once
 
+#include "../arg_pointers.h"
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -141,22 +143,30 @@ inline bool kept(opmath_t lane) {
 // it into the variance.
 using MergeT = double;
 
+// Chan et al.'s pairwise combination, the one merge of partial moments: the
+// moments (mean, m2) of n values take in a part of k values (part_mean,
+// part_m2), given the part's weight f = k / (n + k) and nf = n * f (callers
+// merging many channels' parts of the same counts compute them once).
+template <typename T>
+C10_ALWAYS_INLINE void chan_merge(T& mean, T& m2, T part_mean, T part_m2, T f, T nf) {
+  const T delta = part_mean - mean;
+  mean += delta * f;
+  m2 += part_m2 + delta * delta * nf;
+}
+
 template <typename opmath_t>
 struct Moments {
   int64_t count = 0;
   opmath_t mean = 0;
   opmath_t m2 = 0;
 
-  // Chan et al.'s pairwise combination: exact merge of two partial results.
+  // Exact merge of two partial results (chan_merge).
   void merge(const Moments& other) {
     if (other.count == 0) return;
     if (count == 0) { *this = other; return; }
-    const int64_t n = count + other.count;
-    const opmath_t delta = other.mean - mean;
-    const opmath_t w = opmath_t(other.count) / opmath_t(n);
-    mean += delta * w;
-    m2 += other.m2 + delta * delta * opmath_t(count) * w;
-    count = n;
+    const opmath_t f = opmath_t(other.count) / opmath_t(count + other.count);
+    chan_merge(mean, m2, other.mean, other.m2, f, opmath_t(count) * f);
+    count += other.count;
   }
 };
 
@@ -301,16 +311,6 @@ class PerThreadBuffers {
   int64_t width_, arrays_, threads_;
   std::vector<T> data_;
 };
-
-// A padding mask's elements, read as bytes: a bool tensor may hold bytes
-// other than 0 and 1 (a uint8 tensor viewed as bool, a buffer from
-// elsewhere), which torch reads as True when nonzero (c10::load<bool>). Read
-// as `bool`, such a byte is undefined behaviour, and was in practice taken as
-// padding by some loops and as valid by others. Test `!= 0`.
-using MaskByte = uint8_t;
-inline const MaskByte* mask_bytes(const at::Tensor& mask) {
-  return mask.defined() ? reinterpret_cast<const MaskByte*>(mask.const_data_ptr<bool>()) : nullptr;
-}
 
 // The padding mask of an (N, L) batch, for loops over contiguous rows of L
 // (channels-first batch norm, group norm): per row, the number of valid

@@ -171,11 +171,6 @@ void row_norm_backward_loop(
   if (db) columns.sum_into(db, 1);
 }
 
-template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
-}
-
 }  // namespace
 
 void row_norm_forward(const RowNormForwardArgs& a) {

@@ -3,8 +3,8 @@
 // BatchNormBackwardElemtArgs; the ops are ../batch_norm.cpp; the CPU loops
 // are ../cpu/batch_norm_kernel.cpp).
 //
-// Both layouts as (outer, C, inner): channels inner (NC, NLC: inner = 1, one
-// mask entry per row of C channels) and channels outer (NCL: outer = N,
+// Both layouts as (outer, C, inner): channels last (NC, NLC: inner = 1, one
+// mask entry per row of C channels) and channels first (NCL: outer = N,
 // inner = L, the mask (N, L) selects positions inside each row of L).
 //  - Per-channel reductions (statistics: Welford; backward: sums of dy and
 //    dy * (x - mean)) run in two kernels: blocks reduce chunks of positions
@@ -23,18 +23,6 @@ namespace masknorm::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-// (outer, C, inner) view of a layout.
-struct Geometry {
-  int64_t outer, C, inner;
-  bool channels_inner;
-};
-
-// NCL input with L = 1 is (N, C) in memory, its (N, 1) mask an (N,) one: run
-// as channels inner (vectors along C, blocks along N).
-Geometry geometry(const BatchNormLayout& g) {
-  return g.channels_inner || g.L == 1 ? Geometry{g.N * g.L, g.C, 1, true} : Geometry{g.N, g.C, g.L, false};
-}
 
 // ------------------------------------------------------- per-channel reductions
 
@@ -89,16 +77,16 @@ struct ReduceParams {
   const opmath_t<scalar_t>* mean;  // GradReduction only
   void* partial;                   // (chunks, C) R::State
   int64_t outer, C, inner, outer_per_chunk;
-  // Channels outer: each of the outer_per_chunk rows of L is split into
+  // Channels first: each of the outer_per_chunk rows of L is split into
   // l_chunks segments of inner_per_chunk (chunk = n chunk * l_chunks + segment).
   int64_t inner_per_chunk, l_chunks;
 };
 
-// Channels inner: block (tx, ty) covers tx * VEC channels; its ty rows step
+// Channels last: block (tx, ty) covers tx * VEC channels; its ty rows step
 // through the chunk's rows (four loads in flight per thread); the ty partial
 // states merge in order through shared memory.
 template <typename scalar_t, int VEC, typename R>
-__global__ void __launch_bounds__(kThreads) reduce_inner_kernel(const ReduceParams<scalar_t> p) {
+__global__ void __launch_bounds__(kThreads) reduce_channels_last_kernel(const ReduceParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   using State = typename R::State;
   constexpr int kUnroll = 4;
@@ -162,11 +150,11 @@ __global__ void __launch_bounds__(kThreads) reduce_inner_kernel(const ReducePara
   }
 }
 
-// Channels outer: block (channel, chunk of n and segment of l); its threads
+// Channels first: block (channel, chunk of n and segment of l); its threads
 // step through the (n, l) positions, VEC along l; the block's states merge as
 // a tree.
 template <typename scalar_t, int VEC, typename R>
-__global__ void __launch_bounds__(kThreads) reduce_outer_kernel(const ReduceParams<scalar_t> p) {
+__global__ void __launch_bounds__(kThreads) reduce_channels_first_kernel(const ReduceParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   using State = typename R::State;
   __shared__ State shared[kThreads];
@@ -247,46 +235,46 @@ __global__ void finish_grad_sums_kernel(
 // Runs reduction R over the layout into (chunks, C) partial states (bytes).
 template <typename scalar_t, typename R>
 at::Tensor reduce_channels(
-    const Geometry& g, const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& mask,
+    const BatchNormLayout& g, const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& mask,
     const at::Tensor& mean, const at::TensorOptions& acc_options, int64_t& chunks) {
   using acc_t = opmath_t<scalar_t>;
   constexpr int V = kVec<scalar_t>;
   const int64_t target_blocks = int64_t(multiprocessors()) * 8;  // two waves: a short tail
   ReduceParams<scalar_t> p{
       input.const_data_ptr<scalar_t>(), R::kNeedsDy ? grad_output.const_data_ptr<scalar_t>() : nullptr,
-      mask_bytes(mask), R::kNeedsDy ? mean.const_data_ptr<acc_t>() : nullptr, nullptr, g.outer, g.C,
-      g.inner, 0, 0, 1};
+      mask_bytes(mask), R::kNeedsDy ? mean.const_data_ptr<acc_t>() : nullptr, nullptr, g.outer(), g.C,
+      g.inner(), 0, 0, 1};
   const bool vec = vector_ok<scalar_t>(
-                       g.channels_inner ? g.C : g.inner,
-                       {p.x, p.dy, R::kNeedsDy && g.channels_inner ? static_cast<const void*>(p.mean) : nullptr}) &&
-      (g.channels_inner || mask_vector_ok<scalar_t>(p.pad));
+                       g.channels_last ? g.C : g.inner(),
+                       {p.x, p.dy, R::kNeedsDy && g.channels_last ? static_cast<const void*>(p.mean) : nullptr}) &&
+      (g.channels_last || mask_vector_ok<scalar_t>(p.pad));
   using State = typename R::State;
   const auto partials = [&](int64_t count) {
     return at::empty({count, g.C, int64_t(sizeof(State))}, acc_options.dtype(at::kByte));
   };
-  if (g.channels_inner) {
+  if (g.channels_last) {
     const int64_t vectors = vec ? g.C / V : g.C;
     int tx = 1;
     while (tx < 32 && tx < vectors) tx *= 2;
     const int ty = kThreads / tx;
     const int64_t grid_x = ceil_div(vectors, tx);
-    chunks = std::clamp<int64_t>(ceil_div(target_blocks, grid_x), 1, std::min<int64_t>(ceil_div(g.outer, ty), 65535));
-    p.outer_per_chunk = ceil_div(g.outer, chunks);
-    chunks = ceil_div(g.outer, p.outer_per_chunk);
+    chunks = std::clamp<int64_t>(ceil_div(target_blocks, grid_x), 1, std::min<int64_t>(ceil_div(g.outer(), ty), 65535));
+    p.outer_per_chunk = ceil_div(g.outer(), chunks);
+    chunks = ceil_div(g.outer(), p.outer_per_chunk);
     at::Tensor partial = partials(chunks);
     p.partial = partial.mutable_data_ptr();
     const dim3 grid{static_cast<unsigned>(grid_x), static_cast<unsigned>(chunks)}, block(tx, ty);
     const size_t shared = size_t(kThreads) * (vec ? V : 1) * sizeof(State);
     if (vec) {
-      launch(reduce_inner_kernel<scalar_t, V, R>, grid, block, shared, p);
+      launch(reduce_channels_last_kernel<scalar_t, V, R>, grid, block, shared, p);
     } else {
-      launch(reduce_inner_kernel<scalar_t, 1, R>, grid, block, shared, p);
+      launch(reduce_channels_last_kernel<scalar_t, 1, R>, grid, block, shared, p);
     }
     return partial;
   }
-  int64_t n_chunks = std::clamp<int64_t>(ceil_div(target_blocks, g.C), 1, std::min<int64_t>(g.outer, 65535));
-  p.outer_per_chunk = ceil_div(g.outer, n_chunks);
-  n_chunks = ceil_div(g.outer, p.outer_per_chunk);
+  int64_t n_chunks = std::clamp<int64_t>(ceil_div(target_blocks, g.C), 1, std::min<int64_t>(g.outer(), 65535));
+  p.outer_per_chunk = ceil_div(g.outer(), n_chunks);
+  n_chunks = ceil_div(g.outer(), p.outer_per_chunk);
   // Few (n, c) planes for the machine ((1, 8, 1M) would be 8 blocks): rows of
   // L split into segments too, each at least 4 loads per thread, a whole
   // number of vectors.
@@ -294,17 +282,17 @@ at::Tensor reduce_channels(
   const int64_t min_segment = int64_t(kThreads) * step * 4;
   const int64_t l_chunks = std::clamp<int64_t>(
       ceil_div(target_blocks, g.C * n_chunks), 1,
-      std::min<int64_t>(ceil_div(g.inner, min_segment), 65535 / n_chunks));
-  p.inner_per_chunk = ceil_div(ceil_div(g.inner, l_chunks), step) * step;
-  p.l_chunks = ceil_div(g.inner, p.inner_per_chunk);
+      std::min<int64_t>(ceil_div(g.inner(), min_segment), 65535 / n_chunks));
+  p.inner_per_chunk = ceil_div(ceil_div(g.inner(), l_chunks), step) * step;
+  p.l_chunks = ceil_div(g.inner(), p.inner_per_chunk);
   chunks = n_chunks * p.l_chunks;
   at::Tensor partial = partials(chunks);
   p.partial = partial.mutable_data_ptr();
   const dim3 grid{static_cast<unsigned>(g.C), static_cast<unsigned>(chunks)};
   if (vec) {
-    launch(reduce_outer_kernel<scalar_t, V, R>, grid, dim3(kThreads), 0, p);
+    launch(reduce_channels_first_kernel<scalar_t, V, R>, grid, dim3(kThreads), 0, p);
   } else {
-    launch(reduce_outer_kernel<scalar_t, 1, R>, grid, dim3(kThreads), 0, p);
+    launch(reduce_channels_first_kernel<scalar_t, 1, R>, grid, dim3(kThreads), 0, p);
   }
   return partial;
 }
@@ -361,9 +349,9 @@ __device__ __forceinline__ void elemt_vector(
   store<VEC>(p.out + offset, out);
 }
 
-// Channels inner: threads along C (coefficients loaded once), blocks along rows.
+// Channels last: threads along C (coefficients loaded once), blocks along rows.
 template <typename scalar_t, int VEC, Terms TERMS>
-__global__ void __launch_bounds__(kThreads) elemt_inner_kernel(const ElemtParams<scalar_t> p) {
+__global__ void __launch_bounds__(kThreads) elemt_channels_last_kernel(const ElemtParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= p.C) return;
@@ -381,9 +369,9 @@ __global__ void __launch_bounds__(kThreads) elemt_inner_kernel(const ElemtParams
   }
 }
 
-// Channels outer: threads along L, blocks along the (n, c) planes.
+// Channels first: threads along L, blocks along the (n, c) planes.
 template <typename scalar_t, int VEC, Terms TERMS>
-__global__ void __launch_bounds__(kThreads) elemt_outer_kernel(const ElemtParams<scalar_t> p) {
+__global__ void __launch_bounds__(kThreads) elemt_channels_first_kernel(const ElemtParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t l = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (l >= p.inner) return;
@@ -432,42 +420,42 @@ __global__ void coefficients_kernel(
 
 template <typename scalar_t, Terms TERMS>
 void elementwise(
-    const Geometry& g, const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& mask,
+    const BatchNormLayout& g, const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& mask,
     const at::Tensor& mean, const at::Tensor& coef, const at::Tensor& out) {
   using acc_t = opmath_t<scalar_t>;
   constexpr int V = kVec<scalar_t>;
   const ElemtParams<scalar_t> p{
       input.const_data_ptr<scalar_t>(), TERMS != Terms::kNormalize ? grad_output.const_data_ptr<scalar_t>() : nullptr,
       mask_bytes(mask), mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(),
-      out.mutable_data_ptr<scalar_t>(), g.outer, g.C, g.inner};
-  const int64_t along = g.channels_inner ? g.C : g.inner;
-  // Channels inner also loads mean and the coefficient rows as vectors: with
+      out.mutable_data_ptr<scalar_t>(), g.outer(), g.C, g.inner()};
+  const int64_t along = g.channels_last ? g.C : g.inner();
+  // Channels last also loads mean and the coefficient rows as vectors: with
   // C a multiple of the vector, each (3, C) row starts 16-byte aligned.
   const bool vec = vector_ok<scalar_t>(
-                       along, {p.x, p.dy, p.out, g.channels_inner ? static_cast<const void*>(p.mean) : nullptr,
-                               g.channels_inner ? static_cast<const void*>(p.coef) : nullptr}) &&
-      (g.channels_inner || mask_vector_ok<scalar_t>(p.pad));
+                       along, {p.x, p.dy, p.out, g.channels_last ? static_cast<const void*>(p.mean) : nullptr,
+                               g.channels_last ? static_cast<const void*>(p.coef) : nullptr}) &&
+      (g.channels_last || mask_vector_ok<scalar_t>(p.pad));
   const int64_t vectors = vec ? along / V : along;
   int tx = 1;
   while (tx < kThreads && tx < vectors) tx *= 2;
   const int64_t grid_x = ceil_div(vectors, tx);
-  if (g.channels_inner) {
+  if (g.channels_last) {
     const int ty = kThreads / tx;
-    const int64_t grid_y = std::min<int64_t>(ceil_div(g.outer, ty), 65535);
+    const int64_t grid_y = std::min<int64_t>(ceil_div(g.outer(), ty), 65535);
     const dim3 grid{static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)}, block(tx, ty);
     if (vec) {
-      launch(elemt_inner_kernel<scalar_t, V, TERMS>, grid, block, 0, p);
+      launch(elemt_channels_last_kernel<scalar_t, V, TERMS>, grid, block, 0, p);
     } else {
-      launch(elemt_inner_kernel<scalar_t, 1, TERMS>, grid, block, 0, p);
+      launch(elemt_channels_last_kernel<scalar_t, 1, TERMS>, grid, block, 0, p);
     }
     return;
   }
-  const int64_t grid_y = std::min<int64_t>(g.outer * g.C, 65535);
+  const int64_t grid_y = std::min<int64_t>(g.outer() * g.C, 65535);
   const dim3 grid{static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)}, block(tx);
   if (vec) {
-    launch(elemt_outer_kernel<scalar_t, V, TERMS>, grid, block, 0, p);
+    launch(elemt_channels_first_kernel<scalar_t, V, TERMS>, grid, block, 0, p);
   } else {
-    launch(elemt_outer_kernel<scalar_t, 1, TERMS>, grid, block, 0, p);
+    launch(elemt_channels_first_kernel<scalar_t, 1, TERMS>, grid, block, 0, p);
   }
 }
 
@@ -529,8 +517,8 @@ __global__ void __launch_bounds__(kThreads) merge_stats_kernel(
 // ------------------------------------------------------------------ kernels
 
 void batch_norm_stats(const BatchNormStatsArgs& a) {
-  const Geometry g = geometry(a.layout);
-  if (g.outer * g.inner == 0 || g.C == 0) {
+  const BatchNormLayout g = loop_layout(a.layout);
+  if (g.outer() * g.inner() == 0 || g.C == 0) {
     a.mean.zero_();
     a.m2.zero_();
     a.count.zero_();
@@ -561,7 +549,7 @@ void batch_norm_merge_stats(const BatchNormMergeStatsArgs& a) {
 }
 
 void batch_norm_elemt(const BatchNormElemtArgs& a) {
-  const Geometry g = geometry(a.layout);
+  const BatchNormLayout g = loop_layout(a.layout);
   if (a.input.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(a.input.device());
   const at::Tensor coef = coefficients(a.invstd, a.weight, a.bias, {}, {}, {}, /*backward=*/false);
@@ -571,8 +559,8 @@ void batch_norm_elemt(const BatchNormElemtArgs& a) {
 }
 
 void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
-  const Geometry g = geometry(a.layout);
-  if (g.outer * g.inner == 0 || g.C == 0) {
+  const BatchNormLayout g = loop_layout(a.layout);
+  if (g.outer() * g.inner() == 0 || g.C == 0) {
     a.sum_dy.zero_();
     a.sum_dy_xhat.zero_();
     return;
@@ -590,7 +578,7 @@ void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
 }
 
 void batch_norm_backward_elemt(const BatchNormBackwardElemtArgs& a) {
-  const Geometry g = geometry(a.layout);
+  const BatchNormLayout g = loop_layout(a.layout);
   if (a.input.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(a.input.device());
   const at::Tensor coef =

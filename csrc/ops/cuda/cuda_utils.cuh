@@ -5,6 +5,8 @@
 // (the kernels' host functions set both).
 #pragma once
 
+#include "../arg_pointers.h"
+
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/Dispatch.h>
@@ -19,19 +21,6 @@ namespace masknorm::cuda {
 
 template <typename scalar_t>
 using opmath_t = at::opmath_type<scalar_t>;
-
-template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
-}
-
-// Padding masks are read as bytes, nonzero = padding, as torch reads bool
-// tensors: a bool tensor viewed from uint8 may hold 2 or 255, and reading
-// those as bool is undefined behaviour (the CPU kernels do the same).
-using MaskByte = uint8_t;
-inline const MaskByte* mask_bytes(const at::Tensor& mask) {
-  return mask.defined() ? reinterpret_cast<const MaskByte*>(mask.const_data_ptr<bool>()) : nullptr;
-}
 
 // Elements per 16-byte vector of scalar_t.
 template <typename scalar_t>

@@ -14,20 +14,15 @@ namespace {
 
 using at::Tensor;
 
-// The layout's axes: only NLC input (channels inner, 3-D) is channels_last.
-NormAxes axes_of(const Tensor& input, const Tensor& padding_mask, const BatchNormLayout& layout) {
-  return batch_norm_axes(input, padding_mask, layout.channels_inner && input.dim() == 3);
-}
-
 Tensor per_channel(const Tensor& t, const NormAxes& axes) { return t.view(axes.stat_view); }
 
 }  // namespace
 
 void batch_norm_stats(const BatchNormStatsArgs& a) {
-  const NormAxes axes = axes_of(a.input, a.padding_mask, a.layout);
+  const NormAxes axes = batch_norm_axes(a.input, a.padding_mask, a.layout.channels_last);
   const Tensor x = where_valid(a.input.to(a.mean.scalar_type()), axes.valid);
   const Tensor count = a.padding_mask.defined() ? a.padding_mask.logical_not().sum(at::kLong)
-                                                : at::scalar_tensor(a.layout.rows(), a.count.options());
+                                                : at::scalar_tensor(a.layout.positions(), a.count.options());
   const Tensor n = count.to(a.mean.scalar_type()).clamp_min(1);
   // Corrected two passes: the mean, then deviations from it and their squares;
   // the deviations' sum corrects the first pass's rounding (no bias in M2 on
@@ -70,7 +65,7 @@ void batch_norm_merge_stats(const BatchNormMergeStatsArgs& a) {
 }
 
 void batch_norm_elemt(const BatchNormElemtArgs& a) {
-  const NormAxes axes = axes_of(a.input, a.padding_mask, a.layout);
+  const NormAxes axes = batch_norm_axes(a.input, a.padding_mask, a.layout.channels_last);
   const Tensor alpha = a.weight.defined() ? a.invstd * a.weight : a.invstd;
   Tensor y = (a.input.to(a.mean.scalar_type()) - per_channel(a.mean, axes)) * per_channel(alpha, axes);
   if (a.bias.defined()) y = y + per_channel(a.bias, axes);
@@ -78,7 +73,7 @@ void batch_norm_elemt(const BatchNormElemtArgs& a) {
 }
 
 void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
-  const NormAxes axes = axes_of(a.input, a.padding_mask, a.layout);
+  const NormAxes axes = batch_norm_axes(a.input, a.padding_mask, a.layout.channels_last);
   const auto opmath = a.mean.scalar_type();
   const Tensor dy = where_valid(a.grad_output.to(opmath), axes.valid);
   const Tensor xhat = (a.input.to(opmath) - per_channel(a.mean, axes)) * per_channel(a.invstd, axes);
@@ -87,7 +82,7 @@ void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
 }
 
 void batch_norm_backward_elemt(const BatchNormBackwardElemtArgs& a) {
-  const NormAxes axes = axes_of(a.input, a.padding_mask, a.layout);
+  const NormAxes axes = batch_norm_axes(a.input, a.padding_mask, a.layout.channels_last);
   const auto opmath = a.mean.scalar_type();
   const Tensor invstd = per_channel(a.invstd, axes);
   const Tensor k_dy = a.weight.defined() ? invstd * per_channel(a.weight, axes) : invstd;
