@@ -438,9 +438,8 @@ C10_ALWAYS_INLINE int64_t affine_span(
   return len;
 }
 
-// Zeros n values at p, inline (the padded tail of a row is short: a memset
-// call per row cost more than the stores); with kStream, the aligned whole
-// vectors streamed.
+// Zeros n values at p with whole-vector stores, the last few one by one;
+// with kStream, the aligned whole vectors streamed.
 template <bool kStream, typename scalar_t>
 C10_ALWAYS_INLINE void zero_span(scalar_t* p, int64_t n) {
   using SIO = StreamIO<scalar_t>;

@@ -196,8 +196,8 @@ inline opmath_t sum_lanes(const Vectorized<opmath_t>& v) {
 }
 
 // Loads the `n` values at p (n <= V) as a vector with the other lanes 0.
-// When a whole vector may be read there (n <= room: the row goes on, as
-// padding), a full load and a blend, not at::vec's partial load (a memcpy
+// When a whole vector may be read there (room >= V: the row goes on past
+// the run), a full load and a blend, not at::vec's partial load (a memcpy
 // through the stack, costly when every run of a masked row ends in one).
 template <typename scalar_t>
 C10_ALWAYS_INLINE typename VecIO<scalar_t>::fVec load_first(const scalar_t* p, int64_t n, int64_t room) {
