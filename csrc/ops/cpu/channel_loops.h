@@ -438,19 +438,17 @@ C10_ALWAYS_INLINE int64_t affine_span(
   return len;
 }
 
-// Zeros n values at p with whole-vector stores, the last few one by one;
-// with kStream, the aligned whole vectors streamed.
+// Zeros n values at p (fill_zero); with kStream, the aligned whole vectors
+// streamed.
 template <bool kStream, typename scalar_t>
 C10_ALWAYS_INLINE void zero_span(scalar_t* p, int64_t n) {
-  using SIO = StreamIO<scalar_t>;
-  using Packed = Vectorized<scalar_t>;
   int64_t i = 0;
   if constexpr (kStream) {
+    using SIO = StreamIO<scalar_t>;
     for (; i < n && !SIO::aligned(p + i); ++i) p[i] = scalar_t(0);
     for (; i + SIO::fVec::size() <= n; i += SIO::fVec::size()) SIO::store(p + i, typename SIO::fVec(0));
   }
-  for (; i + Packed::size() <= n; i += Packed::size()) Packed(scalar_t(0)).store(p + i);
-  for (; i < n; ++i) p[i] = scalar_t(0);
+  fill_zero(p + i, n - i);
 }
 
 // One loop for the normalization and the input gradient, so all stages see

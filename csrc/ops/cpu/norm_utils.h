@@ -243,7 +243,7 @@ Moments<MergeT> row_moments(
   // Scalar math: d = x - mean; m2 = sum(d * d) - sum(d)^2 / count
   const fVec zero(0), mean_vec(mean);
   auto deviation = [&](int64_t i, int64_t n) {
-    const fVec d = load_valid(i, n) - mean_vec;
+    const fVec d = load_first(x + i, n, room - i) - mean_vec;
     if (keep) return d & fVec::loadu(keep + i, n);  // tail lanes load as 0: dropped
     return n < V ? fVec::set(zero, d, n) : d;       // drop tail lanes, which hold 0 - mean
   };
