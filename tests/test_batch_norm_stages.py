@@ -315,6 +315,32 @@ def test_elemt_with_given_statistics(case, affine, device):
         assert torch.equal(dirty, y) and (y[full] == 0).all()
 
 
+@pytest.mark.kernels
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
+def test_eval_returns_the_running_statistics_it_normalized_with(layout, dtype, kernels):
+    """batch_norm in eval sets mean and invstd from the running statistics in
+    the kernel itself: a copy of running_mean (not running_mean: later updates
+    must not change it) and 1/sqrt(running_var + eps) in the accumulation
+    dtype, the same statistics batch_norm_elemt is given."""
+    case = S.parity_case(layout)
+    x, mask = S.inputs(case, dtype=dtype)
+    C, channels_last = case.C, case.channels_last
+    running_mean = torch.randn(C, dtype=dtype)
+    running_var = torch.rand(C, dtype=dtype) + 0.5
+    w, b = torch.randn(C, dtype=dtype), torch.randn(C, dtype=dtype)
+    y, mean, invstd = ops.batch_norm(
+        x, mask, w, b, running_mean, running_var, None, False, 0.1, 1e-3, channels_last)
+    sd = stat_dtype(dtype)
+    assert mean.dtype == invstd.dtype == sd and mean.shape == invstd.shape == (C,)
+    assert torch.equal(mean, running_mean.to(sd))
+    assert torch.equal(invstd, (running_var.to(sd) + 1e-3).rsqrt())
+    assert torch.equal(y, ops.batch_norm_elemt(x, mask, w, b, mean, invstd, channels_last))
+    before = mean.clone()
+    running_mean.add_(1.0)
+    assert torch.equal(mean, before)
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", BN_LAYOUTS)
 def test_elemt_dtypes(layout, dtype, device):

@@ -83,6 +83,35 @@ def test_batch_norm_stages_agree_with_generic_kernels(L, dtype):
             assert (t.float().masked_select(mask[:, None, :].expand_as(t)) == 0).all(), name
 
 
+@pytest.mark.parametrize("L", [5, 32, 4096, 5000])
+def test_gradient_sums_over_chunks_of_rows_agree_with_generic_kernels(L):
+    """The channels-first gradient sums take one channel's short rows in
+    chunks of about 4096 positions (N = 300 rows of 32: three chunks, the
+    last partial) and long rows one by one; the result must not depend on
+    the chunking or the thread count."""
+    g = torch.Generator().manual_seed(L)
+    N, C = (300, 3) if L < 1000 else (5, 2)
+    x = torch.randn(N, C, L, generator=g, dtype=torch.float64).mul(3).add(5)
+    dy = torch.randn(N, C, L, generator=g, dtype=torch.float64)
+    lengths = torch.randint(0, L + 1, (N,), generator=g)
+    mask = masknorm.padding_mask_from_lengths(lengths, L)
+    x, dy = nan_padded(x, mask).float(), nan_padded(dy, mask).float()
+    mean = torch.randn(C, generator=g)
+    invstd = torch.rand(C, generator=g) + 0.5
+    sums = lambda: torch.ops.masknorm.batch_norm_backward_reduce(dy, x, mask, mean, invstd, False)
+    native, generic = native_and_generic(sums)
+    for a, b in zip(native, generic):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = sums()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(native, one_thread))
+
+
 @pytest.mark.parametrize("L", LENGTHS)
 def test_group_norm_agrees_with_generic_kernels(L):
     g = torch.Generator().manual_seed(L)

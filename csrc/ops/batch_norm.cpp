@@ -134,7 +134,9 @@ Prepared prepare(const Tensor& input, const std::optional<Tensor>& padding_mask,
 }
 
 // Per-channel statistics as the kernels want them: contiguous, accumulation dtype.
-Tensor stat_as_opmath(const Tensor& t, const Prepared& p) { return t.to(p.stat_options).contiguous(); }
+Tensor stat_as_opmath(const Tensor& t, const Prepared& p) {
+  return vector_as(t, p.layout.C, p.stat_options.dtype().toScalarType());
+}
 
 // grad_output as the kernels want it: contiguous, input's dtype.
 Tensor prepare_grad_output(const Tensor& grad_output, const Prepared& p) {
@@ -226,6 +228,28 @@ Tensor run_elemt(
   return a.output;
 }
 
+// Eval: normalizes with the running statistics; returns the output and, as
+// the statistics used, a copy of running_mean and 1/sqrt(running_var + eps),
+// all set by one kernel call (no tensor ops of their own on small inputs).
+std::tuple<Tensor, Tensor, Tensor> run_elemt_with_running_stats(
+    const Prepared& p, const Tensor& running_mean, const Tensor& running_var, double eps,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias) {
+  BatchNormElemtArgs a;
+  a.input = p.input;
+  a.padding_mask = p.mask;
+  a.layout = p.layout;
+  a.running_mean = stat_as_opmath(running_mean, p);
+  a.running_var = stat_as_opmath(running_var, p);
+  a.eps = eps;
+  a.mean = at::empty({p.layout.C}, p.stat_options);
+  a.invstd = at::empty({p.layout.C}, p.stat_options);
+  a.weight = feature_as_opmath(weight, p.layout.C, p.input);
+  a.bias = feature_as_opmath(bias, p.layout.C, p.input);
+  a.output = at::empty_like(p.input, at::MemoryFormat::Contiguous);
+  kernels_for(p.input.device()).batch_norm_elemt(a);
+  return {a.output, a.mean, a.invstd};
+}
+
 // grad_output: prepared (prepare_grad_output).
 std::tuple<Tensor, Tensor> run_backward_reduce(
     const Prepared& p, const Tensor& grad_output, const Tensor& mean, const Tensor& invstd) {
@@ -297,8 +321,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
   } else {
     check_eps(eps, op, "in eval", /*positive=*/false);
     TORCH_CHECK(rm.defined(), op, ": expected running_mean and running_var when training=False, but got None");
-    mean = rm.to(p.stat_options, /*non_blocking=*/false, /*copy=*/true);
-    invstd = (rv.to(p.stat_options) + eps).rsqrt();
+    return run_elemt_with_running_stats(p, rm, rv, eps, weight, bias);
   }
   return {run_elemt(p, mean, invstd, weight, bias), mean, invstd};
 }

@@ -108,15 +108,29 @@ struct BatchNormMergeStatsArgs {
 };
 
 // output = (x - mean) * (invstd * weight) + bias at valid positions, 0 at
-// padding. mean/invstd are the batch's or the running statistics.
+// padding. mean/invstd are the batch's or the running statistics. With
+// running_var given (eval), mean and invstd are outputs, set first to
+// running_mean and 1 / sqrt(running_var + eps) (set_from_running_stats).
 struct BatchNormElemtArgs {
   at::Tensor input;
   at::Tensor padding_mask;
   BatchNormLayout layout;
   at::Tensor mean, invstd;    // (C,) opmath
   at::Tensor weight, bias;    // (C,) opmath, or undefined
+  at::Tensor running_mean, running_var;  // (C,) opmath, or undefined
+  double eps = 0;
   at::Tensor output;          // like input
 };
+
+// BatchNormElemtArgs' eval step in tensor ops (the generic and CUDA
+// backends); the CPU loop computes the same per channel, in opmath:
+// 1 / sqrt(running_var + opmath(eps)).
+inline void set_from_running_stats(const BatchNormElemtArgs& a) {
+  if (!a.running_var.defined()) return;
+  a.mean.copy_(a.running_mean);
+  at::Tensor invstd = a.invstd;  // a handle: the output's storage
+  at::add_out(invstd, a.running_var, a.eps).rsqrt_();
+}
 
 // Per channel over valid positions: sum_dy = sum(dy) and
 // sum_dy_xhat = sum(dy * (x - mean) * invstd). They are the bias and weight

@@ -12,9 +12,15 @@ at::Tensor contiguous_mask(const std::optional<at::Tensor>& padding_mask) {
   return padding_mask->contiguous();
 }
 
+at::Tensor vector_as(const at::Tensor& t, int64_t size, at::ScalarType dtype) {
+  // Parameters and statistics usually come ready: no dispatcher calls then
+  if (t.dim() == 1 && t.size(0) == size && t.scalar_type() == dtype && t.is_contiguous()) return t;
+  return t.reshape({size}).to(dtype).contiguous();
+}
+
 at::Tensor feature_as_opmath(const std::optional<at::Tensor>& t, int64_t size, const at::Tensor& input) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
-  return t->reshape({size}).to(input.options().dtype(opmath_dtype(input))).contiguous();
+  return vector_as(*t, size, opmath_dtype(input));
 }
 
 std::vector<int64_t> leading_shape(const at::Tensor& input, at::IntArrayRef normalized_shape) {

@@ -17,6 +17,9 @@ at::ScalarType opmath_dtype(const at::Tensor& input);
 // A mask as a contiguous bool tensor, or an undefined tensor when absent.
 at::Tensor contiguous_mask(const std::optional<at::Tensor>& padding_mask);
 
+// t as a contiguous (size,) tensor of dtype (t itself when it is one).
+at::Tensor vector_as(const at::Tensor& t, int64_t size, at::ScalarType dtype);
+
 // A per-feature tensor as a contiguous (size,) tensor of input's
 // accumulation dtype, or an undefined tensor when absent.
 at::Tensor feature_as_opmath(const std::optional<at::Tensor>& t, int64_t size, const at::Tensor& input);

@@ -81,6 +81,17 @@ void batch_norm_elemt(const BatchNormElemtArgs& a) {
   const MaskByte* pad = mask_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_elemt", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    if (a.running_var.defined()) {  // eval: the statistics from the running ones (kernels.h)
+      const opmath_t* running_mean = a.running_mean.const_data_ptr<opmath_t>();
+      const opmath_t* running_var = a.running_var.const_data_ptr<opmath_t>();
+      opmath_t* mean = a.mean.mutable_data_ptr<opmath_t>();
+      opmath_t* invstd = a.invstd.mutable_data_ptr<opmath_t>();
+      const auto eps = static_cast<opmath_t>(a.eps);
+      for (int64_t c = 0; c < g.C; ++c) {
+        mean[c] = running_mean[c];
+        invstd[c] = opmath_t(1) / std::sqrt(running_var[c] + eps);
+      }
+    }
     const opmath_t* invstd = a.invstd.const_data_ptr<opmath_t>();
     const opmath_t* w = a.weight.defined() ? a.weight.const_data_ptr<opmath_t>() : nullptr;
     const opmath_t* b = a.bias.defined() ? a.bias.const_data_ptr<opmath_t>() : nullptr;
@@ -130,11 +141,13 @@ void batch_norm_backward_elemt(const BatchNormBackwardElemtArgs& a) {
     //   with given statistics dx = dy * k_dy (x is not read).
     std::vector<opmath_t> k_dy(g.C), k_x(g.C, 0), k(g.C, 0);
     const opmath_t inv_n = opmath_t(1) / opmath_t(std::max<int64_t>(count, 1));
+    const opmath_t* sum_dy = batch_stats ? a.sum_dy.const_data_ptr<opmath_t>() : nullptr;
+    const opmath_t* sum_dy_xhat = batch_stats ? a.sum_dy_xhat.const_data_ptr<opmath_t>() : nullptr;
     for (int64_t c = 0; c < g.C; ++c) {
       k_dy[c] = w ? w[c] * invstd[c] : invstd[c];
       if (batch_stats) {
-        k_x[c] = -k_dy[c] * invstd[c] * a.sum_dy_xhat.const_data_ptr<opmath_t>()[c] * inv_n;
-        k[c] = -a.sum_dy.const_data_ptr<opmath_t>()[c] * inv_n;
+        k_x[c] = -k_dy[c] * invstd[c] * sum_dy_xhat[c] * inv_n;
+        k[c] = -sum_dy[c] * inv_n;
       }
     }
     std::optional<MaskLanes<opmath_t>> lanes;

@@ -201,6 +201,9 @@ void moments_channels_last(
 // every thread busy. A fixed length, not one derived from the thread count:
 // the same segments, so the same result, for any number of threads.
 constexpr int64_t kPlaneSegment = 16384;
+// Positions of one channel summed by one part of the channels-first gradient
+// sums: a chunk of short rows, in L1 with its dy.
+constexpr int64_t kPlaneChunk = 4096;
 
 inline int64_t plane_segments(int64_t L) { return std::max<int64_t>(1, (L + kPlaneSegment - 1) / kPlaneSegment); }
 
@@ -298,48 +301,53 @@ void grad_sums(
     partial.sum_into(sum_dy_xmu, 1);
     return;
   }
-  // Channels first: sums per segment of each (n, c) row in parallel, then
-  // per channel in order of n and segment (the same result for any thread count).
+  // Channels first: one part sums a chunk of one channel's rows (consecutive
+  // n, about kPlaneChunk positions; short rows then share their horizontal
+  // sums and index math), or a segment of one long row. Parts run in
+  // parallel and are added per channel in order (the same result for any
+  // thread count).
   const int64_t L = g.L, S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
-  std::vector<opmath_t> parts(static_cast<size_t>(g.N * C * S * 2), opmath_t(0));
+  const int64_t chunk_rows = S > 1 ? 1 : std::clamp<int64_t>(kPlaneChunk / std::max<int64_t>(L, 1), 1, std::max<int64_t>(g.N, 1));
+  const int64_t chunks = (g.N + chunk_rows - 1) / chunk_rows, parts_per_channel = chunks * S;
+  std::vector<opmath_t> parts(static_cast<size_t>(C * parts_per_channel * 2), opmath_t(0));
   const fVec zero(0);
-  at::parallel_for(0, g.N * C * S, row_grain(seg_len), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, C * parts_per_channel, row_grain(chunk_rows * seg_len), [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
-      const int64_t plane = part / S, s = part % S, n = plane / C, c = plane % C;
-      if (lanes && lanes->valid[n] == 0) continue;
+      const int64_t c = part / parts_per_channel, chunk = (part % parts_per_channel) / S, s = part % S;
       const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
-      const scalar_t* dyr = dy + plane * L;
-      const scalar_t* xr = x + plane * L;
       const fVec m(mean[c]);
       fVec s1(0), s2(0);
-      for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep, int64_t) {
-        vec_loop<V>(e - b, [&](int64_t i, int64_t k) {
-          // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
-          const int64_t l = b + i;
-          fVec d = load_first(dyr + l, k, L - l);
-          fVec dxm = d * (load_first(xr + l, k, L - l) - m);
-          if (keep) {
-            const fVec kv = fVec::loadu(keep + l, k);
-            d = d & kv;
-            dxm = dxm & kv;
-          } else if (k < V) {
-            dxm = fVec::set(zero, dxm, k);  // tail lanes hold 0 * (0 - mean)
-          }
-          s1 += d;
-          s2 += dxm;
+      for (int64_t n = chunk * chunk_rows, n_end = std::min(g.N, n + chunk_rows); n < n_end; ++n) {
+        if (lanes && lanes->valid[n] == 0) continue;
+        const scalar_t* dyr = dy + (n * C + c) * L;
+        const scalar_t* xr = x + (n * C + c) * L;
+        for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep, int64_t) {
+          vec_loop<V>(e - b, [&](int64_t i, int64_t k) {
+            // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
+            const int64_t l = b + i;
+            fVec d = load_first(dyr + l, k, L - l);
+            fVec dxm = d * (load_first(xr + l, k, L - l) - m);
+            if (keep) {
+              const fVec kv = fVec::loadu(keep + l, k);
+              d = d & kv;
+              dxm = dxm & kv;
+            } else if (k < V) {
+              dxm = fVec::set(zero, dxm, k);  // tail lanes hold 0 * (0 - mean)
+            }
+            s1 += d;
+            s2 += dxm;
+          });
         });
-      });
+      }
       parts[part * 2] = sum_lanes(s1);
       parts[part * 2 + 1] = sum_lanes(s2);
     }
   });
   for (int64_t c = 0; c < C; ++c) {
     opmath_t s1 = 0, s2 = 0;
-    for (int64_t n = 0; n < g.N; ++n) {
-      for (int64_t s = 0; s < S; ++s) {
-        s1 += parts[((n * C + c) * S + s) * 2];
-        s2 += parts[((n * C + c) * S + s) * 2 + 1];
-      }
+    for (int64_t q = c * parts_per_channel; q < (c + 1) * parts_per_channel; ++q) {
+      s1 += parts[q * 2];
+      s2 += parts[q * 2 + 1];
     }
     sum_dy[c] = s1;
     sum_dy_xmu[c] = s2;

@@ -347,8 +347,10 @@ struct MaskLanes {
 
   // Whether row n is visited run by run: each run costs a partial vector at
   // each end, so only rows with at most one run per 64 positions (and one
-  // more) are.
-  bool by_runs(int64_t n) const { return row_runs[n + 1] - row_runs[n] <= 1 + L / 64; }
+  // more) are. Rows shorter than kMinRunRow are not: their few whole vectors
+  // under lane masks cost less than a run's bookkeeping and zeroed tail.
+  static constexpr int64_t kMinRunRow = 128;
+  bool by_runs(int64_t n) const { return L >= kMinRunRow && row_runs[n + 1] - row_runs[n] <= 1 + L / 64; }
 };
 
 // Calls body(begin, end, keep, next) over the valid positions of row n of

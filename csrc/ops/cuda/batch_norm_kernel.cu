@@ -550,8 +550,9 @@ void batch_norm_merge_stats(const BatchNormMergeStatsArgs& a) {
 
 void batch_norm_elemt(const BatchNormElemtArgs& a) {
   const BatchNormLayout g = loop_layout(a.layout);
-  if (a.input.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(a.input.device());
+  set_from_running_stats(a);
+  if (a.input.numel() == 0) return;
   const at::Tensor coef = coefficients(a.invstd, a.weight, a.bias, {}, {}, {}, /*backward=*/false);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_elemt_cuda", [&] {
     elementwise<scalar_t, Terms::kNormalize>(g, a.input, at::Tensor(), a.padding_mask, aligned16(a.mean), coef, a.output);

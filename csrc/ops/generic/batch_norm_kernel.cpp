@@ -65,6 +65,7 @@ void batch_norm_merge_stats(const BatchNormMergeStatsArgs& a) {
 }
 
 void batch_norm_elemt(const BatchNormElemtArgs& a) {
+  set_from_running_stats(a);
   const NormAxes axes = batch_norm_axes(a.input, a.padding_mask, a.layout.channels_last);
   const Tensor alpha = a.weight.defined() ? a.invstd * a.weight : a.invstd;
   Tensor y = (a.input.to(a.mean.scalar_type()) - per_channel(a.mean, axes)) * per_channel(alpha, axes);
