@@ -207,6 +207,23 @@ constexpr int64_t kPlaneChunk = 4096;
 
 inline int64_t plane_segments(int64_t L) { return std::max<int64_t>(1, (L + kPlaneSegment - 1) / kPlaneSegment); }
 
+// Moments of the valid positions of a plane row xr (sample n, length L)
+// within [l0, l0 + len), `count` of them: run by run, or the segment at once
+// under its lane masks (for_valid_spans), each by row_moments, merged in order.
+template <typename scalar_t>
+C10_ALWAYS_INLINE Moments<MergeT> plane_segment_moments(
+    const scalar_t* xr, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t n, int64_t l0, int64_t len,
+    int64_t count, int64_t L) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  Moments<MergeT> m;
+  if (count == 0) return m;
+  for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep, int64_t) {
+    // A span under lane masks is the whole segment, holding `count` valid positions.
+    m.merge(row_moments<scalar_t>(xr + b, keep ? keep + b : nullptr, e - b, keep ? count : e - b, L - b));
+  });
+  return m;
+}
+
 // Moments of every (n, c) row of (N, C, L) planes over its valid positions;
 // [n * C + c]. The rows' segments are visited in memory order
 // (prefetch-friendly), in parallel, and merged per row in order (in MergeT).
@@ -234,15 +251,7 @@ std::vector<Moments<MergeT>> plane_row_moments(
     for (int64_t part = begin; part < end; ++part) {
       const int64_t row = part / S, s = part % S, n = row / C;
       const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
-      const int64_t count = lanes ? valid[n * S + s] : len;
-      if (count == 0) continue;
-      const scalar_t* xr = x + row * L;
-      Moments<MergeT> m;
-      for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep, int64_t) {
-        // A span under lane masks is the whole segment, holding `count` valid positions.
-        m.merge(row_moments<scalar_t>(xr + b, keep ? keep + b : nullptr, e - b, keep ? count : e - b, L - b));
-      });
-      parts[part] = m;
+      parts[part] = plane_segment_moments(x + row * L, lanes, n, l0, len, lanes ? valid[n * S + s] : len, L);
     }
   });
   if (S == 1) return parts;
@@ -270,6 +279,39 @@ void moments_channels_first(
 }
 
 // ------------------------------------------------------- backward reductions
+
+// Adds to the vector sums s1 and s2 a plane row's dy (dyr) and dy * (x - m)
+// (xr, m: its channel's mean) over the valid positions of sample n within
+// [l0, l0 + len) (for_valid_spans).
+template <typename scalar_t>
+C10_ALWAYS_INLINE void plane_segment_grad_sums(
+    const scalar_t* dyr, const scalar_t* xr, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t n,
+    int64_t l0, int64_t len, int64_t L, const typename VecIO<scalar_t>::fVec& m, typename VecIO<scalar_t>::fVec& s1,
+    typename VecIO<scalar_t>::fVec& s2) {
+  using IO = VecIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using fVec = typename IO::fVec;
+  constexpr int64_t V = IO::size();
+  if (lanes && lanes->valid[n] == 0) return;
+  const fVec zero(0);
+  for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep, int64_t) {
+    vec_loop<V>(e - b, [&](int64_t i, int64_t k) {
+      // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
+      const int64_t l = b + i;
+      fVec d = load_first(dyr + l, k, L - l);
+      fVec dxm = d * (load_first(xr + l, k, L - l) - m);
+      if (keep) {
+        const fVec kv = fVec::loadu(keep + l, k);
+        d = d & kv;
+        dxm = dxm & kv;
+      } else if (k < V) {
+        dxm = fVec::set(zero, dxm, k);  // tail lanes hold 0 * (0 - mean)
+      }
+      s1 += d;
+      s2 += dxm;
+    });
+  });
+}
 
 // Per channel over valid positions: sum(dy) and sum(dy * (x - mean)).
 template <typename scalar_t>
@@ -310,7 +352,6 @@ void grad_sums(
   const int64_t chunk_rows = S > 1 ? 1 : std::clamp<int64_t>(kPlaneChunk / std::max<int64_t>(L, 1), 1, std::max<int64_t>(g.N, 1));
   const int64_t chunks = (g.N + chunk_rows - 1) / chunk_rows, parts_per_channel = chunks * S;
   std::vector<opmath_t> parts(static_cast<size_t>(C * parts_per_channel * 2), opmath_t(0));
-  const fVec zero(0);
   at::parallel_for(0, C * parts_per_channel, row_grain(chunk_rows * seg_len), [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
       const int64_t c = part / parts_per_channel, chunk = (part % parts_per_channel) / S, s = part % S;
@@ -318,26 +359,7 @@ void grad_sums(
       const fVec m(mean[c]);
       fVec s1(0), s2(0);
       for (int64_t n = chunk * chunk_rows, n_end = std::min(g.N, n + chunk_rows); n < n_end; ++n) {
-        if (lanes && lanes->valid[n] == 0) continue;
-        const scalar_t* dyr = dy + (n * C + c) * L;
-        const scalar_t* xr = x + (n * C + c) * L;
-        for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep, int64_t) {
-          vec_loop<V>(e - b, [&](int64_t i, int64_t k) {
-            // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
-            const int64_t l = b + i;
-            fVec d = load_first(dyr + l, k, L - l);
-            fVec dxm = d * (load_first(xr + l, k, L - l) - m);
-            if (keep) {
-              const fVec kv = fVec::loadu(keep + l, k);
-              d = d & kv;
-              dxm = dxm & kv;
-            } else if (k < V) {
-              dxm = fVec::set(zero, dxm, k);  // tail lanes hold 0 * (0 - mean)
-            }
-            s1 += d;
-            s2 += dxm;
-          });
-        });
+        plane_segment_grad_sums(dy + (n * C + c) * L, x + (n * C + c) * L, lanes, n, l0, len, L, m, s1, s2);
       }
       parts[part * 2] = sum_lanes(s1);
       parts[part * 2 + 1] = sum_lanes(s2);
@@ -459,6 +481,50 @@ C10_ALWAYS_INLINE void zero_span(scalar_t* p, int64_t n) {
   fill_zero(p + i, n - i);
 }
 
+// Channel c's coefficients, broadcast along its plane rows (those that
+// kTerms does not read are 0: never loaded).
+template <ChannelAffine kTerms, typename opmath_t>
+C10_ALWAYS_INLINE ChannelCoefficients<opmath_t> channel_coefficients(
+    const opmath_t* mean, const opmath_t* a, const opmath_t* b, const opmath_t* k, int64_t c) {
+  using fVec = Vectorized<opmath_t>;
+  constexpr bool kReadsX = kTerms != ChannelAffine::kGradientOfDy;
+  constexpr bool kReadsDy = kTerms != ChannelAffine::kNormalize;
+  return {fVec(kReadsX ? mean[c] : opmath_t(0)), fVec(kReadsDy ? a[c] : opmath_t(0)),
+          fVec(kReadsX ? b[c] : opmath_t(0)), fVec(kReadsX ? k[c] : opmath_t(0))};
+}
+
+// affine_per_channel over one plane row of sample n: out_row[0, L) = the
+// formula at valid positions, 0 at padding, each position written once, in
+// order (dy_row / x_row: nullptr where kTerms does not read them).
+template <ChannelAffine kTerms, bool kStream, typename scalar_t>
+C10_ALWAYS_INLINE void affine_plane_row(
+    const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t n, int64_t L,
+    const ChannelCoefficients<at::opmath_type<scalar_t>>& coef, const scalar_t* dy_row, const scalar_t* x_row,
+    scalar_t* out_row) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (lanes && lanes->valid[n] == 0) return zero_span<kStream>(out_row, L);
+  int64_t written = 0;  // out_row[0, written) is done
+  for_valid_spans(lanes, n, 0, L, [&](int64_t b0, int64_t e0, const opmath_t* keep, int64_t next) {
+    zero_span<kStream>(out_row + written, b0 - written);
+    // Up to the next span: its positions are written once, in order.
+    written = b0 + affine_span<kTerms, kStream>(
+        dy_row ? dy_row + b0 : nullptr, x_row ? x_row + b0 : nullptr, keep ? keep + b0 : nullptr, e0 - b0,
+        next - b0, coef, out_row + b0);
+  });
+  zero_span<kStream>(out_row + written, L - written);
+}
+
+// Calls run(std::true_type) for an output of `elements` scalar_t large
+// enough for streaming stores (kStreamingBytes, float and double), else
+// run(std::false_type).
+template <typename scalar_t, typename Run>
+C10_ALWAYS_INLINE void with_streaming(int64_t elements, const Run& run) {
+  if constexpr (StreamIO<scalar_t>::kStreams) {
+    if (elements * int64_t(sizeof(scalar_t)) >= kStreamingBytes) return run(std::true_type{});
+  }
+  run(std::false_type{});
+}
+
 // One loop for the normalization and the input gradient, so all stages see
 // the same traversal of both layouts. Padded positions are written as 0;
 // channels-first rows read only their valid runs where the mask has few
@@ -471,7 +537,6 @@ void affine_per_channel(
     const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b,
     const at::opmath_type<scalar_t>* k, scalar_t* out) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using fVec = Vectorized<opmath_t>;
   constexpr bool kReadsX = kTerms != ChannelAffine::kGradientOfDy;
   constexpr bool kReadsDy = kTerms != ChannelAffine::kNormalize;
   const int64_t C = g.C, L = g.L;
@@ -494,30 +559,14 @@ void affine_per_channel(
       // plane = n * C + c, stepped without a division per plane (rows may be short)
       for (int64_t plane = begin, n = begin / C, c = begin % C; plane < end; ++plane, ++c) {
         if (c == C) { c = 0; ++n; }
-        scalar_t* out_row = out + plane * L;
-        if (lanes && lanes->valid[n] == 0) { zero_span<kStream>(out_row, L); continue; }
-        const ChannelCoefficients<opmath_t> coef{
-            fVec(kReadsX ? mean[c] : opmath_t(0)), fVec(kReadsDy ? a[c] : opmath_t(0)),
-            fVec(kReadsX ? b[c] : opmath_t(0)), fVec(kReadsX ? k[c] : opmath_t(0))};
-        const scalar_t* dy_row = kReadsDy ? dy + plane * L : nullptr;
-        const scalar_t* x_row = kReadsX ? x + plane * L : nullptr;
-        int64_t written = 0;  // out_row[0, written) is done
-        for_valid_spans(lanes, n, 0, L, [&](int64_t b0, int64_t e0, const opmath_t* keep, int64_t next) {
-          zero_span<kStream>(out_row + written, b0 - written);
-          // Up to the next span: its positions are written once, in order.
-          written = b0 + affine_span<kTerms, kStream>(
-              dy_row ? dy_row + b0 : nullptr, x_row ? x_row + b0 : nullptr, keep ? keep + b0 : nullptr, e0 - b0,
-              next - b0, coef, out_row + b0);
-        });
-        zero_span<kStream>(out_row + written, L - written);
+        affine_plane_row<kTerms, kStream>(
+            lanes, n, L, channel_coefficients<kTerms>(mean, a, b, k, c), kReadsDy ? dy + plane * L : nullptr,
+            kReadsX ? x + plane * L : nullptr, out + plane * L);
       }
       if constexpr (kStream) stream_fence();
     });
   };
-  if constexpr (StreamIO<scalar_t>::kStreams) {
-    if (g.N * C * L * int64_t(sizeof(scalar_t)) >= kStreamingBytes) return run(std::true_type{});
-  }
-  run(std::false_type{});
+  with_streaming<scalar_t>(g.N * C * L, run);
 }
 
 }  // namespace masknorm::cpu

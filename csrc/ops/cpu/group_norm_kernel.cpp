@@ -4,11 +4,15 @@
 // contiguous tensors and outputs.
 //
 // Group norm is batch norm of one sample at a time with the channels of a
-// group pooled, so it runs batch norm's loops (channel_loops.h) per sample:
-// the per-(sample, channel) moments are merged per (sample, group) with
-// Chan's formula, and the normalization and input gradient are the one
-// elementwise loop out = dy * a + (x - mean) * b + k0 with per-sample
-// coefficients. Padded positions are skipped or cleared with a bit mask.
+// group pooled, so it runs batch norm's loops (channel_loops.h): the
+// per-(sample, channel) moments are merged per (sample, group) with Chan's
+// formula, and the normalization and input gradient are the one elementwise
+// loop out = dy * a + (x - mean) * b + k0 with per-sample coefficients.
+// Padded positions are skipped or cleared with a bit mask.
+// Channels first, a (sample, group) is one contiguous block of D rows; blocks
+// that fit in L2 are done one at a time, reduction then elementwise loop, so
+// the input is read from memory once (by_blocks). Otherwise, and channels
+// last, the stages run over the whole batch, a sample at a time.
 // Neighbours: batch_norm_kernel.cpp, ../generic/group_norm_kernel.cpp (the
 // reference), ../cuda/group_norm_kernel.cu.
 #include "channel_loops.h"
@@ -69,6 +73,25 @@ void channel_moments(
   }
 }
 
+// Whether channels-first group norm runs block by block: the block's bytes
+// of the `tensors` inputs its passes read (x; dy and x) fit in L2, its rows
+// are one segment each (kPlaneSegment), and there are blocks enough for
+// every thread. The per-row sums and their order of merging are those of the
+// whole-batch loops, so either way gives the same result.
+constexpr int64_t kBlockBytes = 256 * 1024;
+
+bool by_blocks(const BatchNormLayout& g, int64_t G, int64_t tensors, int64_t element_size) {
+  if (g.channels_last || G <= 0 || g.C <= 0 || g.L > kPlaneSegment) return false;
+  return tensors * (g.C / G) * g.L * element_size <= kBlockBytes && g.N * G >= 2 * at::get_num_threads();
+}
+
+// A (sample, group)'s mean and 1 / sqrt(var + eps) from its moments; 0 without valid positions.
+template <typename opmath_t>
+void group_statistics(const Moments<MergeT>& acc, double eps, opmath_t& mean, opmath_t& rstd) {
+  mean = opmath_t(acc.mean);
+  rstd = acc.count > 0 ? opmath_t(1 / std::sqrt(acc.m2 / MergeT(acc.count) + eps)) : opmath_t(0);
+}
+
 // Per-sample coefficients of the elementwise loop, per channel.
 template <typename opmath_t>
 struct SampleCoefficients {
@@ -91,6 +114,207 @@ void affine_sample(
       lanes ? &*lanes : nullptr, k.mean.data(), k.a.data(), k.b.data(), k.k0.data(), out + offset);
 }
 
+// The input-gradient coefficients of one (sample, group) of D channels,
+// from its per-channel sums s1 = sum(dy), s2 = sum(dy * (x - mu)) over its
+// `count` (valid positions x D) values; w: the group's weights or nullptr.
+// Scalar math, with A = sum(w * s1), B = sum(w * s2 * r):
+//   dx = dy * (w * r) + (x - mu) * (-r^2 * B / count) + (-r * A / count)
+template <typename opmath_t>
+void group_gradient_coefficients(
+    const opmath_t* s1, const opmath_t* s2, const opmath_t* w, int64_t D, opmath_t mu, opmath_t r, opmath_t count,
+    opmath_t* mean, opmath_t* a, opmath_t* b, opmath_t* k0) {
+  opmath_t A = 0, B = 0;
+  for (int64_t c = 0; c < D; ++c) {
+    const opmath_t wc = w ? w[c] : opmath_t(1);
+    A += wc * s1[c];
+    B += wc * s2[c] * r;
+  }
+  const opmath_t inv_k = count > 0 ? opmath_t(1) / count : opmath_t(0);
+  for (int64_t c = 0; c < D; ++c) {
+    mean[c] = mu;
+    a[c] = w ? w[c] * r : r;
+    b[c] = -r * r * B * inv_k;
+    k0[c] = -r * A * inv_k;
+  }
+}
+
+// Forward over the whole batch (when not by_blocks): every (sample, channel)
+// row's moments, merged per (sample, group) into group[n * G + j], the
+// statistics, then the normalization a sample at a time.
+template <typename scalar_t>
+void forward_by_samples(
+    const GroupNormForwardArgs& a, const scalar_t* x, const MaskByte* pad, std::vector<Moments<MergeT>>& group) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const BatchNormLayout& g = a.layout;
+  const int64_t N = g.N, C = g.C, G = a.groups, D = C / G;
+  std::vector<MergeT> ch_mean, ch_m2;
+  std::vector<int64_t> valid;
+  channel_moments<scalar_t>(g, x, pad, ch_mean, ch_m2, valid);
+  opmath_t* mean = a.mean.mutable_data_ptr<opmath_t>();
+  opmath_t* rstd = a.rstd.mutable_data_ptr<opmath_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < G; ++j) {
+      Moments<MergeT>& acc = group[n * G + j];
+      for (int64_t c = j * D; c < (j + 1) * D; ++c) acc.merge({valid[n], ch_mean[n * C + c], ch_m2[n * C + c]});
+      group_statistics(acc, a.eps, mean[n * G + j], rstd[n * G + j]);
+    }
+  }
+  const opmath_t* w = a.weight.defined() ? a.weight.const_data_ptr<opmath_t>() : nullptr;
+  const opmath_t* bias = a.bias.defined() ? a.bias.const_data_ptr<opmath_t>() : nullptr;
+  scalar_t* out = a.output.mutable_data_ptr<scalar_t>();
+  for_each_sample(N, [&](int64_t n) {
+    // Affine folded per channel: out = (x - mean) * (rstd * w) + bias
+    SampleCoefficients<opmath_t> k(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t j = n * G + c / D;
+      k.mean[c] = mean[j];
+      k.b[c] = w ? rstd[j] * w[c] : rstd[j];
+      k.k0[c] = bias ? bias[c] : opmath_t(0);
+    }
+    affine_sample<ChannelAffine::kNormalize, scalar_t>(g, n, nullptr, x, pad, k, out);
+  });
+}
+
+// The backward over the whole batch (when not by_blocks), a sample at a
+// time: the per-(sample, channel) sums s1, s2 ...
+template <typename scalar_t>
+void grad_sums_by_samples(
+    const GroupNormBackwardArgs& a, const scalar_t* dy, const scalar_t* x, const MaskByte* pad,
+    std::vector<at::opmath_type<scalar_t>>& s1, std::vector<at::opmath_type<scalar_t>>& s2) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const BatchNormLayout& g = a.layout;
+  const int64_t N = g.N, C = g.C, L = g.L, G = a.groups, D = C / G;
+  const opmath_t* mean = a.mean.const_data_ptr<opmath_t>();
+  for_each_sample(N, [&](int64_t n) {
+    const MaskByte* sample_pad = pad ? pad + n * L : nullptr;
+    if (sample_pad && count_valid(sample_pad, L) == 0) return;
+    SampleCoefficients<opmath_t> k(C);
+    for (int64_t c = 0; c < C; ++c) k.mean[c] = mean[n * G + c / D];
+    const int64_t offset = n * C * L;
+    std::optional<MaskLanes<opmath_t>> lanes;
+    if (sample_pad && !g.channels_last) lanes.emplace(sample_pad, 1, L);
+    grad_sums<scalar_t>(
+        sample_layout(g), dy + offset, x + offset, sample_pad, lanes ? &*lanes : nullptr, k.mean.data(),
+        s1.data() + n * C, s2.data() + n * C);
+  });
+}
+
+// ... and, given them, the input gradient.
+template <typename scalar_t>
+void grad_input_by_samples(
+    const GroupNormBackwardArgs& a, const scalar_t* dy, const scalar_t* x, const MaskByte* pad,
+    const std::vector<at::opmath_type<scalar_t>>& s1, const std::vector<at::opmath_type<scalar_t>>& s2) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const BatchNormLayout& g = a.layout;
+  const int64_t N = g.N, C = g.C, L = g.L, G = a.groups, D = C / G;
+  const opmath_t* mean = a.mean.const_data_ptr<opmath_t>();
+  const opmath_t* rstd = a.rstd.const_data_ptr<opmath_t>();
+  const opmath_t* w = a.weight.defined() ? a.weight.const_data_ptr<opmath_t>() : nullptr;
+  scalar_t* dx = a.grad_input.mutable_data_ptr<scalar_t>();
+  for_each_sample(N, [&](int64_t n) {
+    const int64_t valid = pad ? count_valid(pad + n * L, L) : L;
+    SampleCoefficients<opmath_t> k(C);
+    for (int64_t j = 0; j < G; ++j) {
+      group_gradient_coefficients(
+          s1.data() + n * C + j * D, s2.data() + n * C + j * D, w ? w + j * D : nullptr, D, mean[n * G + j],
+          rstd[n * G + j], opmath_t(valid * D), k.mean.data() + j * D, k.a.data() + j * D, k.b.data() + j * D,
+          k.k0.data() + j * D);
+    }
+    affine_sample<ChannelAffine::kGradientSum, scalar_t>(g, n, dy, x, pad, k, dx);
+  });
+}
+
+// Forward by (sample, group) blocks (by_blocks): the block's row moments,
+// merged, its statistics, then its rows normalized while still in cache.
+// Fills group[n * G + j], mean, rstd and the output.
+template <typename scalar_t>
+void forward_by_blocks(
+    const GroupNormForwardArgs& a, const scalar_t* x, const MaskByte* pad, std::vector<Moments<MergeT>>& group) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using fVec = typename VecIO<scalar_t>::fVec;
+  const BatchNormLayout& g = a.layout;
+  const int64_t N = g.N, L = g.L, G = a.groups, D = g.C / G;
+  std::optional<MaskLanes<opmath_t>> mask_lanes;
+  if (pad) mask_lanes.emplace(pad, N, L);
+  const MaskLanes<opmath_t>* lanes = mask_lanes ? &*mask_lanes : nullptr;
+  opmath_t* mean = a.mean.mutable_data_ptr<opmath_t>();
+  opmath_t* rstd = a.rstd.mutable_data_ptr<opmath_t>();
+  const opmath_t* w = a.weight.defined() ? a.weight.const_data_ptr<opmath_t>() : nullptr;
+  const opmath_t* bias = a.bias.defined() ? a.bias.const_data_ptr<opmath_t>() : nullptr;
+  scalar_t* out = a.output.mutable_data_ptr<scalar_t>();
+  with_streaming<scalar_t>(N * g.C * L, [&](auto streaming) {
+    constexpr bool kStream = decltype(streaming)::value;
+    at::parallel_for(0, N * G, row_grain(D * L), [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t n = block / G, c0 = (block % G) * D;
+        const int64_t count = lanes ? lanes->valid[n] : L;
+        const scalar_t* xb = x + block * D * L;
+        Moments<MergeT> acc;
+        for (int64_t c = 0; c < D; ++c) acc.merge(plane_segment_moments(xb + c * L, lanes, n, 0, L, count, L));
+        group[block] = acc;
+        group_statistics(acc, a.eps, mean[block], rstd[block]);
+        // Affine folded per channel: out = (x - mean) * (rstd * w) + bias
+        const fVec mu(mean[block]);
+        for (int64_t c = 0; c < D; ++c) {
+          const ChannelCoefficients<opmath_t> coef{
+              mu, fVec(0), fVec(w ? rstd[block] * w[c0 + c] : rstd[block]), fVec(bias ? bias[c0 + c] : opmath_t(0))};
+          affine_plane_row<ChannelAffine::kNormalize, kStream>(
+              lanes, n, L, coef, static_cast<const scalar_t*>(nullptr), xb + c * L, out + (block * D + c) * L);
+        }
+      }
+      if constexpr (kStream) stream_fence();
+    });
+  });
+}
+
+// Backward by (sample, group) blocks (by_blocks): the block's rows' sums
+// (kept in s1, s2 for the parameter gradients), then its input gradient
+// while dy and x are still in cache.
+template <typename scalar_t>
+void backward_by_blocks(
+    const GroupNormBackwardArgs& a, const scalar_t* dy, const scalar_t* x, const MaskByte* pad,
+    std::vector<at::opmath_type<scalar_t>>& s1, std::vector<at::opmath_type<scalar_t>>& s2) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using fVec = typename VecIO<scalar_t>::fVec;
+  const BatchNormLayout& g = a.layout;
+  const int64_t N = g.N, C = g.C, L = g.L, G = a.groups, D = C / G;
+  std::optional<MaskLanes<opmath_t>> mask_lanes;
+  if (pad) mask_lanes.emplace(pad, N, L);
+  const MaskLanes<opmath_t>* lanes = mask_lanes ? &*mask_lanes : nullptr;
+  const opmath_t* mean = a.mean.const_data_ptr<opmath_t>();
+  const opmath_t* rstd = a.rstd.const_data_ptr<opmath_t>();
+  const opmath_t* w = a.weight.defined() ? a.weight.const_data_ptr<opmath_t>() : nullptr;
+  scalar_t* dx = a.grad_input.defined() ? a.grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+  with_streaming<scalar_t>(dx ? N * C * L : 0, [&](auto streaming) {
+    constexpr bool kStream = decltype(streaming)::value;
+    at::parallel_for(0, N * G, row_grain(D * L), [&](int64_t begin, int64_t end) {
+      SampleCoefficients<opmath_t> k(D);
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t n = block / G, c0 = (block % G) * D, offset = block * D * L;
+        const fVec mu(mean[block]);
+        for (int64_t c = 0; c < D; ++c) {
+          fVec v1(0), v2(0);
+          plane_segment_grad_sums(dy + offset + c * L, x + offset + c * L, lanes, n, 0, L, L, mu, v1, v2);
+          s1[n * C + c0 + c] = sum_lanes(v1);
+          s2[n * C + c0 + c] = sum_lanes(v2);
+        }
+        if (!dx) continue;
+        const int64_t valid = lanes ? lanes->valid[n] : L;
+        group_gradient_coefficients(
+            s1.data() + n * C + c0, s2.data() + n * C + c0, w ? w + c0 : nullptr, D, mean[block], rstd[block],
+            opmath_t(valid * D), k.mean.data(), k.a.data(), k.b.data(), k.k0.data());
+        for (int64_t c = 0; c < D; ++c) {
+          affine_plane_row<ChannelAffine::kGradientSum, kStream>(
+              lanes, n, L,
+              channel_coefficients<ChannelAffine::kGradientSum>(k.mean.data(), k.a.data(), k.b.data(), k.k0.data(), c),
+              dy + offset + c * L, x + offset + c * L, dx + offset + c * L);
+        }
+      }
+      if constexpr (kStream) stream_fence();
+    });
+  });
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ kernels
@@ -98,25 +322,15 @@ void affine_sample(
 void group_norm_forward(const GroupNormForwardArgs& a) {
   const BatchNormLayout& g = a.layout;
   const MaskByte* pad = mask_bytes(a.padding_mask);
-  const int64_t N = g.N, C = g.C, G = a.groups, D = G > 0 ? C / G : 0;
+  const int64_t N = g.N, G = a.groups;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_group_norm_forward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
-    std::vector<MergeT> ch_mean, ch_m2;
-    std::vector<int64_t> valid;
-    channel_moments<scalar_t>(g, x, pad, ch_mean, ch_m2, valid);
-    // Scalar math: per (sample, group), the channels' moments merged (Chan):
-    //   mean, rstd = 1 / sqrt(M2 / count + eps); 0 without valid positions
-    opmath_t* mean = a.mean.mutable_data_ptr<opmath_t>();
-    opmath_t* rstd = a.rstd.mutable_data_ptr<opmath_t>();
     std::vector<Moments<MergeT>> group(N * G);
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t j = 0; j < G; ++j) {
-        Moments<MergeT>& acc = group[n * G + j];
-        for (int64_t c = j * D; c < (j + 1) * D; ++c) acc.merge({valid[n], ch_mean[n * C + c], ch_m2[n * C + c]});
-        mean[n * G + j] = opmath_t(acc.mean);
-        rstd[n * G + j] = acc.count > 0 ? opmath_t(1 / std::sqrt(acc.m2 / MergeT(acc.count) + a.eps)) : opmath_t(0);
-      }
+    if (by_blocks(g, G, 1, sizeof(scalar_t))) {
+      forward_by_blocks<scalar_t>(a, x, pad, group);
+    } else {
+      forward_by_samples<scalar_t>(a, x, pad, group);
     }
     if (a.running_mean.defined()) {
       // Scalar math: running = (1 - momentum) * running + momentum * average
@@ -138,52 +352,26 @@ void group_norm_forward(const GroupNormForwardArgs& a) {
         running_var[j] = opmath_t((1 - a.momentum) * double(running_var[j]) + a.momentum * var_sum / samples);
       }
     }
-    const opmath_t* w = a.weight.defined() ? a.weight.const_data_ptr<opmath_t>() : nullptr;
-    const opmath_t* bias = a.bias.defined() ? a.bias.const_data_ptr<opmath_t>() : nullptr;
-    scalar_t* out = a.output.mutable_data_ptr<scalar_t>();
-    for_each_sample(N, [&](int64_t n) {
-      // Affine folded per channel: out = (x - mean) * (rstd * w) + bias
-      SampleCoefficients<opmath_t> k(C);
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t j = n * G + c / D;
-        k.mean[c] = mean[j];
-        k.b[c] = w ? rstd[j] * w[c] : rstd[j];
-        k.k0[c] = bias ? bias[c] : opmath_t(0);
-      }
-      affine_sample<ChannelAffine::kNormalize, scalar_t>(g, n, nullptr, x, pad, k, out);
-    });
   });
 }
 
 void group_norm_backward(const GroupNormBackwardArgs& a) {
   const BatchNormLayout& g = a.layout;
   const MaskByte* pad = mask_bytes(a.padding_mask);
-  const int64_t N = g.N, C = g.C, L = g.L, G = a.groups, D = G > 0 ? C / G : 0;
+  const int64_t N = g.N, C = g.C, G = a.groups, D = C / G;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_group_norm_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
     const scalar_t* dy = a.grad_output.const_data_ptr<scalar_t>();
-    const opmath_t* mean = a.mean.const_data_ptr<opmath_t>();
     const opmath_t* rstd = a.rstd.const_data_ptr<opmath_t>();
-    const opmath_t* w = a.weight.defined() ? a.weight.const_data_ptr<opmath_t>() : nullptr;
     // Per (sample, channel): s1 = sum(dy), s2 = sum(dy * (x - mean)) over valid positions.
     std::vector<opmath_t> s1(N * C, 0), s2(N * C, 0);
-    std::vector<int64_t> valid(N, L);
-    if (pad) {
-      for (int64_t n = 0; n < N; ++n) valid[n] = count_valid(pad + n * L, L);
+    const bool blocks = by_blocks(g, G, 2, sizeof(scalar_t));
+    if (blocks) {
+      backward_by_blocks<scalar_t>(a, dy, x, pad, s1, s2);  // and the input gradient
+    } else {
+      grad_sums_by_samples<scalar_t>(a, dy, x, pad, s1, s2);
     }
-    for_each_sample(N, [&](int64_t n) {
-      if (valid[n] == 0) return;
-      SampleCoefficients<opmath_t> k(C);
-      for (int64_t c = 0; c < C; ++c) k.mean[c] = mean[n * G + c / D];
-      const int64_t offset = n * C * L;
-      const MaskByte* sample_pad = pad ? pad + n * L : nullptr;
-      std::optional<MaskLanes<opmath_t>> lanes;
-      if (sample_pad && !g.channels_last) lanes.emplace(sample_pad, 1, L);
-      grad_sums<scalar_t>(
-          sample_layout(g), dy + offset, x + offset, sample_pad, lanes ? &*lanes : nullptr, k.mean.data(),
-          s1.data() + n * C, s2.data() + n * C);
-    });
     // Parameter gradients, summed over samples in order (deterministic):
     //   grad_weight = sum s2 * rstd, grad_bias = sum s1
     if (a.grad_weight.defined() || a.grad_bias.defined()) {
@@ -199,31 +387,7 @@ void group_norm_backward(const GroupNormBackwardArgs& a) {
         if (db) db[c] = sb;
       }
     }
-    if (!a.grad_input.defined()) return;
-    scalar_t* dx = a.grad_input.mutable_data_ptr<scalar_t>();
-    for_each_sample(N, [&](int64_t n) {
-      // Scalar math, per group with k = valid * D, A = sum(w * dy), B = sum(w * dy * xhat):
-      //   dx = dy * (w * rstd) + (x - mean) * (-rstd^2 * B / k) + (-rstd * A / k)
-      SampleCoefficients<opmath_t> k(C);
-      const opmath_t count = opmath_t(valid[n] * D);
-      for (int64_t j = 0; j < G; ++j) {
-        const opmath_t r = rstd[n * G + j];
-        opmath_t A = 0, B = 0;
-        for (int64_t c = j * D; c < (j + 1) * D; ++c) {
-          const opmath_t wc = w ? w[c] : opmath_t(1);
-          A += wc * s1[n * C + c];
-          B += wc * s2[n * C + c] * r;
-        }
-        const opmath_t inv_k = count > 0 ? opmath_t(1) / count : opmath_t(0);
-        for (int64_t c = j * D; c < (j + 1) * D; ++c) {
-          k.mean[c] = mean[n * G + j];
-          k.a[c] = w ? w[c] * r : r;
-          k.b[c] = -r * r * B * inv_k;
-          k.k0[c] = -r * A * inv_k;
-        }
-      }
-      affine_sample<ChannelAffine::kGradientSum, scalar_t>(g, n, dy, x, pad, k, dx);
-    });
+    if (!blocks && a.grad_input.defined()) grad_input_by_samples<scalar_t>(a, dy, x, pad, s1, s2);
   });
 }
 
