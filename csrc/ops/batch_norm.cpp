@@ -216,33 +216,33 @@ std::tuple<Tensor, Tensor, Tensor> run_merge_stats(
   return {a.mean, a.invstd, a.count};
 }
 
-Tensor run_elemt(
-    const Prepared& p, const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias) {
-  BatchNormElemtArgs a;
-  set_input_and_stats(a, p, mean, invstd);
-  a.weight = feature_as_opmath(weight, p.layout.C, p.input);
-  a.bias = feature_as_opmath(bias, p.layout.C, p.input);
-  a.output = at::empty_like(p.input, at::MemoryFormat::Contiguous);
-  kernels_for(p.input.device()).batch_norm_elemt(a);
-  return a.output;
-}
+// Running statistics to normalize with (eval).
+struct RunningStats {
+  Tensor mean, var;
+  double eps = 0;
+};
 
-// Eval: normalizes with the running statistics; returns the output and, as
-// the statistics used, a copy of running_mean and 1/sqrt(running_var + eps),
-// all set by one kernel call (no tensor ops of their own on small inputs).
-std::tuple<Tensor, Tensor, Tensor> run_elemt_with_running_stats(
-    const Prepared& p, const Tensor& running_mean, const Tensor& running_var, double eps,
-    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias) {
+// The normalization: with the given mean and invstd, or with `running`
+// (eval), when the kernel also sets mean (a copy of running_mean) and
+// invstd (1/sqrt(running_var + eps)) in the same call, so that eval runs no
+// tensor ops of its own on small inputs. Returns the output and the
+// statistics it used.
+std::tuple<Tensor, Tensor, Tensor> run_elemt(
+    const Prepared& p, const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const std::optional<RunningStats>& running = std::nullopt) {
   BatchNormElemtArgs a;
-  a.input = p.input;
-  a.padding_mask = p.mask;
-  a.layout = p.layout;
-  a.running_mean = stat_as_opmath(running_mean, p);
-  a.running_var = stat_as_opmath(running_var, p);
-  a.eps = eps;
-  a.mean = at::empty({p.layout.C}, p.stat_options);
-  a.invstd = at::empty({p.layout.C}, p.stat_options);
+  if (running) {
+    a.input = p.input;
+    a.padding_mask = p.mask;
+    a.layout = p.layout;
+    a.running_mean = stat_as_opmath(running->mean, p);
+    a.running_var = stat_as_opmath(running->var, p);
+    a.eps = running->eps;
+    a.mean = at::empty({p.layout.C}, p.stat_options);
+    a.invstd = at::empty({p.layout.C}, p.stat_options);
+  } else {
+    set_input_and_stats(a, p, mean, invstd);
+  }
   a.weight = feature_as_opmath(weight, p.layout.C, p.input);
   a.bias = feature_as_opmath(bias, p.layout.C, p.input);
   a.output = at::empty_like(p.input, at::MemoryFormat::Contiguous);
@@ -321,9 +321,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
   } else {
     check_eps(eps, op, "in eval", /*positive=*/false);
     TORCH_CHECK(rm.defined(), op, ": expected running_mean and running_var when training=False, but got None");
-    return run_elemt_with_running_stats(p, rm, rv, eps, weight, bias);
+    return run_elemt(p, Tensor(), Tensor(), weight, bias, RunningStats{rm, rv, eps});
   }
-  return {run_elemt(p, mean, invstd, weight, bias), mean, invstd};
+  return {std::get<0>(run_elemt(p, mean, invstd, weight, bias)), mean, invstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_op(
@@ -390,7 +390,7 @@ Tensor batch_norm_elemt_op(
       "masknorm::batch_norm_elemt", input, padding_mask, channels_last,
       {{"weight", value_or_undefined(weight)}, {"bias", value_or_undefined(bias)}, {"mean", mean},
        {"invstd", invstd}});
-  return run_elemt(prepare(input, padding_mask, channels_last), mean, invstd, weight, bias);
+  return std::get<0>(run_elemt(prepare(input, padding_mask, channels_last), mean, invstd, weight, bias));
 }
 
 std::tuple<Tensor, Tensor> batch_norm_backward_reduce_op(

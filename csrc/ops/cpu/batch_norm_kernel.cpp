@@ -81,23 +81,23 @@ void batch_norm_elemt(const BatchNormElemtArgs& a) {
   const MaskByte* pad = mask_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_elemt", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    if (a.running_var.defined()) {  // eval: the statistics from the running ones (kernels.h)
-      const opmath_t* running_mean = a.running_mean.const_data_ptr<opmath_t>();
-      const opmath_t* running_var = a.running_var.const_data_ptr<opmath_t>();
-      opmath_t* mean = a.mean.mutable_data_ptr<opmath_t>();
-      opmath_t* invstd = a.invstd.mutable_data_ptr<opmath_t>();
-      const auto eps = static_cast<opmath_t>(a.eps);
-      for (int64_t c = 0; c < g.C; ++c) {
-        mean[c] = running_mean[c];
-        invstd[c] = opmath_t(1) / std::sqrt(running_var[c] + eps);
-      }
-    }
-    const opmath_t* invstd = a.invstd.const_data_ptr<opmath_t>();
+    // Eval: the statistics set from the running ones first (kernels.h).
+    const bool eval = a.running_var.defined();
+    const opmath_t* running_mean = eval ? a.running_mean.const_data_ptr<opmath_t>() : nullptr;
+    const opmath_t* running_var = eval ? a.running_var.const_data_ptr<opmath_t>() : nullptr;
+    opmath_t* eval_mean = eval ? a.mean.mutable_data_ptr<opmath_t>() : nullptr;
+    opmath_t* eval_invstd = eval ? a.invstd.mutable_data_ptr<opmath_t>() : nullptr;
+    const auto eps = static_cast<opmath_t>(a.eps);
+    const opmath_t* invstd = a.invstd.const_data_ptr<opmath_t>();  // read after eval sets it
     const opmath_t* w = a.weight.defined() ? a.weight.const_data_ptr<opmath_t>() : nullptr;
     const opmath_t* b = a.bias.defined() ? a.bias.const_data_ptr<opmath_t>() : nullptr;
     // Affine folded per channel: out = (x - mean) * alpha + beta
     std::vector<opmath_t> alpha(g.C), beta(g.C);
     for (int64_t c = 0; c < g.C; ++c) {
+      if (eval) {
+        eval_mean[c] = running_mean[c];
+        eval_invstd[c] = opmath_t(1) / std::sqrt(running_var[c] + eps);
+      }
       alpha[c] = w ? w[c] * invstd[c] : invstd[c];
       beta[c] = b ? b[c] : opmath_t(0);
     }
