@@ -106,13 +106,16 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
 def _batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, padding_mask, channels_last: bool):
     """torch.nn.modules.batchnorm._BatchNorm.forward with a mask; the op
     increments num_batches_tracked and updates the running statistics."""
-    track = module.training and module.track_running_stats
-    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
-    keep_running = not module.training or module.track_running_stats
+    # Each parameter or buffer read once: nn.Module's attribute lookup costs
+    # about 0.4 us, a sizeable part of a call on small tensors.
+    training, track_running_stats = module.training, module.track_running_stats
+    running_mean, running_var = module.running_mean, module.running_var
+    use_batch_stats = training or (running_mean is None and running_var is None)
+    keep_running = not training or track_running_stats
     return F.batch_norm(
         input,
-        module.running_mean if keep_running else None,
-        module.running_var if keep_running else None,
+        running_mean if keep_running else None,
+        running_var if keep_running else None,
         module.weight,
         module.bias,
         use_batch_stats,
@@ -120,7 +123,7 @@ def _batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, 
         module.eps,
         padding_mask=padding_mask,
         channels_last=channels_last,
-        num_batches_tracked=module.num_batches_tracked if track else None,
+        num_batches_tracked=module.num_batches_tracked if training and track_running_stats else None,
     )
 
 

@@ -241,9 +241,7 @@ std::vector<Moments<MergeT>> plane_row_moments(
   for (int64_t n = 0; lanes && n < N; ++n) {
     for (int64_t s = 0; s < S; ++s) {
       const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
-      int64_t v = S == 1 ? lanes->valid[n] : 0;
-      for (int64_t l = 0; S > 1 && l < len; ++l) v += kept(lanes->keep[n * L + l0 + l]);
-      valid[n * S + s] = v;
+      valid[n * S + s] = S == 1 ? lanes->valid[n] : lanes->valid_within(n, l0, l0 + len);
     }
   }
   std::vector<Moments<MergeT>> parts(static_cast<size_t>(N * C * S));

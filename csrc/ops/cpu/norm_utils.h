@@ -129,13 +129,6 @@ inline opmath_t keep_bits(bool valid) {
   return c10::bit_cast<opmath_t>(valid ? ~bits_t(0) : bits_t(0));
 }
 
-// True for a lane mask of a valid element (the inverse of keep_bits).
-template <typename opmath_t>
-inline bool kept(opmath_t lane) {
-  using bits_t = std::conditional_t<sizeof(opmath_t) == 8, uint64_t, uint32_t>;
-  return c10::bit_cast<bits_t>(lane) != 0;
-}
-
 // Count, mean and sum of squared deviations (M2) of a set of values.
 // Statistics are merged in MergeT (double): a part's mean, rounded to float,
 // is off by up to half an ulp, which on data with a large common offset is a
@@ -312,36 +305,62 @@ class PerThreadBuffers {
   std::vector<T> data_;
 };
 
+// First position in [l, L) of row whose byte is 0 (valid, want_zero) or
+// not 0 (padding), else L. Eight bytes at a time while none qualifies: a
+// padding mask is mostly long runs (a padded tail), and building the row
+// runs is per call.
+inline int64_t find_mask_byte(const MaskByte* row, int64_t l, int64_t L, bool want_zero) {
+  constexpr uint64_t kOnes = 0x0101010101010101ULL, kHighs = 0x8080808080808080ULL;
+  for (; l + 8 <= L; l += 8) {
+    uint64_t w;
+    std::memcpy(&w, row + l, sizeof(w));
+    const bool has_zero = ((w - kOnes) & ~w & kHighs) != 0;
+    if (want_zero ? has_zero : w != 0) break;
+  }
+  while (l < L && (row[l] == 0) != want_zero) ++l;
+  return l;
+}
+
 // The padding mask of an (N, L) batch, for loops over contiguous rows of L
 // (channels-first batch norm, group norm): per row, the number of valid
-// positions, their lane masks (keep_bits), and the runs of valid positions.
-// A row with few runs (the usual suffix padding: one) is visited run by run,
-// reading no mask and no padding; a fragmented row in one pass under its lane
-// masks (for_valid_spans).
+// positions, the runs of valid positions and, for rows not visited run by
+// run, their lane masks (keep_bits). A row with few runs (the usual suffix
+// padding: one) is visited run by run, reading no mask and no padding; a
+// fragmented or short row in one pass under its lane masks (for_valid_spans).
 template <typename opmath_t>
 struct MaskLanes {
-  std::vector<opmath_t> keep;    // N * L lane masks, all bits set where valid
+  std::vector<opmath_t> keep;    // N * L lane masks, all bits set where valid (rows not by_runs only)
   std::vector<int64_t> valid;    // N counts of valid positions
   std::vector<int64_t> runs;     // [begin, end) pairs of each row's valid runs, row after row
   std::vector<int64_t> row_runs; // N + 1: row n's runs are pairs [row_runs[n], row_runs[n + 1])
   int64_t L = 0, total = 0;
 
   MaskLanes(const MaskByte* pad, int64_t N, int64_t L)
-      : keep(static_cast<size_t>(N * L)), valid(static_cast<size_t>(N)), row_runs(static_cast<size_t>(N + 1)), L(L) {
+      : valid(static_cast<size_t>(N)), row_runs(static_cast<size_t>(N + 1)), L(L) {
+    runs.reserve(static_cast<size_t>(2 * N));
+    bool any_by_lanes = false;
     for (int64_t n = 0; n < N; ++n) {
+      const MaskByte* row = pad + n * L;
       int64_t v = 0;
-      bool in_run = false;
-      for (int64_t l = 0; l < L; ++l) {
-        const bool ok = pad[n * L + l] == 0;
-        keep[n * L + l] = keep_bits<opmath_t>(ok);
-        v += ok;
-        if (ok != in_run) runs.push_back(l);  // a run begins or ends
-        in_run = ok;
+      for (int64_t l = find_mask_byte(row, 0, L, true); l < L; l = find_mask_byte(row, l, L, true)) {
+        const int64_t end = find_mask_byte(row, l, L, false);
+        runs.push_back(l);
+        runs.push_back(end);
+        v += end - l;
+        l = end;
       }
-      if (in_run) runs.push_back(L);
       valid[n] = v;
       total += v;
       row_runs[n + 1] = static_cast<int64_t>(runs.size()) / 2;
+      any_by_lanes = any_by_lanes || !by_runs(n);
+    }
+    if (!any_by_lanes) return;
+    keep.resize(static_cast<size_t>(N * L));
+    for (int64_t n = 0; n < N; ++n) {
+      if (by_runs(n)) continue;
+      const MaskByte* row = pad + n * L;
+      opmath_t* k = keep.data() + n * L;
+      for (int64_t l = 0; l < L; ++l) k[l] = keep_bits<opmath_t>(row[l] == 0);
     }
   }
 
@@ -351,6 +370,15 @@ struct MaskLanes {
   // under lane masks cost less than a run's bookkeeping and zeroed tail.
   static constexpr int64_t kMinRunRow = 128;
   bool by_runs(int64_t n) const { return L >= kMinRunRow && row_runs[n + 1] - row_runs[n] <= 1 + L / 64; }
+
+  // Valid positions of row n within [l0, l1).
+  int64_t valid_within(int64_t n, int64_t l0, int64_t l1) const {
+    int64_t v = 0;
+    for (int64_t r = row_runs[n]; r < row_runs[n + 1]; ++r) {
+      v += std::max<int64_t>(0, std::min(l1, runs[2 * r + 1]) - std::max(l0, runs[2 * r]));
+    }
+    return v;
+  }
 };
 
 // Calls body(begin, end, keep, next) over the valid positions of row n of
