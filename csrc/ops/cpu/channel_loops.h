@@ -219,7 +219,7 @@ C10_ALWAYS_INLINE Moments<MergeT> plane_segment_moments(
   if (count == 0) return m;
   for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep, int64_t) {
     // A span under lane masks is the whole segment, holding `count` valid positions.
-    m.merge(row_moments<scalar_t>(xr + b, keep ? keep + b : nullptr, e - b, keep ? count : e - b, L - b));
+    m.merge(row_moments<RowShift::kEstimate, scalar_t>(xr + b, keep ? keep + b : nullptr, e - b, keep ? count : e - b, L - b));
   });
   return m;
 }

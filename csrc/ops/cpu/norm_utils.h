@@ -201,64 +201,101 @@ C10_ALWAYS_INLINE typename VecIO<scalar_t>::fVec load_first(const scalar_t* p, i
   return IO::load(p, n);
 }
 
+// Where row_moments takes the shift of its sums of d = x - shift from:
+//  - kMean: the row's mean, from a first pass (the corrected two-pass
+//    algorithm); for moments used as they are (LayerNorm rows).
+//  - kEstimate: the mean of the valid lanes of the first vector (else the
+//    first valid element): one pass, and the kMean passes only where the
+//    estimate is far out in the spread (more than 3 bits would cancel:
+//    sum(d)^2 / count > 7/8 sum(d^2)), the squares are subnormal or the
+//    sums are not finite; for rows
+//    merged into per-channel or per-group moments (batch, group and
+//    instance norm). An estimate a quarter of a standard deviation off
+//    adds about half an ulp to the row's M2.
+enum class RowShift { kMean, kEstimate };
+
 // Moments of the `count` valid elements of a contiguous row of length `len`.
 // `keep` is a per-element lane mask (see keep_bits), or nullptr when every
 // element is valid. `room` >= len: how many elements may be read from x (a
-// run of valid positions inside a longer row). Corrected two-pass: the row
-// is small enough to be re-read from cache, and the second pass subtracts
-// the residual of the first pass's mean, so data with a large offset keeps
-// its variance. The corrected mean and M2 are formed in MergeT (the
-// correction is below the float mean's ulp).
-template <typename scalar_t>
+// run of valid positions inside a longer row). M2 = sum(d^2) - sum(d)^2 /
+// count, with d = x - shift (RowShift): the shift is near the mean, so the
+// subtraction cancels little and data with a large offset keeps its
+// variance. The sums are combined in MergeT (the correction is below the
+// float shift's ulp).
+template <RowShift kShift, typename scalar_t>
 Moments<MergeT> row_moments(
     const scalar_t* x, const at::opmath_type<scalar_t>* keep, int64_t len, int64_t count, int64_t room = 0) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
+  using bits_t = std::conditional_t<sizeof(opmath_t) == 8, uint64_t, uint32_t>;
   Moments<MergeT> m;
   if (count == 0) return m;
   room = std::max(room, len);
-  // Valid lanes of x[i, i + n), the rest 0 (keep clears padded lanes bit by bit).
-  auto load_valid = [&](int64_t i, int64_t n) {
-    const fVec v = load_first(x + i, n, room - i);
-    return keep ? v & fVec::loadu(keep + i, n) : v;
-  };
-  // Scalar math: mean = sum(x) / count
-  fVec acc0(0), acc1(0);
-  int64_t i = 0;
-  for (; i + 2 * V <= len; i += 2 * V) {
-    acc0 += load_valid(i, V);
-    acc1 += load_valid(i + V, V);
-  }
-  vec_loop<V>(len - i, [&](int64_t j, int64_t n) { acc0 += load_valid(i + j, n); });
-  const opmath_t mean = sum_lanes(acc0 + acc1) / opmath_t(count);
-  // Scalar math: d = x - mean; m2 = sum(d * d) - sum(d)^2 / count
-  const fVec zero(0), mean_vec(mean);
-  auto deviation = [&](int64_t i, int64_t n) {
-    const fVec d = load_first(x + i, n, room - i) - mean_vec;
+  const fVec zero(0);
+  // Scalar math: d = x - shift over the valid lanes of x[i, i + n), the other lanes 0
+  auto deviation = [&](int64_t i, int64_t n, const fVec& shift) {
+    const fVec d = load_first(x + i, n, room - i) - shift;
     if (keep) return d & fVec::loadu(keep + i, n);  // tail lanes load as 0: dropped
-    return n < V ? fVec::set(zero, d, n) : d;       // drop tail lanes, which hold 0 - mean
+    return n < V ? fVec::set(zero, d, n) : d;       // drop tail lanes, which hold 0 - shift
   };
-  // Two accumulator pairs: independent add chains.
-  fVec dsum0(0), dsum1(0), d2sum0(0), d2sum1(0);
-  i = 0;
-  for (; i + 2 * V <= len; i += 2 * V) {
-    const fVec d0 = deviation(i, V), d1 = deviation(i + V, V);
-    dsum0 += d0;
-    dsum1 += d1;
-    d2sum0 = at::vec::fmadd(d0, d0, d2sum0);
-    d2sum1 = at::vec::fmadd(d1, d1, d2sum1);
+  // Scalar math: ds = sum(d); d2 = sum(d * d). Two accumulator pairs: independent add chains.
+  auto shifted_sums = [&](opmath_t shift, MergeT& ds, MergeT& d2) {
+    const fVec shift_vec(shift);
+    fVec dsum0(0), dsum1(0), d2sum0(0), d2sum1(0);
+    int64_t i = 0;
+    for (; i + 2 * V <= len; i += 2 * V) {
+      const fVec d0 = deviation(i, V, shift_vec), d1 = deviation(i + V, V, shift_vec);
+      dsum0 += d0;
+      dsum1 += d1;
+      d2sum0 = at::vec::fmadd(d0, d0, d2sum0);
+      d2sum1 = at::vec::fmadd(d1, d1, d2sum1);
+    }
+    vec_loop<V>(len - i, [&](int64_t j, int64_t n) {
+      const fVec d = deviation(i + j, n, shift_vec);
+      dsum0 += d;
+      d2sum0 = at::vec::fmadd(d, d, d2sum0);
+    });
+    ds = sum_lanes(dsum0 + dsum1);
+    d2 = sum_lanes(d2sum0 + d2sum1);
+  };
+  opmath_t shift = 0;
+  MergeT ds = 0, d2 = 0;
+  const MergeT k = MergeT(count);
+  if constexpr (kShift == RowShift::kEstimate) {
+    const int64_t n = std::min(V, len);
+    int64_t first_valid = n;  // valid positions among the first n
+    for (int64_t l = 0; keep && l < n; ++l) first_valid -= c10::bit_cast<bits_t>(keep[l]) == 0;
+    if (first_valid > 0) {
+      shift = sum_lanes(deviation(0, n, zero)) / opmath_t(first_valid);
+    } else {
+      int64_t first = n;
+      while (c10::bit_cast<bits_t>(keep[first]) == 0) ++first;  // count > 0: one is valid
+      shift = opmath_t(x[first]);
+    }
+    shifted_sums(shift, ds, d2);
   }
-  vec_loop<V>(len - i, [&](int64_t j, int64_t n) {
-    const fVec d = deviation(i + j, n);
-    dsum0 += d;
-    d2sum0 = at::vec::fmadd(d, d, d2sum0);
-  });
-  const MergeT ds = sum_lanes(dsum0 + dsum1);
+  // Cancellation multiplies the squares' relative rounding error: at most
+  // 8x, and only where they are normal floats (subnormal squares round to
+  // an absolute, not relative, step).
+  const bool estimate_holds =
+      ds * ds / k <= MergeT(0.875) * d2 && d2 >= k * MergeT(std::numeric_limits<opmath_t>::min());
+  if (kShift == RowShift::kMean || !estimate_holds) {
+    // Scalar math: shift = mean = sum(x) / count
+    fVec acc0(0), acc1(0);
+    int64_t i = 0;
+    for (; i + 2 * V <= len; i += 2 * V) {
+      acc0 += deviation(i, V, zero);
+      acc1 += deviation(i + V, V, zero);
+    }
+    vec_loop<V>(len - i, [&](int64_t j, int64_t n) { acc0 += deviation(i + j, n, zero); });
+    shift = sum_lanes(acc0 + acc1) / opmath_t(count);
+    shifted_sums(shift, ds, d2);
+  }
   m.count = count;
-  m.mean = MergeT(mean) + ds / MergeT(count);
-  m.m2 = std::max(MergeT(sum_lanes(d2sum0 + d2sum1)) - ds * ds / MergeT(count), MergeT(0));
+  m.mean = MergeT(shift) + ds / k;
+  m.m2 = std::max(d2 - ds * ds / k, MergeT(0));
   return m;
 }
 

@@ -118,7 +118,7 @@ void row_norm_forward_loop(
       const opmath_t* xr = scratch.as_opmath(x + r * D, D);
       opmath_t mean = 0, var;
       if (centered) {
-        const auto m = row_moments<opmath_t>(xr, nullptr, D, D);
+        const auto m = row_moments<RowShift::kMean, opmath_t>(xr, nullptr, D, D);
         mean = opmath_t(m.mean);
         var = opmath_t(m.m2 / MergeT(D));
       } else {
