@@ -201,11 +201,33 @@ void moments_channels_last(
 // every thread busy. A fixed length, not one derived from the thread count:
 // the same segments, so the same result, for any number of threads.
 constexpr int64_t kPlaneSegment = 16384;
-// Positions of one channel summed by one part of the channels-first gradient
-// sums: a chunk of short rows, in L1 with its dy.
+// Positions of one channel summed by one part of the channels-first
+// statistics and gradient sums: a chunk of short rows, in L1 with its dy.
 constexpr int64_t kPlaneChunk = 4096;
 
 inline int64_t plane_segments(int64_t L) { return std::max<int64_t>(1, (L + kPlaneSegment - 1) / kPlaneSegment); }
+
+// Rows of one channel in a chunk of the channels-first per-channel sums
+// (consecutive n, about kPlaneChunk positions; one when rows are segmented).
+inline int64_t plane_chunk_rows(int64_t N, int64_t L) {
+  if (plane_segments(L) > 1) return 1;
+  return std::clamp<int64_t>(kPlaneChunk / std::max<int64_t>(L, 1), 1, std::max<int64_t>(N, 1));
+}
+
+// Valid positions per (n, segment) of an (N, L) mask, [n * S + s]; empty
+// without a mask.
+template <typename opmath_t>
+std::vector<int64_t> segment_valid_counts(const MaskLanes<opmath_t>* lanes, int64_t N, int64_t L) {
+  const int64_t S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
+  std::vector<int64_t> valid(lanes ? static_cast<size_t>(N * S) : 0);
+  for (int64_t n = 0; lanes && n < N; ++n) {
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
+      valid[n * S + s] = S == 1 ? lanes->valid[n] : lanes->valid_within(n, l0, l0 + len);
+    }
+  }
+  return valid;
+}
 
 // Moments of the valid positions of a plane row xr (sample n, length L)
 // within [l0, l0 + len), `count` of them: run by run, or the segment at once
@@ -236,14 +258,7 @@ std::vector<Moments<MergeT>> plane_row_moments(
     const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C, int64_t L) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
-  // Valid positions per (n, segment), counted once for all channels.
-  std::vector<int64_t> valid(lanes ? static_cast<size_t>(N * S) : 0);
-  for (int64_t n = 0; lanes && n < N; ++n) {
-    for (int64_t s = 0; s < S; ++s) {
-      const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
-      valid[n * S + s] = S == 1 ? lanes->valid[n] : lanes->valid_within(n, l0, l0 + len);
-    }
-  }
+  const std::vector<int64_t> valid = segment_valid_counts(lanes, N, L);  // once for all channels
   std::vector<Moments<MergeT>> parts(static_cast<size_t>(N * C * S));
   at::parallel_for(0, N * C * S, row_grain(seg_len), [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
@@ -260,17 +275,42 @@ std::vector<Moments<MergeT>> plane_row_moments(
   return rows;
 }
 
-// Per-channel moments of (N, C, L) planes: the rows' moments merged per
-// channel in order of n (in MergeT), the same result for any thread count.
+// Per-channel moments of (N, C, L) planes. One part takes a chunk of one
+// channel's rows (plane_chunk_rows), or a segment of one long row, in one
+// set of shifted sums (visited_moments): short rows then share the
+// horizontal sums and the finishing divisions. Parts run in parallel and
+// merge per channel in order (in MergeT), the same result for any thread
+// count.
 template <typename scalar_t>
 void moments_channels_first(
     const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C,
     int64_t L, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const std::vector<Moments<MergeT>> rows = plane_row_moments(x, lanes, N, C, L);
+  const int64_t S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
+  const int64_t chunk_rows = plane_chunk_rows(N, L), chunks = (N + chunk_rows - 1) / chunk_rows;
+  const int64_t parts_per_channel = chunks * S;
+  const std::vector<int64_t> valid = segment_valid_counts(lanes, N, L);
+  std::vector<Moments<MergeT>> parts(static_cast<size_t>(C * parts_per_channel));
+  at::parallel_for(0, C * parts_per_channel, row_grain(chunk_rows * seg_len), [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t c = part / parts_per_channel, chunk = (part % parts_per_channel) / S, s = part % S;
+      const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
+      const int64_t n0 = chunk * chunk_rows, n1 = std::min(N, n0 + chunk_rows);
+      int64_t count = 0;
+      for (int64_t n = n0; n < n1; ++n) count += lanes ? valid[n * S + s] : len;
+      parts[part] = visited_moments<RowShift::kEstimate, scalar_t>(count, [&](const auto& add) {
+        for (int64_t n = n0; n < n1; ++n) {
+          const scalar_t* xr = x + (n * C + c) * L;
+          for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep, int64_t) {
+            add(xr + b, keep ? keep + b : nullptr, e - b, L - b);
+          });
+        }
+      });
+    }
+  });
   for (int64_t c = 0; c < C; ++c) {
     Moments<MergeT> acc;
-    for (int64_t n = 0; n < N; ++n) acc.merge(rows[n * C + c]);
+    for (int64_t q = c * parts_per_channel; q < (c + 1) * parts_per_channel; ++q) acc.merge(parts[q]);
     mean_out[c] = opmath_t(acc.mean);
     m2_out[c] = opmath_t(acc.m2);
   }
@@ -347,7 +387,7 @@ void grad_sums(
   // parallel and are added per channel in order (the same result for any
   // thread count).
   const int64_t L = g.L, S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
-  const int64_t chunk_rows = S > 1 ? 1 : std::clamp<int64_t>(kPlaneChunk / std::max<int64_t>(L, 1), 1, std::max<int64_t>(g.N, 1));
+  const int64_t chunk_rows = plane_chunk_rows(g.N, L);
   const int64_t chunks = (g.N + chunk_rows - 1) / chunk_rows, parts_per_channel = chunks * S;
   std::vector<opmath_t> parts(static_cast<size_t>(C * parts_per_channel * 2), opmath_t(0));
   at::parallel_for(0, C * parts_per_channel, row_grain(chunk_rows * seg_len), [&](int64_t begin, int64_t end) {

@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/bit_cast.h>
+#include <c10/util/llvmMathExtras.h>
 
 #include <algorithm>
 #include <cmath>
@@ -214,67 +215,101 @@ C10_ALWAYS_INLINE typename VecIO<scalar_t>::fVec load_first(const scalar_t* p, i
 //    adds about half an ulp to the row's M2.
 enum class RowShift { kMean, kEstimate };
 
-// Moments of the `count` valid elements of a contiguous row of length `len`.
-// `keep` is a per-element lane mask (see keep_bits), or nullptr when every
-// element is valid. `room` >= len: how many elements may be read from x (a
-// run of valid positions inside a longer row). M2 = sum(d^2) - sum(d)^2 /
-// count, with d = x - shift (RowShift): the shift is near the mean, so the
-// subtraction cancels little and data with a large offset keeps its
-// variance. The sums are combined in MergeT (the correction is below the
-// float shift's ulp).
-template <RowShift kShift, typename scalar_t>
-Moments<MergeT> row_moments(
-    const scalar_t* x, const at::opmath_type<scalar_t>* keep, int64_t len, int64_t count, int64_t room = 0) {
+// Sums of d = x - shift (and, kSquares, of d^2) over the valid lanes of
+// spans added one by one, in vector accumulators (two pairs: independent add
+// chains). Without a shift given, it is estimated from the first span with
+// a valid element (RowShift::kEstimate): the mean of the valid lanes of its
+// first vector, else its first valid element.
+template <typename scalar_t, bool kSquares>
+class ShiftedSums {
+ public:
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
-  constexpr int64_t V = IO::size();
-  using bits_t = std::conditional_t<sizeof(opmath_t) == 8, uint64_t, uint32_t>;
-  Moments<MergeT> m;
-  if (count == 0) return m;
-  room = std::max(room, len);
-  const fVec zero(0);
-  // Scalar math: d = x - shift over the valid lanes of x[i, i + n), the other lanes 0
-  auto deviation = [&](int64_t i, int64_t n, const fVec& shift) {
-    const fVec d = load_first(x + i, n, room - i) - shift;
-    if (keep) return d & fVec::loadu(keep + i, n);  // tail lanes load as 0: dropped
-    return n < V ? fVec::set(zero, d, n) : d;       // drop tail lanes, which hold 0 - shift
-  };
-  // Scalar math: ds = sum(d); d2 = sum(d * d). Two accumulator pairs: independent add chains.
-  auto shifted_sums = [&](opmath_t shift, MergeT& ds, MergeT& d2) {
-    const fVec shift_vec(shift);
-    fVec dsum0(0), dsum1(0), d2sum0(0), d2sum1(0);
+  static constexpr int64_t V = IO::size();
+
+  ShiftedSums() = default;
+  explicit ShiftedSums(opmath_t shift) : shift_(shift), shift_vec_(shift), has_shift_(true) {}
+
+  // Adds the valid lanes of x[0, len): keep is their lane masks (keep_bits),
+  // or nullptr when all are valid; room >= len elements may be read.
+  C10_ALWAYS_INLINE void add(const scalar_t* x, const opmath_t* keep, int64_t len, int64_t room) {
+    if (!has_shift_ && !estimate_shift(x, keep, len, room)) return;  // no valid element
+    // Scalar math: ds += x - shift; d2 += (x - shift)^2
     int64_t i = 0;
     for (; i + 2 * V <= len; i += 2 * V) {
-      const fVec d0 = deviation(i, V, shift_vec), d1 = deviation(i + V, V, shift_vec);
-      dsum0 += d0;
-      dsum1 += d1;
-      d2sum0 = at::vec::fmadd(d0, d0, d2sum0);
-      d2sum1 = at::vec::fmadd(d1, d1, d2sum1);
+      const fVec d0 = deviation(x, keep, i, V, room, shift_vec_), d1 = deviation(x, keep, i + V, V, room, shift_vec_);
+      ds0_ += d0;
+      ds1_ += d1;
+      if constexpr (kSquares) {
+        d20_ = at::vec::fmadd(d0, d0, d20_);
+        d21_ = at::vec::fmadd(d1, d1, d21_);
+      }
     }
     vec_loop<V>(len - i, [&](int64_t j, int64_t n) {
-      const fVec d = deviation(i + j, n, shift_vec);
-      dsum0 += d;
-      d2sum0 = at::vec::fmadd(d, d, d2sum0);
+      const fVec d = deviation(x, keep, i + j, n, room, shift_vec_);
+      ds0_ += d;
+      if constexpr (kSquares) d20_ = at::vec::fmadd(d, d, d20_);
     });
-    ds = sum_lanes(dsum0 + dsum1);
-    d2 = sum_lanes(d2sum0 + d2sum1);
-  };
-  opmath_t shift = 0;
-  MergeT ds = 0, d2 = 0;
-  const MergeT k = MergeT(count);
-  if constexpr (kShift == RowShift::kEstimate) {
+  }
+
+  opmath_t shift() const { return shift_; }
+  opmath_t sum() const { return sum_lanes(ds0_ + ds1_); }
+  opmath_t sum_of_squares() const { return sum_lanes(d20_ + d21_); }
+
+ private:
+  // x[i, i + n) - shift on the valid lanes, 0 on the others.
+  static C10_ALWAYS_INLINE fVec deviation(
+      const scalar_t* x, const opmath_t* keep, int64_t i, int64_t n, int64_t room, const fVec& shift) {
+    const fVec d = load_first(x + i, n, room - i) - shift;
+    if (keep) return d & fVec::loadu(keep + i, n);  // tail lanes load as 0: dropped
+    return n < V ? fVec::set(fVec(0), d, n) : d;    // drop tail lanes, which hold 0 - shift
+  }
+
+  bool estimate_shift(const scalar_t* x, const opmath_t* keep, int64_t len, int64_t room) {
+    using bits_t = std::conditional_t<sizeof(opmath_t) == 8, uint64_t, uint32_t>;
     const int64_t n = std::min(V, len);
-    int64_t first_valid = n;  // valid positions among the first n
-    for (int64_t l = 0; keep && l < n; ++l) first_valid -= c10::bit_cast<bits_t>(keep[l]) == 0;
-    if (first_valid > 0) {
-      shift = sum_lanes(deviation(0, n, zero)) / opmath_t(first_valid);
+    int64_t valid = n;  // among the first n; a padded lane's mask compares equal to 0
+    if (keep) valid -= c10::llvm::countPopulation(uint64_t(fVec::loadu(keep, n).zero_mask()) & ((uint64_t(1) << n) - 1));
+    if (valid > 0) {
+      shift_ = sum_lanes(deviation(x, keep, 0, n, room, fVec(0))) / opmath_t(valid);
     } else {
       int64_t first = n;
-      while (c10::bit_cast<bits_t>(keep[first]) == 0) ++first;  // count > 0: one is valid
-      shift = opmath_t(x[first]);
+      while (first < len && c10::bit_cast<bits_t>(keep[first]) == 0) ++first;
+      if (first == len) return false;
+      shift_ = opmath_t(x[first]);
     }
-    shifted_sums(shift, ds, d2);
+    shift_vec_ = fVec(shift_);
+    has_shift_ = true;
+    return true;
+  }
+
+  opmath_t shift_ = 0;
+  fVec shift_vec_ = fVec(0);
+  bool has_shift_ = false;
+  fVec ds0_ = fVec(0), ds1_ = fVec(0), d20_ = fVec(0), d21_ = fVec(0);
+};
+
+// Moments of the `count` valid elements of the spans that visit(add) adds
+// (add(x, keep, len, room), as ShiftedSums::add), visited once or, for the
+// second pass, three times. M2 = sum(d^2) - sum(d)^2 / count, with d = x -
+// shift (RowShift): the shift is near the mean, so the subtraction cancels
+// little and data with a large offset keeps its variance. The sums are
+// combined in MergeT (the correction is below the float shift's ulp).
+template <RowShift kShift, typename scalar_t, typename Visit>
+Moments<MergeT> visited_moments(int64_t count, const Visit& visit) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  Moments<MergeT> m;
+  if (count == 0) return m;
+  const MergeT k = MergeT(count);
+  opmath_t shift = 0;
+  MergeT ds = 0, d2 = 0;
+  if constexpr (kShift == RowShift::kEstimate) {
+    ShiftedSums<scalar_t, true> sums;
+    visit([&](const scalar_t* x, const opmath_t* keep, int64_t len, int64_t room) { sums.add(x, keep, len, room); });
+    shift = sums.shift();
+    ds = sums.sum();
+    d2 = sums.sum_of_squares();
   }
   // Cancellation multiplies the squares' relative rounding error: at most
   // 8x, and only where they are normal floats (subnormal squares round to
@@ -282,21 +317,29 @@ Moments<MergeT> row_moments(
   const bool estimate_holds =
       ds * ds / k <= MergeT(0.875) * d2 && d2 >= k * MergeT(std::numeric_limits<opmath_t>::min());
   if (kShift == RowShift::kMean || !estimate_holds) {
-    // Scalar math: shift = mean = sum(x) / count
-    fVec acc0(0), acc1(0);
-    int64_t i = 0;
-    for (; i + 2 * V <= len; i += 2 * V) {
-      acc0 += deviation(i, V, zero);
-      acc1 += deviation(i + V, V, zero);
-    }
-    vec_loop<V>(len - i, [&](int64_t j, int64_t n) { acc0 += deviation(i + j, n, zero); });
-    shift = sum_lanes(acc0 + acc1) / opmath_t(count);
-    shifted_sums(shift, ds, d2);
+    ShiftedSums<scalar_t, false> total(0);
+    visit([&](const scalar_t* x, const opmath_t* keep, int64_t len, int64_t room) { total.add(x, keep, len, room); });
+    shift = total.sum() / opmath_t(count);  // the mean
+    ShiftedSums<scalar_t, true> sums(shift);
+    visit([&](const scalar_t* x, const opmath_t* keep, int64_t len, int64_t room) { sums.add(x, keep, len, room); });
+    ds = sums.sum();
+    d2 = sums.sum_of_squares();
   }
   m.count = count;
   m.mean = MergeT(shift) + ds / k;
   m.m2 = std::max(d2 - ds * ds / k, MergeT(0));
   return m;
+}
+
+// Moments of the `count` valid elements of a contiguous row of length `len`
+// (visited_moments). `keep` is a per-element lane mask (see keep_bits), or
+// nullptr when every element is valid. `room` >= len: how many elements may
+// be read from x (a run of valid positions inside a longer row).
+template <RowShift kShift, typename scalar_t>
+Moments<MergeT> row_moments(
+    const scalar_t* x, const at::opmath_type<scalar_t>* keep, int64_t len, int64_t count, int64_t room = 0) {
+  room = std::max(room, len);
+  return visited_moments<kShift, scalar_t>(count, [&](const auto& add) { add(x, keep, len, room); });
 }
 
 }  // namespace masknorm::cpu
