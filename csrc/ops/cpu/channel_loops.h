@@ -249,10 +249,10 @@ C10_ALWAYS_INLINE Moments<MergeT> plane_segment_moments(
 // Moments of every (n, c) row of (N, C, L) planes over its valid positions;
 // [n * C + c]. The rows' segments are visited in memory order
 // (prefetch-friendly), in parallel, and merged per row in order (in MergeT).
-// Half types convert on load, in both passes (cheaper than a float copy of
-// the segment: one instruction more per vector, no store).
-// Batch norm merges the rows per channel, group and instance norm per
-// (sample, group).
+// Half types convert on load (cheaper than a float copy of the segment: one
+// instruction more per vector, no store). Group and instance norm merge the
+// rows per (sample, group); batch norm sums chunks of a channel's rows
+// instead (moments_channels_first).
 template <typename scalar_t>
 std::vector<Moments<MergeT>> plane_row_moments(
     const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C, int64_t L) {

@@ -202,17 +202,17 @@ C10_ALWAYS_INLINE typename VecIO<scalar_t>::fVec load_first(const scalar_t* p, i
   return IO::load(p, n);
 }
 
-// Where row_moments takes the shift of its sums of d = x - shift from:
+// Where visited_moments takes the shift of its sums of d = x - shift from:
 //  - kMean: the row's mean, from a first pass (the corrected two-pass
 //    algorithm); for moments used as they are (LayerNorm rows).
 //  - kEstimate: the mean of the valid lanes of the first vector (else the
 //    first valid element): one pass, and the kMean passes only where the
 //    estimate is far out in the spread (more than 3 bits would cancel:
 //    sum(d)^2 / count > 7/8 sum(d^2)), the squares are subnormal or the
-//    sums are not finite; for rows
-//    merged into per-channel or per-group moments (batch, group and
-//    instance norm). An estimate a quarter of a standard deviation off
-//    adds about half an ulp to the row's M2.
+//    sums are not finite; for sums merged into per-channel or per-group
+//    moments (batch norm's chunks of a channel's rows, group and instance
+//    norm's rows). An estimate a quarter of a standard deviation off adds
+//    about half an ulp to M2.
 enum class RowShift { kMean, kEstimate };
 
 // Sums of d = x - shift (and, kSquares, of d^2) over the valid lanes of
