@@ -207,12 +207,35 @@ constexpr int64_t kPlaneChunk = 4096;
 
 inline int64_t plane_segments(int64_t L) { return std::max<int64_t>(1, (L + kPlaneSegment - 1) / kPlaneSegment); }
 
-// Rows of one channel in a chunk of the channels-first per-channel sums
-// (consecutive n, about kPlaneChunk positions; one when rows are segmented).
-inline int64_t plane_chunk_rows(int64_t N, int64_t L) {
-  if (plane_segments(L) > 1) return 1;
-  return std::clamp<int64_t>(kPlaneChunk / std::max<int64_t>(L, 1), 1, std::max<int64_t>(N, 1));
-}
+// The parts of the channels-first per-channel sums (statistics, gradient
+// sums): a part takes a chunk of one channel's rows (consecutive n, about
+// kPlaneChunk positions; short rows then share their horizontal sums and
+// index math), or a segment of one long row. Parts are numbered channel by
+// channel, so a channel's parts are [c * per_channel, (c + 1) * per_channel),
+// to be merged in order: the same result for any thread count.
+struct PlaneChunks {
+  int64_t N, C, L, S, seg_len, chunk_rows, per_channel;
+
+  PlaneChunks(int64_t N, int64_t C, int64_t L)
+      : N(N), C(C), L(L), S(plane_segments(L)), seg_len(std::min(L, kPlaneSegment)),
+        chunk_rows(S > 1 ? 1 : std::clamp<int64_t>(kPlaneChunk / std::max<int64_t>(L, 1), 1, std::max<int64_t>(N, 1))),
+        per_channel((N + chunk_rows - 1) / chunk_rows * S) {}
+
+  int64_t parts() const { return C * per_channel; }
+
+  // Calls body(part, c, n0, n1, s, l0, len) for every part, in parallel:
+  // rows n in [n0, n1) of channel c, positions [l0, l0 + len) (segment s).
+  template <typename Body>
+  void parallel(const Body& body) const {
+    at::parallel_for(0, parts(), row_grain(chunk_rows * seg_len), [&](int64_t begin, int64_t end) {
+      for (int64_t part = begin; part < end; ++part) {
+        const int64_t c = part / per_channel, chunk = (part % per_channel) / S, s = part % S;
+        const int64_t l0 = s * seg_len, n0 = chunk * chunk_rows;
+        body(part, c, n0, std::min(N, n0 + chunk_rows), s, l0, std::min(seg_len, L - l0));
+      }
+    });
+  }
+};
 
 // Valid positions per (n, segment) of an (N, L) mask, [n * S + s]; empty
 // without a mask.
@@ -275,42 +298,33 @@ std::vector<Moments<MergeT>> plane_row_moments(
   return rows;
 }
 
-// Per-channel moments of (N, C, L) planes. One part takes a chunk of one
-// channel's rows (plane_chunk_rows), or a segment of one long row, in one
-// set of shifted sums (visited_moments): short rows then share the
-// horizontal sums and the finishing divisions. Parts run in parallel and
-// merge per channel in order (in MergeT), the same result for any thread
-// count.
+// Per-channel moments of (N, C, L) planes: each part (PlaneChunks) in one
+// set of shifted sums (visited_moments), so short rows share the horizontal
+// sums and the finishing divisions; the parts merge per channel in order
+// (in MergeT).
 template <typename scalar_t>
 void moments_channels_first(
     const scalar_t* x, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t N, int64_t C,
     int64_t L, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
-  const int64_t chunk_rows = plane_chunk_rows(N, L), chunks = (N + chunk_rows - 1) / chunk_rows;
-  const int64_t parts_per_channel = chunks * S;
+  const PlaneChunks chunks(N, C, L);
   const std::vector<int64_t> valid = segment_valid_counts(lanes, N, L);
-  std::vector<Moments<MergeT>> parts(static_cast<size_t>(C * parts_per_channel));
-  at::parallel_for(0, C * parts_per_channel, row_grain(chunk_rows * seg_len), [&](int64_t begin, int64_t end) {
-    for (int64_t part = begin; part < end; ++part) {
-      const int64_t c = part / parts_per_channel, chunk = (part % parts_per_channel) / S, s = part % S;
-      const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
-      const int64_t n0 = chunk * chunk_rows, n1 = std::min(N, n0 + chunk_rows);
-      int64_t count = 0;
-      for (int64_t n = n0; n < n1; ++n) count += lanes ? valid[n * S + s] : len;
-      parts[part] = visited_moments<RowShift::kEstimate, scalar_t>(count, [&](const auto& add) {
-        for (int64_t n = n0; n < n1; ++n) {
-          const scalar_t* xr = x + (n * C + c) * L;
-          for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep, int64_t) {
-            add(xr + b, keep ? keep + b : nullptr, e - b, L - b);
-          });
-        }
-      });
-    }
+  std::vector<Moments<MergeT>> parts(static_cast<size_t>(chunks.parts()));
+  chunks.parallel([&](int64_t part, int64_t c, int64_t n0, int64_t n1, int64_t s, int64_t l0, int64_t len) {
+    int64_t count = 0;
+    for (int64_t n = n0; n < n1; ++n) count += lanes ? valid[n * chunks.S + s] : len;
+    parts[part] = visited_moments<RowShift::kEstimate, scalar_t>(count, [&](const auto& add) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const scalar_t* xr = x + (n * C + c) * L;
+        for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep, int64_t) {
+          add(xr + b, keep ? keep + b : nullptr, e - b, L - b);
+        });
+      }
+    });
   });
   for (int64_t c = 0; c < C; ++c) {
     Moments<MergeT> acc;
-    for (int64_t q = c * parts_per_channel; q < (c + 1) * parts_per_channel; ++q) acc.merge(parts[q]);
+    for (int64_t q = c * chunks.per_channel; q < (c + 1) * chunks.per_channel; ++q) acc.merge(parts[q]);
     mean_out[c] = opmath_t(acc.mean);
     m2_out[c] = opmath_t(acc.m2);
   }
@@ -381,31 +395,23 @@ void grad_sums(
     partial.sum_into(sum_dy_xmu, 1);
     return;
   }
-  // Channels first: one part sums a chunk of one channel's rows (consecutive
-  // n, about kPlaneChunk positions; short rows then share their horizontal
-  // sums and index math), or a segment of one long row. Parts run in
-  // parallel and are added per channel in order (the same result for any
-  // thread count).
-  const int64_t L = g.L, S = plane_segments(L), seg_len = std::min(L, kPlaneSegment);
-  const int64_t chunk_rows = plane_chunk_rows(g.N, L);
-  const int64_t chunks = (g.N + chunk_rows - 1) / chunk_rows, parts_per_channel = chunks * S;
-  std::vector<opmath_t> parts(static_cast<size_t>(C * parts_per_channel * 2), opmath_t(0));
-  at::parallel_for(0, C * parts_per_channel, row_grain(chunk_rows * seg_len), [&](int64_t begin, int64_t end) {
-    for (int64_t part = begin; part < end; ++part) {
-      const int64_t c = part / parts_per_channel, chunk = (part % parts_per_channel) / S, s = part % S;
-      const int64_t l0 = s * seg_len, len = std::min(seg_len, L - l0);
-      const fVec m(mean[c]);
-      fVec s1(0), s2(0);
-      for (int64_t n = chunk * chunk_rows, n_end = std::min(g.N, n + chunk_rows); n < n_end; ++n) {
-        plane_segment_grad_sums(dy + (n * C + c) * L, x + (n * C + c) * L, lanes, n, l0, len, L, m, s1, s2);
-      }
-      parts[part * 2] = sum_lanes(s1);
-      parts[part * 2 + 1] = sum_lanes(s2);
+  // Channels first: one set of vector sums per part (PlaneChunks), added per
+  // channel in order.
+  const PlaneChunks chunks(g.N, C, g.L);
+  const int64_t L = g.L;
+  std::vector<opmath_t> parts(static_cast<size_t>(chunks.parts() * 2), opmath_t(0));
+  chunks.parallel([&](int64_t part, int64_t c, int64_t n0, int64_t n1, int64_t, int64_t l0, int64_t len) {
+    const fVec m(mean[c]);
+    fVec s1(0), s2(0);
+    for (int64_t n = n0; n < n1; ++n) {
+      plane_segment_grad_sums(dy + (n * C + c) * L, x + (n * C + c) * L, lanes, n, l0, len, L, m, s1, s2);
     }
+    parts[part * 2] = sum_lanes(s1);
+    parts[part * 2 + 1] = sum_lanes(s2);
   });
   for (int64_t c = 0; c < C; ++c) {
     opmath_t s1 = 0, s2 = 0;
-    for (int64_t q = c * parts_per_channel; q < (c + 1) * parts_per_channel; ++q) {
+    for (int64_t q = c * chunks.per_channel; q < (c + 1) * chunks.per_channel; ++q) {
       s1 += parts[q * 2];
       s2 += parts[q * 2 + 1];
     }
