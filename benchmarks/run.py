@@ -271,6 +271,12 @@ def check_bars(results, device="cpu"):
         if r["large"]:
             bars.append(("fwd % of copy bandwidth", case, r["fwd_pct_copy"], 70.0, r["fwd_pct_copy"] >= 70))
             bars.append(("bwd % of copy bandwidth", case, r["bwd_pct_copy"], 50.0, r["bwd_pct_copy"] >= 50))
+            # Batch norm reads x once more than the model above counts (its
+            # statistics), dy and x once more in backward: its own bar counts them.
+            if norm.startswith("bn-"):
+                for mode in ("fwd", "bwd"):
+                    v = r[f"{mode}_pct_copy_bn_min"]
+                    bars.append((f"BN {mode} % of copy, BN minimum traffic", case, v, 80.0, v >= 80))
     return bars
 
 

@@ -60,3 +60,19 @@ def test_per_call_breakdown_prints_every_layer():
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")[1:]]
         assert all(float(c) > 0 for c in cells if c), row
+
+
+def test_batch_norm_bars_count_its_minimum_traffic():
+    sys.path.insert(0, ROOT)
+    from benchmarks import run
+
+    shape = "N8 L1024 C1024 fp32 30% pad"
+    row = {"shape": shape, "norm": "bn-NCL", "impl": "masknorm", "large": True, "fwd+bwd": 1.0, "fwd": 0.4,
+           "fwd_pct_copy": 60.0, "bwd_pct_copy": 55.0, "fwd_pct_copy_bn_min": 90.0, "bwd_pct_copy_bn_min": 75.0,
+           "peak_bytes": 1}
+    bars = {bar: met for bar, _, _, _, met in run.check_bars([row])}
+    assert bars["fwd % of copy bandwidth"] is False
+    assert bars["BN fwd % of copy, BN minimum traffic"] is True
+    assert bars["BN bwd % of copy, BN minimum traffic"] is False
+    ln = dict(row, norm="ln")
+    assert not any("BN minimum" in bar for bar, *_ in run.check_bars([ln]))

@@ -37,33 +37,21 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Tensors saved for backward under names (as SavedVariables: version checks apply).
-void save_named(AutogradContext* ctx, std::initializer_list<std::pair<const char*, Tensor>> tensors) {
-  std::vector<std::string> names;
-  variable_list values;
-  for (const auto& [name, t] : tensors) {
-    names.emplace_back(name);
-    values.push_back(t);
-  }
-  ctx->saved_data["saved_names"] = c10::List<std::string>(names);
-  ctx->save_for_backward(values);
-}
-
-class Saved {
- public:
-  explicit Saved(AutogradContext* ctx)
-      : names_(ctx->saved_data["saved_names"].toList()), values_(ctx->get_saved_variables()) {}
-  const Tensor& operator[](const char* name) const {
-    for (size_t i = 0; i < names_.size(); ++i) {
-      if (names_.get(i).toStringRef() == name) return values_[i];
-    }
-    TORCH_INTERNAL_ASSERT(false, "masknorm autograd: nothing saved as ", name);
-  }
-
- private:
-  c10::List<c10::IValue> names_;
-  variable_list values_;
+// What every norm saves for backward, in one order (as SavedVariables:
+// version checks apply); undefined where a norm has none (no mask, no
+// weight, RMS norm's mean). Positions, not names: backward runs per step.
+struct SavedTensors {
+  Tensor input, padding_mask, weight, mean, rstd;
 };
+void save_tensors(
+    AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& padding_mask,
+    const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& rstd) {
+  ctx->save_for_backward({input, padding_mask.value_or(Tensor()), weight.value_or(Tensor()), mean, rstd});
+}
+SavedTensors saved_tensors(AutogradContext* ctx) {
+  variable_list v = ctx->get_saved_variables();
+  return {std::move(v[0]), std::move(v[1]), std::move(v[2]), std::move(v[3]), std::move(v[4])};
+}
 
 std::optional<Tensor> maybe(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
 bool wants_grad(const std::optional<Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); }
@@ -71,11 +59,12 @@ bool wants_grad(const std::optional<Tensor>& t) { return t.has_value() && t->def
 // Which gradients backward computes (input, weight, bias), saved by forward.
 void save_output_mask(
     AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias) {
-  ctx->saved_data["output_mask"] = std::vector<bool>{input.requires_grad(), wants_grad(weight), wants_grad(bias)};
+  ctx->saved_data["output_mask"] =
+      int64_t(input.requires_grad()) | int64_t(wants_grad(weight)) << 1 | int64_t(wants_grad(bias)) << 2;
 }
 std::array<bool, 3> saved_output_mask(AutogradContext* ctx) {
-  const auto mask = ctx->saved_data["output_mask"].toBoolList();
-  return {mask[0], mask[1], mask[2]};
+  const int64_t bits = ctx->saved_data["output_mask"].toInt();
+  return {(bits & 1) != 0, (bits & 2) != 0, (bits & 4) != 0};
 }
 
 template <typename Norm, typename = void>
@@ -121,6 +110,9 @@ class NormFunction : public torch::autograd::Function<NormFunction<Norm>> {
     // The op's own kernel, below autograd; ADInplaceOrView still runs
     // (version counters of mutated running statistics).
     at::AutoDispatchBelowAutograd guard;
+    // No zeros made for the statistics' gradients (never used): backward
+    // reads the output's gradient only, undefined when it is zero.
+    ctx->set_materialize_grads(false);
     return Norm::forward(ctx, args...);
   }
 
@@ -146,8 +138,7 @@ struct BatchNorm {
     auto [output, save_mean, save_invstd] = batch_norm(
         input, padding_mask, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
         channels_last);
-    save_named(ctx, {{"input", input}, {"padding_mask", padding_mask.value_or(Tensor())},
-                     {"weight", weight.value_or(Tensor())}, {"save_mean", save_mean}, {"save_invstd", save_invstd}});
+    save_tensors(ctx, input, padding_mask, weight, save_mean, save_invstd);
     ctx->saved_data["training"] = training;
     ctx->saved_data["channels_last"] = channels_last;
     save_output_mask(ctx, input, weight, bias);
@@ -156,10 +147,10 @@ struct BatchNorm {
   }
 
   static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
-    const Saved saved(ctx);
+    const SavedTensors saved = saved_tensors(ctx);
     std::tie(grads[kInput], grads[kWeight], grads[kBias]) = batch_norm_backward(
-        grad_output, saved["input"], maybe(saved["padding_mask"]), maybe(saved["weight"]), saved["save_mean"],
-        saved["save_invstd"], ctx->saved_data["training"].toBool(), ctx->saved_data["channels_last"].toBool(),
+        grad_output, saved.input, maybe(saved.padding_mask), maybe(saved.weight), saved.mean, saved.rstd,
+        ctx->saved_data["training"].toBool(), ctx->saved_data["channels_last"].toBool(),
         saved_output_mask(ctx));
   }
 };
@@ -175,8 +166,7 @@ struct LayerNorm {
       const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
       const std::optional<Tensor>& bias, double eps) {
     auto [output, mean, rstd] = layer_norm(input, normalized_shape, padding_mask, weight, bias, eps);
-    save_named(ctx, {{"input", input}, {"padding_mask", padding_mask.value_or(Tensor())},
-                     {"weight", weight.value_or(Tensor())}, {"mean", mean}, {"rstd", rstd}});
+    save_tensors(ctx, input, padding_mask, weight, mean, rstd);
     ctx->saved_data["normalized_shape"] = normalized_shape.vec();
     save_output_mask(ctx, input, weight, bias);
     ctx->mark_non_differentiable({mean, rstd});
@@ -184,10 +174,10 @@ struct LayerNorm {
   }
 
   static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
-    const Saved saved(ctx);
+    const SavedTensors saved = saved_tensors(ctx);
     std::tie(grads[kInput], grads[kWeight], grads[kBias]) = layer_norm_backward(
-        grad_output, saved["input"], ctx->saved_data["normalized_shape"].toIntVector(),
-        maybe(saved["padding_mask"]), saved["mean"], saved["rstd"], maybe(saved["weight"]),
+        grad_output, saved.input, ctx->saved_data["normalized_shape"].toIntVector(), maybe(saved.padding_mask),
+        saved.mean, saved.rstd, maybe(saved.weight),
         saved_output_mask(ctx));
   }
 };
@@ -200,8 +190,7 @@ struct RMSNorm {
       AutogradContext* ctx, const Tensor& input, at::IntArrayRef normalized_shape,
       const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight, std::optional<double> eps) {
     auto [output, rstd] = rms_norm(input, normalized_shape, padding_mask, weight, eps);
-    save_named(ctx, {{"input", input}, {"padding_mask", padding_mask.value_or(Tensor())},
-                     {"weight", weight.value_or(Tensor())}, {"rstd", rstd}});
+    save_tensors(ctx, input, padding_mask, weight, /*mean=*/Tensor(), rstd);
     ctx->saved_data["normalized_shape"] = normalized_shape.vec();
     save_output_mask(ctx, input, weight, std::nullopt);
     ctx->mark_non_differentiable({rstd});
@@ -209,11 +198,11 @@ struct RMSNorm {
   }
 
   static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
-    const Saved saved(ctx);
+    const SavedTensors saved = saved_tensors(ctx);
     const auto mask = saved_output_mask(ctx);
     std::tie(grads[kInput], grads[kWeight]) = rms_norm_backward(
-        grad_output, saved["input"], ctx->saved_data["normalized_shape"].toIntVector(),
-        maybe(saved["padding_mask"]), saved["rstd"], maybe(saved["weight"]), {mask[0], mask[1]});
+        grad_output, saved.input, ctx->saved_data["normalized_shape"].toIntVector(), maybe(saved.padding_mask),
+        saved.rstd, maybe(saved.weight), {mask[0], mask[1]});
   }
 };
 
@@ -225,8 +214,7 @@ void save_group_norm(
     AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& rstd,
     int64_t num_groups, bool channels_last) {
-  save_named(ctx, {{"input", input}, {"padding_mask", padding_mask.value_or(Tensor())},
-                   {"weight", weight.value_or(Tensor())}, {"mean", mean}, {"rstd", rstd}});
+  save_tensors(ctx, input, padding_mask, weight, mean, rstd);
   ctx->saved_data["num_groups"] = num_groups;
   ctx->saved_data["channels_last"] = channels_last;
   save_output_mask(ctx, input, weight, bias);
@@ -234,10 +222,10 @@ void save_group_norm(
 }
 
 std::tuple<Tensor, Tensor, Tensor> group_norm_backward_of(AutogradContext* ctx, const Tensor& grad_output) {
-  const Saved saved(ctx);
+  const SavedTensors saved = saved_tensors(ctx);
   return group_norm_backward(
-      grad_output, saved["input"], maybe(saved["padding_mask"]), maybe(saved["weight"]), saved["mean"],
-      saved["rstd"], ctx->saved_data["num_groups"].toInt(), ctx->saved_data["channels_last"].toBool(),
+      grad_output, saved.input, maybe(saved.padding_mask), maybe(saved.weight), saved.mean, saved.rstd,
+      ctx->saved_data["num_groups"].toInt(), ctx->saved_data["channels_last"].toBool(),
       saved_output_mask(ctx));
 }
 
