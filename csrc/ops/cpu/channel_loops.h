@@ -512,19 +512,6 @@ C10_ALWAYS_INLINE int64_t affine_span(
   return len;
 }
 
-// Zeros n values at p (fill_zero); with kStream, the aligned whole vectors
-// streamed.
-template <bool kStream, typename scalar_t>
-C10_ALWAYS_INLINE void zero_span(scalar_t* p, int64_t n) {
-  int64_t i = 0;
-  if constexpr (kStream) {
-    using SIO = StreamIO<scalar_t>;
-    for (; i < n && !SIO::aligned(p + i); ++i) p[i] = scalar_t(0);
-    for (; i + SIO::fVec::size() <= n; i += SIO::fVec::size()) SIO::store(p + i, typename SIO::fVec(0));
-  }
-  fill_zero(p + i, n - i);
-}
-
 // Channel c's coefficients, broadcast along its plane rows (those that
 // kTerms does not read are 0: never loaded).
 template <ChannelAffine kTerms, typename opmath_t>
@@ -556,17 +543,6 @@ C10_ALWAYS_INLINE void affine_plane_row(
         next - b0, coef, out_row + b0);
   });
   zero_span<kStream>(out_row + written, L - written);
-}
-
-// Calls run(std::true_type) for an output of `elements` scalar_t large
-// enough for streaming stores (kStreamingBytes, float and double), else
-// run(std::false_type).
-template <typename scalar_t, typename Run>
-C10_ALWAYS_INLINE void with_streaming(int64_t elements, const Run& run) {
-  if constexpr (StreamIO<scalar_t>::kStreams) {
-    if (elements * int64_t(sizeof(scalar_t)) >= kStreamingBytes) return run(std::true_type{});
-  }
-  run(std::false_type{});
 }
 
 // One loop for the normalization and the input gradient, so all stages see

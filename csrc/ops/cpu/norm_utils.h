@@ -501,4 +501,38 @@ inline void fill_zero(scalar_t* p, int64_t n) {
   if (n > 0) std::memset(static_cast<void*>(p), 0, static_cast<size_t>(n) * sizeof(scalar_t));
 }
 
+// Zeros n values at p (fill_zero); with kStream, the aligned whole vectors
+// streamed.
+template <bool kStream, typename scalar_t>
+C10_ALWAYS_INLINE void zero_span(scalar_t* p, int64_t n) {
+  int64_t i = 0;
+  if constexpr (kStream) {
+    using SIO = StreamIO<scalar_t>;
+    for (; i < n && !SIO::aligned(p + i); ++i) p[i] = scalar_t(0);
+    for (; i + SIO::fVec::size() <= n; i += SIO::fVec::size()) SIO::store(p + i, typename SIO::fVec(0));
+  }
+  fill_zero(p + i, n - i);
+}
+
+// Calls run(std::true_type) for an output of `elements` scalar_t large
+// enough for streaming stores (kStreamingBytes, float and double), else
+// run(std::false_type).
+template <typename scalar_t, typename Run>
+C10_ALWAYS_INLINE void with_streaming(int64_t elements, const Run& run) {
+  if constexpr (StreamIO<scalar_t>::kStreams) {
+    if (elements * int64_t(sizeof(scalar_t)) >= kStreamingBytes) return run(std::true_type{});
+  }
+  run(std::false_type{});
+}
+
+// Stores the k lanes of v at p: streamed where kStream, `stream` (the row
+// began aligned: StreamIO::aligned) and the vector is whole.
+template <bool kStream, typename scalar_t>
+C10_ALWAYS_INLINE void store_row_vector(scalar_t* p, const typename VecIO<scalar_t>::fVec& v, int64_t k, bool stream) {
+  if constexpr (kStream) {
+    if (stream && k == VecIO<scalar_t>::size()) return StreamIO<scalar_t>::store(p, v);
+  }
+  VecIO<scalar_t>::store(p, v, k);
+}
+
 }  // namespace masknorm::cpu
