@@ -1,9 +1,10 @@
 // Autograd of the masknorm ops, registered for the Autograd key so Python and
 // C++ callers get gradients alike.
-//  - batch_norm, layer_norm, rms_norm, group_norm, instance_norm: one
-//    autograd Function (NormFunction) whose backward calls the op's backward
-//    op; each norm supplies its forward call, what it saves (by name) and
-//    where its gradients go.
+//  - batch_norm, layer_norm, rms_norm, group_norm, instance_norm: each
+//    records one graph node (NormBackward, written like the nodes torch
+//    generates for its own ops) whose backward calls the op's backward op;
+//    each norm supplies the node's name, the attributes it keeps and its
+//    backward call.
 //  - batch_norm_backward, layer_norm_backward, rms_norm_backward,
 //    group_norm_backward (instance norm's too): their kernels, or, when a
 //    graph must be recorded through them (double backward), the
@@ -19,14 +20,15 @@
 #include "../checks.h"
 #include "masknorm/ops.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
+#include <ATen/FuncTorchTLS.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <array>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -34,313 +36,302 @@ namespace masknorm {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
+using torch::dynamo::autograd::CompiledNodeArgs;
+using torch::dynamo::autograd::SwapSavedVariables;
 
-// What every norm saves for backward, in one order (as SavedVariables:
-// version checks apply); undefined where a norm has none (no mask, no
-// weight, RMS norm's mean). Positions, not names: backward runs per step.
+// What every norm's backward reads, in one order; undefined where a norm has
+// none (no mask, no weight, RMS norm's mean).
 struct SavedTensors {
   Tensor input, padding_mask, weight, mean, rstd;
 };
-void save_tensors(
-    AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& padding_mask,
-    const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& rstd) {
-  ctx->save_for_backward({input, padding_mask.value_or(Tensor()), weight.value_or(Tensor()), mean, rstd});
-}
-SavedTensors saved_tensors(AutogradContext* ctx) {
-  variable_list v = ctx->get_saved_variables();
-  return {std::move(v[0]), std::move(v[1]), std::move(v[2]), std::move(v[3]), std::move(v[4])};
-}
 
 std::optional<Tensor> maybe(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
-bool wants_grad(const std::optional<Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); }
 
-// Which gradients backward computes (input, weight, bias), saved by forward.
-void save_output_mask(
-    AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias) {
-  ctx->saved_data["output_mask"] =
-      int64_t(input.requires_grad()) | int64_t(wants_grad(weight)) << 1 | int64_t(wants_grad(bias)) << 2;
-}
-std::array<bool, 3> saved_output_mask(AutogradContext* ctx) {
-  const int64_t bits = ctx->saved_data["output_mask"].toInt();
-  return {(bits & 1) != 0, (bits & 2) != 0, (bits & 4) != 0};
-}
-
-template <typename Norm, typename = void>
-struct HasBias : std::false_type {};
+// The graph node of a norm. Its next edges are the norm's differentiable
+// arguments (input, weight[, bias]); backward computes the gradients this
+// pass asks for (task_should_compute_output) with the norm's backward op.
+// A hand-written node, like torch's generated ones: a custom
+// torch::autograd::Function would keep a context of named values and
+// demangle its type name on every backward, costs that show in the
+// per-call time of small tensors. `Norm` supplies
+//   kName: the node's name (grad_fn, profiler, errors);
+//   Attributes: the non-tensor arguments backward needs, and
+//     collect(args, attributes) for compiled autograd's cache key;
+//   backward(grad_output, saved, attributes, output_mask): the gradients, one
+//     per next edge.
 template <typename Norm>
-struct HasBias<Norm, std::void_t<decltype(Norm::kBias)>> : std::true_type {};
+struct NormBackward final : public torch::autograd::Node {
+  using Attributes = typename Norm::Attributes;
 
-// The argument positions a Norm writes by hand (kArguments, kInput, kWeight,
-// kBias), checked once against its op's schema (kOp): a schema change that
-// moves an argument fails here instead of sending a gradient to the wrong
-// argument.
-template <typename Norm>
-void check_argument_positions() {
-  static const bool checked = [] {
-    const auto& args = c10::Dispatcher::singleton().findSchemaOrThrow(Norm::kOp, "").schema().arguments();
-    TORCH_INTERNAL_ASSERT(args.size() == Norm::kArguments, Norm::kOp, ": autograd expects ", Norm::kArguments,
-                          " arguments, the schema has ", args.size());
-    const auto expect = [&args](size_t position, const char* name) {
-      TORCH_INTERNAL_ASSERT(args[position].name() == name, Norm::kOp, ": autograd expects ", name, " at position ",
-                            position, ", the schema has ", args[position].name());
-    };
-    expect(Norm::kInput, "input");
-    expect(Norm::kWeight, "weight");
-    if constexpr (HasBias<Norm>::value) expect(Norm::kBias, "bias");
-    return true;
-  }();
-  (void)checked;
-}
+  std::string name() const override { return Norm::kName; }
 
-// The autograd Function of the norms. `Norm` supplies
-//   kOp, kArguments, kInput, kWeight (and kBias): the op, how many arguments
-//     it takes (one gradient slot each) and where its gradients go, checked
-//     against the schema by check_argument_positions
-//   forward(ctx, args...): calls the op, saves what backward needs
-//   backward(ctx, grad_output, grads): calls the backward op, fills grads
-template <typename Norm>
-class NormFunction : public torch::autograd::Function<NormFunction<Norm>> {
- public:
-  template <typename... Args>
-  static variable_list forward(AutogradContext* ctx, const Args&... args) {
-    static_assert(sizeof...(Args) == Norm::kArguments, "one gradient slot per argument of the op");
-    check_argument_positions<Norm>();
-    // The op's own kernel, below autograd; ADInplaceOrView still runs
-    // (version counters of mutated running statistics).
-    at::AutoDispatchBelowAutograd guard;
-    // No zeros made for the statistics' gradients (never used): backward
-    // reads the output's gradient only, undefined when it is zero.
-    ctx->set_materialize_grads(false);
-    return Norm::forward(ctx, args...);
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::array<bool, 3> output_mask{};
+    bool any = false;
+    for (size_t i = 0; i < num_outputs(); ++i) any |= output_mask[i] = task_should_compute_output(i);
+    // The statistics outputs are not differentiable: the output's gradient
+    // is the only one, undefined when it is zero.
+    if (!any || !grads[0].defined()) return variable_list(num_outputs());
+    const SavedTensors saved{input_.unpack(), padding_mask_.unpack(), weight_.unpack(), mean_.unpack(),
+                             rstd_.unpack()};
+    return Norm::backward(grads[0], saved, attributes_, output_mask);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(Norm::kArguments);
-    if (grad_outputs[0].defined()) Norm::backward(ctx, grad_outputs[0], grads);
-    return grads;
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : saved_variables()) v->reset_data();
   }
+
+  // Compiled autograd: the saved tensors become graph inputs, the
+  // attributes part of the cache key; apply runs on its traced tensors.
+  void compiled_args(CompiledNodeArgs& args) const override {
+    for (const SavedVariable* v : saved_variables()) args.collect(*v, false);
+    Norm::collect(args, attributes_);
+  }
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& swap) override {
+    for (SavedVariable* v : saved_variables()) swap.before(*v);
+    variable_list result = apply(variable_list(grads));
+    for (SavedVariable* v : saved_variables()) swap.after(*v);
+    return result;
+  }
+
+  // Saves what backward reads and makes this node the output's grad_fn.
+  void record(
+      const Tensor& output, const Tensor& input, const std::optional<Tensor>& padding_mask,
+      const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& rstd, Attributes attributes) {
+    input_ = SavedVariable(input, false);
+    padding_mask_ = SavedVariable(padding_mask, false);
+    weight_ = SavedVariable(weight, false);
+    mean_ = SavedVariable(mean, false);
+    rstd_ = SavedVariable(rstd, false);
+    attributes_ = std::move(attributes);
+    torch::autograd::set_history(output, c10::intrusive_ptr<Node>::reclaim_copy(this));
+  }
+
+ private:
+  std::array<SavedVariable*, 5> saved_variables() { return {&input_, &padding_mask_, &weight_, &mean_, &rstd_}; }
+  std::array<const SavedVariable*, 5> saved_variables() const {
+    return {&input_, &padding_mask_, &weight_, &mean_, &rstd_};
+  }
+
+  SavedVariable input_, padding_mask_, weight_, mean_, rstd_;
+  Attributes attributes_;
 };
+
+const Tensor& as_tensor(const Tensor& t) { return t; }
+Tensor as_tensor(const std::optional<Tensor>& t) { return t.value_or(Tensor()); }
+
+// A norm's node with its next edges (the differentiable arguments, in the
+// order backward returns their gradients), or null when no graph is
+// recorded (no_grad, inference, nothing requiring grad).
+// Under torch.func's transforms the node would see the transforms' wrapped
+// tensors and give wrong gradients: refused, as torch refuses C++ autograd
+// Functions there.
+template <typename Norm, typename... Differentiable>
+c10::intrusive_ptr<NormBackward<Norm>> graph_node(const char* op, const Differentiable&... differentiable) {
+  if (!records_graph({as_tensor(differentiable)...})) return {};
+  if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
+    bool in_transform = false;
+    try {
+      functorch->checkSupportsCppAutogradFunction();  // raises inside a transform
+    } catch (const c10::Error&) {
+      in_transform = true;
+    }
+    TORCH_CHECK_NOT_IMPLEMENTED(!in_transform, op,
+                                ": torch.func transforms of a call that records a graph (grad, vjp, jacrev, or "
+                                "vmap of inputs requiring grad) are not supported; use torch.autograd.grad");
+  }
+  auto node = c10::make_intrusive<NormBackward<Norm>>();
+  node->set_next_edges(torch::autograd::collect_next_edges(differentiable...));
+  return node;
+}
+
+// Dual tensors (forward-mode AD) get an error: the ops have no forward
+// derivative, and would drop the tangent silently.
+void check_no_tangents(const char* op, std::initializer_list<std::pair<const char*, Tensor>> differentiable) {
+  for (const auto& [name, t] : differentiable) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!t.defined() || !t._fw_grad(/*level=*/0).defined(), op,
+                                ": forward-mode AD is not supported: expected ", name,
+                                " without a tangent, but got a dual tensor");
+  }
+}
+
+// The op's own kernel, below autograd; ADInplaceOrView still runs (version
+// counters of mutated running statistics).
+template <typename Call>
+auto below_autograd(Call&& call) {
+  at::AutoDispatchBelowAutograd guard;
+  return call();
+}
 
 // ------------------------------------------------------------------ batch norm
 
 struct BatchNorm {
-  static constexpr const char* kOp = "masknorm::batch_norm";
-  enum : size_t { kInput = 0, kWeight = 2, kBias = 3, kArguments = 11 };
-
-  static variable_list forward(
-      AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& padding_mask,
-      const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-      const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-      const std::optional<Tensor>& num_batches_tracked, bool training, std::optional<double> momentum, double eps,
-      bool channels_last) {
-    auto [output, save_mean, save_invstd] = batch_norm(
-        input, padding_mask, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
-        channels_last);
-    save_tensors(ctx, input, padding_mask, weight, save_mean, save_invstd);
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["channels_last"] = channels_last;
-    save_output_mask(ctx, input, weight, bias);
-    ctx->mark_non_differentiable({save_mean, save_invstd});
-    return {output, save_mean, save_invstd};
+  static constexpr const char* kName = "MaskedBatchNormBackward";
+  struct Attributes {
+    bool training = false, channels_last = false;
+  };
+  static void collect(CompiledNodeArgs& args, const Attributes& a) {
+    args.collect(a.training);
+    args.collect(a.channels_last);
   }
-
-  static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
-    const SavedTensors saved = saved_tensors(ctx);
-    std::tie(grads[kInput], grads[kWeight], grads[kBias]) = batch_norm_backward(
-        grad_output, saved.input, maybe(saved.padding_mask), maybe(saved.weight), saved.mean, saved.rstd,
-        ctx->saved_data["training"].toBool(), ctx->saved_data["channels_last"].toBool(),
-        saved_output_mask(ctx));
+  static variable_list backward(
+      const Tensor& grad_output, const SavedTensors& s, const Attributes& a, std::array<bool, 3> output_mask) {
+    auto [dx, dw, db] = batch_norm_backward(
+        grad_output, s.input, maybe(s.padding_mask), maybe(s.weight), s.mean, s.rstd, a.training, a.channels_last,
+        output_mask);
+    return {dx, dw, db};
   }
 };
 
 // ------------------------------------------------------------ layer / RMS norm
 
 struct LayerNorm {
-  static constexpr const char* kOp = "masknorm::layer_norm";
-  enum : size_t { kInput = 0, kWeight = 3, kBias = 4, kArguments = 6 };
-
-  static variable_list forward(
-      AutogradContext* ctx, const Tensor& input, at::IntArrayRef normalized_shape,
-      const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
-      const std::optional<Tensor>& bias, double eps) {
-    auto [output, mean, rstd] = layer_norm(input, normalized_shape, padding_mask, weight, bias, eps);
-    save_tensors(ctx, input, padding_mask, weight, mean, rstd);
-    ctx->saved_data["normalized_shape"] = normalized_shape.vec();
-    save_output_mask(ctx, input, weight, bias);
-    ctx->mark_non_differentiable({mean, rstd});
-    return {output, mean, rstd};
-  }
-
-  static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
-    const SavedTensors saved = saved_tensors(ctx);
-    std::tie(grads[kInput], grads[kWeight], grads[kBias]) = layer_norm_backward(
-        grad_output, saved.input, ctx->saved_data["normalized_shape"].toIntVector(), maybe(saved.padding_mask),
-        saved.mean, saved.rstd, maybe(saved.weight),
-        saved_output_mask(ctx));
+  static constexpr const char* kName = "MaskedLayerNormBackward";
+  struct Attributes {
+    std::vector<int64_t> normalized_shape;
+  };
+  static void collect(CompiledNodeArgs& args, const Attributes& a) { args.collect(a.normalized_shape); }
+  static variable_list backward(
+      const Tensor& grad_output, const SavedTensors& s, const Attributes& a, std::array<bool, 3> output_mask) {
+    auto [dx, dw, db] = layer_norm_backward(
+        grad_output, s.input, a.normalized_shape, maybe(s.padding_mask), s.mean, s.rstd, maybe(s.weight),
+        output_mask);
+    return {dx, dw, db};
   }
 };
 
 struct RMSNorm {
-  static constexpr const char* kOp = "masknorm::rms_norm";
-  enum : size_t { kInput = 0, kWeight = 3, kArguments = 5 };
-
-  static variable_list forward(
-      AutogradContext* ctx, const Tensor& input, at::IntArrayRef normalized_shape,
-      const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight, std::optional<double> eps) {
-    auto [output, rstd] = rms_norm(input, normalized_shape, padding_mask, weight, eps);
-    save_tensors(ctx, input, padding_mask, weight, /*mean=*/Tensor(), rstd);
-    ctx->saved_data["normalized_shape"] = normalized_shape.vec();
-    save_output_mask(ctx, input, weight, std::nullopt);
-    ctx->mark_non_differentiable({rstd});
-    return {output, rstd};
-  }
-
-  static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
-    const SavedTensors saved = saved_tensors(ctx);
-    const auto mask = saved_output_mask(ctx);
-    std::tie(grads[kInput], grads[kWeight]) = rms_norm_backward(
-        grad_output, saved.input, ctx->saved_data["normalized_shape"].toIntVector(), maybe(saved.padding_mask),
-        saved.rstd, maybe(saved.weight), {mask[0], mask[1]});
+  static constexpr const char* kName = "MaskedRMSNormBackward";
+  using Attributes = LayerNorm::Attributes;
+  static void collect(CompiledNodeArgs& args, const Attributes& a) { LayerNorm::collect(args, a); }
+  static variable_list backward(
+      const Tensor& grad_output, const SavedTensors& s, const Attributes& a, std::array<bool, 3> output_mask) {
+    auto [dx, dw] = rms_norm_backward(
+        grad_output, s.input, a.normalized_shape, maybe(s.padding_mask), s.rstd, maybe(s.weight),
+        {output_mask[0], output_mask[1]});
+    return {dx, dw};
   }
 };
 
 // ------------------------------------------------------ group / instance norm
 
-// Group and instance norm save the same tensors and share group_norm_backward
-// (instance norm: one group per channel).
-void save_group_norm(
-    AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& padding_mask,
-    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& rstd,
-    int64_t num_groups, bool channels_last) {
-  save_tensors(ctx, input, padding_mask, weight, mean, rstd);
-  ctx->saved_data["num_groups"] = num_groups;
-  ctx->saved_data["channels_last"] = channels_last;
-  save_output_mask(ctx, input, weight, bias);
-  ctx->mark_non_differentiable({mean, rstd});
-}
-
-std::tuple<Tensor, Tensor, Tensor> group_norm_backward_of(AutogradContext* ctx, const Tensor& grad_output) {
-  const SavedTensors saved = saved_tensors(ctx);
-  return group_norm_backward(
-      grad_output, saved.input, maybe(saved.padding_mask), maybe(saved.weight), saved.mean, saved.rstd,
-      ctx->saved_data["num_groups"].toInt(), ctx->saved_data["channels_last"].toBool(),
-      saved_output_mask(ctx));
-}
-
+// Group and instance norm share group_norm_backward (instance norm: one
+// group per channel).
 struct GroupNorm {
-  static constexpr const char* kOp = "masknorm::group_norm";
-  enum : size_t { kInput = 0, kWeight = 2, kBias = 3, kArguments = 7 };
-
-  static variable_list forward(
-      AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& padding_mask,
-      const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, int64_t num_groups, double eps,
-      bool channels_last) {
-    auto [output, mean, rstd] = group_norm(input, padding_mask, weight, bias, num_groups, eps, channels_last);
-    save_group_norm(ctx, input, padding_mask, weight, bias, mean, rstd, num_groups, channels_last);
-    return {output, mean, rstd};
+  static constexpr const char* kName = "MaskedGroupNormBackward";
+  struct Attributes {
+    int64_t num_groups = 1;
+    bool channels_last = false;
+  };
+  static void collect(CompiledNodeArgs& args, const Attributes& a) {
+    args.collect(a.num_groups);
+    args.collect(a.channels_last);
   }
-
-  static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
-    std::tie(grads[kInput], grads[kWeight], grads[kBias]) = group_norm_backward_of(ctx, grad_output);
+  static variable_list backward(
+      const Tensor& grad_output, const SavedTensors& s, const Attributes& a, std::array<bool, 3> output_mask) {
+    auto [dx, dw, db] = group_norm_backward(
+        grad_output, s.input, maybe(s.padding_mask), maybe(s.weight), s.mean, s.rstd, a.num_groups,
+        a.channels_last, output_mask);
+    return {dx, dw, db};
   }
 };
 
-struct InstanceNorm {
-  static constexpr const char* kOp = "masknorm::instance_norm";
-  enum : size_t { kInput = 0, kWeight = 2, kBias = 3, kArguments = 9 };
-
-  static variable_list forward(
-      AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& padding_mask,
-      const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-      const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, double momentum,
-      double eps, bool channels_last) {
-    auto [output, mean, rstd] =
-        instance_norm(input, padding_mask, weight, bias, running_mean, running_var, momentum, eps, channels_last);
-    // One group per channel. (sym_size: the other sizes may be symbolic
-    // while tracing, and sizes() would fix them.)
-    const int64_t channels = mean.sym_size(1).guard_int(__FILE__, __LINE__);
-    save_group_norm(ctx, input, padding_mask, weight, bias, mean, rstd, channels, channels_last);
-    return {output, mean, rstd};
-  }
-
-  static void backward(AutogradContext* ctx, const Tensor& grad_output, variable_list& grads) {
-    std::tie(grads[kInput], grads[kWeight], grads[kBias]) = group_norm_backward_of(ctx, grad_output);
-  }
+struct InstanceNorm : GroupNorm {
+  static constexpr const char* kName = "MaskedInstanceNormBackward";
 };
 
 // ------------------------------------------------- the Autograd-key kernels
-
-// Without a graph to record (no_grad, inference, nothing requiring grad) the
-// forward ops skip the autograd Function: no node, nothing saved.
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(
     const Tensor& input, const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
     const std::optional<Tensor>& running_var, const std::optional<Tensor>& num_batches_tracked, bool training,
     std::optional<double> momentum, double eps, bool channels_last) {
-  check_given("masknorm::batch_norm", {{"input", input}});  // before autograd reads it
-  if (!records_graph({input, weight.value_or(Tensor()), bias.value_or(Tensor())})) {
-    at::AutoDispatchBelowAutograd guard;
+  constexpr const char* op = "masknorm::batch_norm";
+  check_given(op, {{"input", input}});  // before autograd reads it
+  check_no_tangents(op, {{"input", input}, {"weight", as_tensor(weight)}, {"bias", as_tensor(bias)}});
+  auto node = graph_node<BatchNorm>(op, input, weight, bias);
+  auto result = below_autograd([&] {
     return batch_norm(
         input, padding_mask, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
         channels_last);
+  });
+  if (node) {
+    const auto& [output, save_mean, save_invstd] = result;
+    node->record(output, input, padding_mask, weight, save_mean, save_invstd, {training, channels_last});
   }
-  auto out = NormFunction<BatchNorm>::apply(
-      input, padding_mask, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
-      channels_last);
-  return {out[0], out[1], out[2]};
+  return result;
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(
     const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
-  check_given("masknorm::layer_norm", {{"input", input}});
-  if (!records_graph({input, weight.value_or(Tensor()), bias.value_or(Tensor())})) {
-    at::AutoDispatchBelowAutograd guard;
-    return layer_norm(input, normalized_shape, padding_mask, weight, bias, eps);
+  constexpr const char* op = "masknorm::layer_norm";
+  check_given(op, {{"input", input}});
+  check_no_tangents(op, {{"input", input}, {"weight", as_tensor(weight)}, {"bias", as_tensor(bias)}});
+  auto node = graph_node<LayerNorm>(op, input, weight, bias);
+  auto result = below_autograd([&] { return layer_norm(input, normalized_shape, padding_mask, weight, bias, eps); });
+  if (node) {
+    const auto& [output, mean, rstd] = result;
+    node->record(output, input, padding_mask, weight, mean, rstd, {normalized_shape.vec()});
   }
-  auto out = NormFunction<LayerNorm>::apply(input, normalized_shape, padding_mask, weight, bias, eps);
-  return {out[0], out[1], out[2]};
+  return result;
 }
 
 std::tuple<Tensor, Tensor> rms_norm_autograd(
     const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, std::optional<double> eps) {
-  check_given("masknorm::rms_norm", {{"input", input}});
-  if (!records_graph({input, weight.value_or(Tensor())})) {
-    at::AutoDispatchBelowAutograd guard;
-    return rms_norm(input, normalized_shape, padding_mask, weight, eps);
+  constexpr const char* op = "masknorm::rms_norm";
+  check_given(op, {{"input", input}});
+  check_no_tangents(op, {{"input", input}, {"weight", as_tensor(weight)}});
+  auto node = graph_node<RMSNorm>(op, input, weight);
+  auto result = below_autograd([&] { return rms_norm(input, normalized_shape, padding_mask, weight, eps); });
+  if (node) {
+    const auto& [output, rstd] = result;
+    node->record(output, input, padding_mask, weight, /*mean=*/Tensor(), rstd, {normalized_shape.vec()});
   }
-  auto out = NormFunction<RMSNorm>::apply(input, normalized_shape, padding_mask, weight, eps);
-  return {out[0], out[1]};
+  return result;
 }
 
 std::tuple<Tensor, Tensor, Tensor> group_norm_autograd(
     const Tensor& input, const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, int64_t num_groups, double eps, bool channels_last) {
-  check_given("masknorm::group_norm", {{"input", input}});
-  if (!records_graph({input, weight.value_or(Tensor()), bias.value_or(Tensor())})) {
-    at::AutoDispatchBelowAutograd guard;
-    return group_norm(input, padding_mask, weight, bias, num_groups, eps, channels_last);
+  constexpr const char* op = "masknorm::group_norm";
+  check_given(op, {{"input", input}});
+  check_no_tangents(op, {{"input", input}, {"weight", as_tensor(weight)}, {"bias", as_tensor(bias)}});
+  auto node = graph_node<GroupNorm>(op, input, weight, bias);
+  auto result = below_autograd(
+      [&] { return group_norm(input, padding_mask, weight, bias, num_groups, eps, channels_last); });
+  if (node) {
+    const auto& [output, mean, rstd] = result;
+    node->record(output, input, padding_mask, weight, mean, rstd, {num_groups, channels_last});
   }
-  auto out = NormFunction<GroupNorm>::apply(input, padding_mask, weight, bias, num_groups, eps, channels_last);
-  return {out[0], out[1], out[2]};
+  return result;
 }
 
 std::tuple<Tensor, Tensor, Tensor> instance_norm_autograd(
     const Tensor& input, const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
     const std::optional<Tensor>& running_var, double momentum, double eps, bool channels_last) {
-  check_given("masknorm::instance_norm", {{"input", input}});
-  if (!records_graph({input, weight.value_or(Tensor()), bias.value_or(Tensor())})) {
-    at::AutoDispatchBelowAutograd guard;
+  constexpr const char* op = "masknorm::instance_norm";
+  check_given(op, {{"input", input}});
+  check_no_tangents(op, {{"input", input}, {"weight", as_tensor(weight)}, {"bias", as_tensor(bias)}});
+  auto node = graph_node<InstanceNorm>(op, input, weight, bias);
+  auto result = below_autograd([&] {
     return instance_norm(input, padding_mask, weight, bias, running_mean, running_var, momentum, eps, channels_last);
+  });
+  if (node) {
+    const auto& [output, mean, rstd] = result;
+    // One group per channel. (sym_size: the other sizes may be symbolic
+    // while tracing, and sizes() would fix them.)
+    const int64_t channels = mean.sym_size(1).guard_int(__FILE__, __LINE__);
+    node->record(output, input, padding_mask, weight, mean, rstd, {channels, channels_last});
   }
-  auto out = NormFunction<InstanceNorm>::apply(
-      input, padding_mask, weight, bias, running_mean, running_var, momentum, eps, channels_last);
-  return {out[0], out[1], out[2]};
+  return result;
 }
 
 // The backward ops: their kernels, unless a graph must be recorded through

@@ -495,12 +495,7 @@ C10_ALWAYS_INLINE int64_t affine_span(
   };
   bool stream = false;
   if constexpr (kStream) stream = StreamIO<scalar_t>::aligned(out);
-  const auto put = [&](int64_t at, const fVec& v) {  // a whole vector at out + at
-    if constexpr (kStream) {
-      if (stream) return StreamIO<scalar_t>::store(out + at, v);
-    }
-    IO::store(out + at, v);
-  };
+  const auto put = [&](int64_t at, const fVec& v) { store_row_vector<kStream>(out + at, v, V, stream); };
   int64_t i = 0;
   for (; i + V <= len; i += V) put(i, value(i, V));
   if (i == len) return len;
