@@ -121,18 +121,30 @@ struct NormBackward final : public torch::autograd::Node {
   Attributes attributes_;
 };
 
-const Tensor& as_tensor(const Tensor& t) { return t; }
-Tensor as_tensor(const std::optional<Tensor>& t) { return t.value_or(Tensor()); }
+// Dual tensors (forward-mode AD) get an error: the ops have no forward
+// derivative, and would drop the tangent silently.
+void check_no_tangent(const char* op, const char* name, const std::optional<Tensor>& t) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(t), op,
+                              ": forward-mode AD is not supported: expected ", name,
+                              " without a tangent, but got a dual tensor");
+}
 
-// A norm's node with its next edges (the differentiable arguments, in the
-// order backward returns their gradients), or null when no graph is
-// recorded (no_grad, inference, nothing requiring grad).
-// Under torch.func's transforms the node would see the transforms' wrapped
-// tensors and give wrong gradients: refused, as torch refuses C++ autograd
-// Functions there.
-template <typename Norm, typename... Differentiable>
-c10::intrusive_ptr<NormBackward<Norm>> graph_node(const char* op, const Differentiable&... differentiable) {
-  if (!records_graph({as_tensor(differentiable)...})) return {};
+// What every forward op does before its kernel runs, with its differentiable
+// arguments (input, weight[, bias], the order backward returns their
+// gradients in): checks that input is given (autograd reads it) and that no
+// argument is a dual tensor, and returns the norm's node with its next edges,
+// or null when no graph is recorded (no_grad, inference, nothing requiring
+// grad). Under torch.func's transforms the node would see the transforms'
+// wrapped tensors and give wrong gradients: refused, as torch refuses C++
+// autograd Functions there.
+template <typename Norm, typename... Parameters>
+c10::intrusive_ptr<NormBackward<Norm>> graph_node(
+    const char* op, const Tensor& input, const std::optional<Tensor>& weight, const Parameters&... bias) {
+  check_given(op, {{"input", input}});
+  check_no_tangent(op, "input", input);
+  check_no_tangent(op, "weight", weight);
+  (check_no_tangent(op, "bias", bias), ...);
+  if (!records_graph({input, weight.value_or(Tensor()), bias.value_or(Tensor())...})) return {};
   if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
     bool in_transform = false;
     try {
@@ -145,18 +157,8 @@ c10::intrusive_ptr<NormBackward<Norm>> graph_node(const char* op, const Differen
                                 "vmap of inputs requiring grad) are not supported; use torch.autograd.grad");
   }
   auto node = c10::make_intrusive<NormBackward<Norm>>();
-  node->set_next_edges(torch::autograd::collect_next_edges(differentiable...));
+  node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias...));
   return node;
-}
-
-// Dual tensors (forward-mode AD) get an error: the ops have no forward
-// derivative, and would drop the tangent silently.
-void check_no_tangents(const char* op, std::initializer_list<std::pair<const char*, Tensor>> differentiable) {
-  for (const auto& [name, t] : differentiable) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!t.defined() || !t._fw_grad(/*level=*/0).defined(), op,
-                                ": forward-mode AD is not supported: expected ", name,
-                                " without a tangent, but got a dual tensor");
-  }
 }
 
 // The op's own kernel, below autograd; ADInplaceOrView still runs (version
@@ -251,10 +253,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(
     const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
     const std::optional<Tensor>& running_var, const std::optional<Tensor>& num_batches_tracked, bool training,
     std::optional<double> momentum, double eps, bool channels_last) {
-  constexpr const char* op = "masknorm::batch_norm";
-  check_given(op, {{"input", input}});  // before autograd reads it
-  check_no_tangents(op, {{"input", input}, {"weight", as_tensor(weight)}, {"bias", as_tensor(bias)}});
-  auto node = graph_node<BatchNorm>(op, input, weight, bias);
+  auto node = graph_node<BatchNorm>("masknorm::batch_norm", input, weight, bias);
   auto result = below_autograd([&] {
     return batch_norm(
         input, padding_mask, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
@@ -270,10 +269,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(
 std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(
     const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
-  constexpr const char* op = "masknorm::layer_norm";
-  check_given(op, {{"input", input}});
-  check_no_tangents(op, {{"input", input}, {"weight", as_tensor(weight)}, {"bias", as_tensor(bias)}});
-  auto node = graph_node<LayerNorm>(op, input, weight, bias);
+  auto node = graph_node<LayerNorm>("masknorm::layer_norm", input, weight, bias);
   auto result = below_autograd([&] { return layer_norm(input, normalized_shape, padding_mask, weight, bias, eps); });
   if (node) {
     const auto& [output, mean, rstd] = result;
@@ -285,10 +281,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(
 std::tuple<Tensor, Tensor> rms_norm_autograd(
     const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& padding_mask,
     const std::optional<Tensor>& weight, std::optional<double> eps) {
-  constexpr const char* op = "masknorm::rms_norm";
-  check_given(op, {{"input", input}});
-  check_no_tangents(op, {{"input", input}, {"weight", as_tensor(weight)}});
-  auto node = graph_node<RMSNorm>(op, input, weight);
+  auto node = graph_node<RMSNorm>("masknorm::rms_norm", input, weight);
   auto result = below_autograd([&] { return rms_norm(input, normalized_shape, padding_mask, weight, eps); });
   if (node) {
     const auto& [output, rstd] = result;
@@ -300,10 +293,7 @@ std::tuple<Tensor, Tensor> rms_norm_autograd(
 std::tuple<Tensor, Tensor, Tensor> group_norm_autograd(
     const Tensor& input, const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, int64_t num_groups, double eps, bool channels_last) {
-  constexpr const char* op = "masknorm::group_norm";
-  check_given(op, {{"input", input}});
-  check_no_tangents(op, {{"input", input}, {"weight", as_tensor(weight)}, {"bias", as_tensor(bias)}});
-  auto node = graph_node<GroupNorm>(op, input, weight, bias);
+  auto node = graph_node<GroupNorm>("masknorm::group_norm", input, weight, bias);
   auto result = below_autograd(
       [&] { return group_norm(input, padding_mask, weight, bias, num_groups, eps, channels_last); });
   if (node) {
@@ -317,10 +307,7 @@ std::tuple<Tensor, Tensor, Tensor> instance_norm_autograd(
     const Tensor& input, const std::optional<Tensor>& padding_mask, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
     const std::optional<Tensor>& running_var, double momentum, double eps, bool channels_last) {
-  constexpr const char* op = "masknorm::instance_norm";
-  check_given(op, {{"input", input}});
-  check_no_tangents(op, {{"input", input}, {"weight", as_tensor(weight)}, {"bias", as_tensor(bias)}});
-  auto node = graph_node<InstanceNorm>(op, input, weight, bias);
+  auto node = graph_node<InstanceNorm>("masknorm::instance_norm", input, weight, bias);
   auto result = below_autograd([&] {
     return instance_norm(input, padding_mask, weight, bias, running_mean, running_var, momentum, eps, channels_last);
   });
