@@ -55,6 +55,17 @@ struct VecIO {
       at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
     }
   }
+
+  // 2 * size() lanes: v0 then v1. Half types convert the pair together and
+  // store it whole (one pack and one full-register store for both).
+  static C10_ALWAYS_INLINE void store_pair(scalar_t* p, const fVec& v0, const fVec& v1) {
+    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+      v0.store(p);
+      v1.store(p + size());
+    } else {
+      at::vec::convert_from_float<scalar_t>(v0, v1).store(p);
+    }
+  }
 };
 
 // Streaming (non-temporal) stores, for outputs too large to stay in cache
