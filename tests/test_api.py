@@ -123,3 +123,66 @@ def test_repr_batch_norm_channels_last():
     assert repr(masknorm.MaskedBatchNorm1d(512)).startswith(
         "MaskedBatchNorm1d(512, eps=1e-05, momentum=0.1, affine=True, "
     )
+
+
+# Modules read their parameters and buffers from their own dicts (faster than
+# attribute access); what replaces them must still be what forward uses.
+STATE_MODULES = {
+    "MaskedBatchNorm1d": lambda: masknorm.MaskedBatchNorm1d(4),
+    "MaskedBatchNorm2d": lambda: masknorm.MaskedBatchNorm2d(4),
+    "MaskedGroupNorm": lambda: masknorm.MaskedGroupNorm(2, 4),
+    "MaskedInstanceNorm1d": lambda: masknorm.MaskedInstanceNorm1d(4, affine=True, track_running_stats=True),
+    "MaskedLayerNorm": lambda: masknorm.MaskedLayerNorm(4),
+    "MaskedRMSNorm": lambda: masknorm.MaskedRMSNorm(4),
+}
+
+
+def _state_input(name):
+    g = torch.Generator().manual_seed(0)
+    if name in ("MaskedLayerNorm", "MaskedRMSNorm"):
+        x, mask = torch.randn(2, 5, 4, generator=g), torch.zeros(2, 5, dtype=torch.bool)
+    elif name == "MaskedBatchNorm2d":
+        x, mask = torch.randn(2, 4, 3, 5, generator=g), torch.zeros(2, 3, 5, dtype=torch.bool)
+    else:
+        x, mask = torch.randn(2, 4, 5, generator=g), torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, 3:] = True
+    return x, mask
+
+
+def _set_state(module):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for t in [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]:
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(STATE_MODULES))
+def test_parametrized_weight_is_the_one_forward_uses(name, training):
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    plain, parametrized = STATE_MODULES[name](), STATE_MODULES[name]()
+    _set_state(plain)
+    parametrized.load_state_dict(plain.state_dict())
+    torch.nn.utils.parametrize.register_parametrization(parametrized, "weight", Doubled())
+    with torch.no_grad():
+        plain.weight.mul_(2)
+    plain.train(training), parametrized.train(training)
+    x, mask = _state_input(name)
+    torch.testing.assert_close(parametrized(x, mask), plain(x, mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(STATE_MODULES))
+def test_functional_call_swaps_parameters_and_buffers(name, training):
+    module, loaded = STATE_MODULES[name](), STATE_MODULES[name]()
+    _set_state(loaded)
+    module.train(training), loaded.train(training)
+    state = {k: v.clone() for k, v in loaded.state_dict().items()}
+    x, mask = _state_input(name)
+    swapped = torch.func.functional_call(module, state, (x, mask))
+    torch.testing.assert_close(swapped, loaded(x, mask), rtol=0, atol=0)
+    for key, value in module.state_dict().items():  # the module's own state untouched
+        assert not torch.equal(value, state[key]) or value.dtype == torch.long, key

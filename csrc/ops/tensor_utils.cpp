@@ -14,7 +14,19 @@ at::Tensor contiguous_mask(const std::optional<at::Tensor>& padding_mask) {
 
 at::Tensor vector_as(const at::Tensor& t, int64_t size, at::ScalarType dtype) {
   // Parameters and statistics usually come ready: no dispatcher calls then
-  if (t.dim() == 1 && t.size(0) == size && t.scalar_type() == dtype && t.is_contiguous()) return t;
+  const bool dense = t.dim() == 1 && t.size(0) == size && t.is_contiguous();
+  if (dense && t.scalar_type() == dtype) return t;
+  if (dense && t.is_cpu() && dtype == at::kFloat && at::isReducedFloatingType(t.scalar_type())) {
+    // A bf16/fp16 module's parameters, widened in a loop: .to() costs a
+    // dispatch and a TensorIterator, microseconds per call on small inputs.
+    at::Tensor out = at::empty({size}, t.options().dtype(at::kFloat));
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(t.scalar_type(), "vector_as", [&] {
+      const scalar_t* src = t.const_data_ptr<scalar_t>();
+      float* dst = out.mutable_data_ptr<float>();
+      for (int64_t i = 0; i < size; ++i) dst[i] = static_cast<float>(src[i]);
+    });
+    return out;
+  }
   return t.reshape({size}).to(dtype).contiguous();
 }
 
