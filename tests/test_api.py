@@ -169,7 +169,8 @@ def test_parametrized_weight_is_the_one_forward_uses(name, training):
     torch.nn.utils.parametrize.register_parametrization(parametrized, "weight", Doubled())
     with torch.no_grad():
         plain.weight.mul_(2)
-    plain.train(training), parametrized.train(training)
+    plain.train(training)
+    parametrized.train(training)
     x, mask = _state_input(name)
     torch.testing.assert_close(parametrized(x, mask), plain(x, mask), rtol=0, atol=0)
 
@@ -179,7 +180,8 @@ def test_parametrized_weight_is_the_one_forward_uses(name, training):
 def test_functional_call_swaps_parameters_and_buffers(name, training):
     module, loaded = STATE_MODULES[name](), STATE_MODULES[name]()
     _set_state(loaded)
-    module.train(training), loaded.train(training)
+    module.train(training)
+    loaded.train(training)
     state = {k: v.clone() for k, v in loaded.state_dict().items()}
     x, mask = _state_input(name)
     swapped = torch.func.functional_call(module, state, (x, mask))
