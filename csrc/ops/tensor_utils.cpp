@@ -18,7 +18,7 @@ at::Tensor vector_as(const at::Tensor& t, int64_t size, at::ScalarType dtype) {
   if (dense && t.scalar_type() == dtype) return t;
   if (dense && t.is_cpu() && dtype == at::kFloat && at::isReducedFloatingType(t.scalar_type())) {
     // A bf16/fp16 module's parameters, widened in a loop: .to() costs a
-    // dispatch and a TensorIterator, microseconds per call on small inputs.
+    // dispatch and a TensorIterator each, a sizeable part of a small call.
     at::Tensor out = at::empty({size}, t.options().dtype(at::kFloat));
     AT_DISPATCH_REDUCED_FLOATING_TYPES(t.scalar_type(), "vector_as", [&] {
       const scalar_t* src = t.const_data_ptr<scalar_t>();

@@ -32,9 +32,9 @@ __all__ = [
 def _state(module: nn.Module, name: str) -> Any:
     """``module.<name>`` for a parameter or buffer, read from the module's own
     dicts: plain attribute access finds neither and falls back to
-    nn.Module.__getattr__, most of a microsecond a name, a sizeable part of a
-    call on small inputs. Anything else (a parametrization's property, a
-    plain attribute) goes through getattr as usual."""
+    nn.Module.__getattr__, a sizeable part of a call on small inputs.
+    Anything else (a parametrization's property, a plain attribute) goes
+    through getattr as usual."""
     params = module._parameters
     if name in params:
         return params[name]

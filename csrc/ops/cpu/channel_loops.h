@@ -535,8 +535,7 @@ C10_ALWAYS_INLINE void affine_plane_row(
   if (lanes && lanes->valid[n] == 0) return zero_span<kStream>(out_row, L);
   int64_t written = 0;  // out_row[0, written) is done
   // Inlined at each of for_valid_spans' calls: as a call per row, its
-  // arguments and coefficients went through the stack (rows of 256 bf16
-  // spent a tenth of their time there).
+  // arguments and coefficients would go through the stack.
   for_valid_spans(lanes, n, 0, L, [&](int64_t b0, int64_t e0, const opmath_t* keep, int64_t next)
                                       C10_ALWAYS_INLINE_ATTRIBUTE {
     zero_span<kStream>(out_row + written, b0 - written);
