@@ -6,14 +6,17 @@ run are cleared), or a fragmented row in one pass under its lane masks
 (csrc/ops/cpu/norm_utils.h: MaskLanes, for_valid_spans). Both must give the
 generic kernels' results, with NaN stored at every padded position (a run's
 last vector reads past the run) and rows of every length around the vector
-width.
+width. Padding shorter than kReadThroughBytes between or after runs is read
+(and discarded) by the elementwise loops, longer padding is not: L = 3600
+has float32 rows with each (a suffix of 1200 positions, a middle of 900),
+float64 only the longer kind.
 """
 import pytest
 import torch
 
 import masknorm
 
-LENGTHS = (1, 7, 8, 9, 17, 63, 64, 65, 200)
+LENGTHS = (1, 7, 8, 9, 17, 63, 64, 65, 200, 3600)
 
 
 def masks(L, generator):

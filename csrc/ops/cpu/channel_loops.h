@@ -533,18 +533,27 @@ C10_ALWAYS_INLINE void affine_plane_row(
     scalar_t* out_row) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (lanes && lanes->valid[n] == 0) return zero_span<kStream>(out_row, L);
+  // Zeros out_row[from, to), padding; its inputs are read (and discarded)
+  // where it is short (kReadThroughBytes), as the next plane row follows.
+  const auto clear = [&](int64_t from, int64_t to) C10_ALWAYS_INLINE_ATTRIBUTE {
+    if ((to - from) * int64_t(sizeof(scalar_t)) < kReadThroughBytes) {
+      if (x_row) touch_lines(x_row + from, to - from);
+      if (dy_row) touch_lines(dy_row + from, to - from);
+    }
+    zero_span<kStream>(out_row + from, to - from);
+  };
   int64_t written = 0;  // out_row[0, written) is done
   // Inlined at each of for_valid_spans' calls: as a call per row, its
   // arguments and coefficients would go through the stack.
   for_valid_spans(lanes, n, 0, L, [&](int64_t b0, int64_t e0, const opmath_t* keep, int64_t next)
                                       C10_ALWAYS_INLINE_ATTRIBUTE {
-    zero_span<kStream>(out_row + written, b0 - written);
+    clear(written, b0);
     // Up to the next span: its positions are written once, in order.
     written = b0 + affine_span<kTerms, kStream>(
         dy_row ? dy_row + b0 : nullptr, x_row ? x_row + b0 : nullptr, keep ? keep + b0 : nullptr, e0 - b0,
         next - b0, coef, out_row + b0);
   });
-  zero_span<kStream>(out_row + written, L - written);
+  clear(written, L);
 }
 
 // One loop for the normalization and the input gradient, so all stages see

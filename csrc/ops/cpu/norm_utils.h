@@ -526,6 +526,22 @@ C10_ALWAYS_INLINE void zero_span(scalar_t* p, int64_t n) {
   fill_zero(p + i, n - i);
 }
 
+// Padding shorter than this many bytes of input, between valid runs that a
+// loop reads, is read anyway (touch_lines) by the loops that write zeros
+// there: with the reads stopped for the zeros, each such gap left the read
+// stream to restart at the next run, and an elementwise pass over rows with
+// short padded tails ran slower than over unpadded rows.
+constexpr int64_t kReadThroughBytes = 4096;
+
+// Reads one byte of each 64-byte line from p for n values (volatile: the
+// loads are the point) and discards them.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void touch_lines(const scalar_t* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  const int64_t size = n * int64_t(sizeof(scalar_t));
+  for (int64_t at = 0; at < size; at += 64) (void)*reinterpret_cast<const volatile char*>(bytes + at);
+}
+
 // Calls run(std::true_type) for an output of `elements` scalar_t large
 // enough for streaming stores (kStreamingBytes, float and double), else
 // run(std::false_type).
