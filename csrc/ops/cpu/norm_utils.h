@@ -248,21 +248,29 @@ class ShiftedSums {
   C10_ALWAYS_INLINE void add(const scalar_t* x, const opmath_t* keep, int64_t len, int64_t room) {
     if (!has_shift_ && !estimate_shift(x, keep, len, room)) return;  // no valid element
     // Scalar math: ds += x - shift; d2 += (x - shift)^2
+    // Locals, and the tail's body inlined: g++ stored accumulators that a
+    // member or an out-of-line lambda's capture held after every step.
+    const fVec shift = shift_vec_;
+    fVec ds0 = ds0_, ds1 = ds1_, d20 = d20_, d21 = d21_;
     int64_t i = 0;
     for (; i + 2 * V <= len; i += 2 * V) {
-      const fVec d0 = deviation(x, keep, i, V, room, shift_vec_), d1 = deviation(x, keep, i + V, V, room, shift_vec_);
-      ds0_ += d0;
-      ds1_ += d1;
+      const fVec d0 = deviation(x, keep, i, V, room, shift), d1 = deviation(x, keep, i + V, V, room, shift);
+      ds0 += d0;
+      ds1 += d1;
       if constexpr (kSquares) {
-        d20_ = at::vec::fmadd(d0, d0, d20_);
-        d21_ = at::vec::fmadd(d1, d1, d21_);
+        d20 = at::vec::fmadd(d0, d0, d20);
+        d21 = at::vec::fmadd(d1, d1, d21);
       }
     }
-    vec_loop<V>(len - i, [&](int64_t j, int64_t n) {
-      const fVec d = deviation(x, keep, i + j, n, room, shift_vec_);
-      ds0_ += d;
-      if constexpr (kSquares) d20_ = at::vec::fmadd(d, d, d20_);
+    vec_loop<V>(len - i, [&](int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const fVec d = deviation(x, keep, i + j, n, room, shift);
+      ds0 += d;
+      if constexpr (kSquares) d20 = at::vec::fmadd(d, d, d20);
     });
+    ds0_ = ds0;
+    ds1_ = ds1;
+    d20_ = d20;
+    d21_ = d21;
   }
 
   opmath_t shift() const { return shift_; }
