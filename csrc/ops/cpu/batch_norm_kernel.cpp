@@ -22,7 +22,7 @@ namespace masknorm::cpu {
 
 void batch_norm_stats(const BatchNormStatsArgs& a) {
   const BatchNormLayout g = loop_layout(a.layout);
-  const MaskByte* pad = mask_bytes(a.padding_mask);
+  const MaskByte* pad = padding_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_stats", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
@@ -78,7 +78,7 @@ void batch_norm_merge_stats(const BatchNormMergeStatsArgs& a) {
 
 void batch_norm_elemt(const BatchNormElemtArgs& a) {
   const BatchNormLayout g = loop_layout(a.layout);
-  const MaskByte* pad = mask_bytes(a.padding_mask);
+  const MaskByte* pad = padding_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_elemt", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     // Eval: the statistics set from the running ones first (kernels.h).
@@ -111,7 +111,7 @@ void batch_norm_elemt(const BatchNormElemtArgs& a) {
 
 void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
   const BatchNormLayout g = loop_layout(a.layout);
-  const MaskByte* pad = mask_bytes(a.padding_mask);
+  const MaskByte* pad = padding_bytes(a.padding_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_backward_reduce", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     std::optional<MaskLanes<opmath_t>> lanes;
@@ -128,7 +128,7 @@ void batch_norm_backward_reduce(const BatchNormBackwardReduceArgs& a) {
 
 void batch_norm_backward_elemt(const BatchNormBackwardElemtArgs& a) {
   const BatchNormLayout g = loop_layout(a.layout);
-  const MaskByte* pad = mask_bytes(a.padding_mask);
+  const MaskByte* pad = padding_bytes(a.padding_mask);
   const bool batch_stats = a.sum_dy.defined();
   const int64_t count = batch_stats ? *a.count.const_data_ptr<int64_t>() : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_batch_norm_backward_elemt", [&] {

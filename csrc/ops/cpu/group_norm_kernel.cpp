@@ -321,7 +321,7 @@ void backward_by_blocks(
 
 void group_norm_forward(const GroupNormForwardArgs& a) {
   const BatchNormLayout& g = a.layout;
-  const MaskByte* pad = mask_bytes(a.padding_mask);
+  const MaskByte* pad = padding_bytes(a.padding_mask);
   const int64_t N = g.N, G = a.groups;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_group_norm_forward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -357,7 +357,7 @@ void group_norm_forward(const GroupNormForwardArgs& a) {
 
 void group_norm_backward(const GroupNormBackwardArgs& a) {
   const BatchNormLayout& g = a.layout;
-  const MaskByte* pad = mask_bytes(a.padding_mask);
+  const MaskByte* pad = padding_bytes(a.padding_mask);
   const int64_t N = g.N, C = g.C, G = a.groups, D = C / G;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_group_norm_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;

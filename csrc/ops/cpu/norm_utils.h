@@ -421,6 +421,16 @@ inline int64_t find_mask_byte(const MaskByte* row, int64_t l, int64_t L, bool wa
   return l;
 }
 
+// The CPU kernels' view of a padding mask: its bytes, or nullptr when it is
+// undefined or pads nothing (a batch of full-length sequences), so that
+// such a batch runs the unmasked loops, without per-row mask bookkeeping.
+inline const MaskByte* padding_bytes(const at::Tensor& mask) {
+  const MaskByte* pad = mask_bytes(mask);
+  if (pad == nullptr) return nullptr;
+  const int64_t n = mask.numel();
+  return find_mask_byte(pad, 0, n, false) == n ? nullptr : pad;
+}
+
 // The padding mask of an (N, L) batch, for loops over contiguous rows of L
 // (channels-first batch norm, group norm): per row, the number of valid
 // positions, the runs of valid positions and, for rows not visited run by

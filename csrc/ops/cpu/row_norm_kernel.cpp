@@ -192,7 +192,7 @@ void row_norm_forward(const RowNormForwardArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "masknorm_row_norm_forward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     row_norm_forward_loop<scalar_t>(
-        a.centered, a.input.const_data_ptr<scalar_t>(), mask_bytes(a.padding_mask), a.rows, a.width,
+        a.centered, a.input.const_data_ptr<scalar_t>(), padding_bytes(a.padding_mask), a.rows, a.width,
         data_or_null<opmath_t>(a.weight), data_or_null<opmath_t>(a.bias), a.eps,
         a.output.mutable_data_ptr<scalar_t>(), data_or_null<opmath_t>(a.mean), a.rstd.mutable_data_ptr<opmath_t>());
   });
@@ -203,7 +203,7 @@ void row_norm_backward(const RowNormBackwardArgs& a) {
     using opmath_t = at::opmath_type<scalar_t>;
     row_norm_backward_loop<scalar_t>(
         a.centered, a.grad_output.const_data_ptr<scalar_t>(), a.input.const_data_ptr<scalar_t>(),
-        mask_bytes(a.padding_mask), a.rows, a.width, data_or_null<opmath_t>(a.mean),
+        padding_bytes(a.padding_mask), a.rows, a.width, data_or_null<opmath_t>(a.mean),
         a.rstd.const_data_ptr<opmath_t>(), data_or_null<opmath_t>(a.weight),
         data_or_null<scalar_t>(a.grad_input), data_or_null<opmath_t>(a.grad_weight),
         data_or_null<opmath_t>(a.grad_bias));
