@@ -9,7 +9,9 @@
 Needs matplotlib and tqdm: pip install --no-build-isolation ".[bench]".
 
 For each shape and norm (cases.py), every implementation is timed with
-torch.utils.benchmark (median of blocked_autorange) in three modes:
+torch.utils.benchmark in three modes, the implementations and a copy of the
+input in turn, three rounds, each time the median of blocked_autorange; the
+median of the rounds is reported (time_in_rounds). The modes:
   fwd       forward in training mode, autograd graph recorded
   bwd       backward alone (torch.autograd.grad of a recorded forward, retain_graph)
   fwd+bwd   both
@@ -53,6 +55,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -70,17 +73,13 @@ BN_MIN_PASSES = {"fwd": 3, "bwd": 5, "fwd+bwd": 8}
 CACHING_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 ALLOCATORS = {"kept": "glibc, freed memory kept", "glibc": "glibc defaults", "cuda": "torch's CUDA caching allocator"}
 MODES = tuple(PASSES)
+ROUNDS = 3  # each case's implementations are timed in turn this many times (time_in_rounds)
+COPY = "copy"  # the copy reference among a case's timed calls
 
 
 def median_seconds(fn, min_run_time):
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-def copy_bandwidth(x, min_run_time):
-    """Bytes per second of torch.clone(x): the machine's read+write limit for this tensor."""
-    seconds = median_seconds(lambda: torch.clone(x), min_run_time)
-    return 2 * x.numel() * x.element_size() / seconds
 
 
 def saved_bytes(forward, xin):
@@ -136,7 +135,9 @@ def peak_bytes(fn, device):
     return peak
 
 
-def run_case(norm, impl, x, mask, min_run_time):
+def prepare_case(norm, impl, x, mask):
+    """One implementation in training: its timed calls by mode, and what forward
+    saves and the peak memory of forward+backward."""
     C = x.shape[1] if norm.endswith("-NCL") else x.shape[-1]
     forward, params = cases.make(norm, impl, x, mask, C)
     xin = x.detach().clone().requires_grad_(True)
@@ -151,23 +152,32 @@ def run_case(norm, impl, x, mask, min_run_time):
 
     fwd_bwd()  # warm up (compiles the backward of compiled variants)
     y = forward(xin)
-    result = {
-        "fwd": median_seconds(fwd, min_run_time),
-        "bwd": median_seconds(lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True), min_run_time),
-        "fwd+bwd": median_seconds(fwd_bwd, min_run_time),
-        "saved_bytes": saved_bytes(forward, xin),
-        "peak_bytes": peak_bytes(fwd_bwd, x.device),
-    }
-    return result
+    calls = {"fwd": fwd, "bwd": lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True), "fwd+bwd": fwd_bwd}
+    return calls, {"saved_bytes": saved_bytes(forward, xin), "peak_bytes": peak_bytes(fwd_bwd, x.device)}
 
 
-def run_inference_case(norm, impl, x, mask, min_run_time):
-    """Forward alone, modules in eval mode, under torch.inference_mode."""
+def prepare_inference_case(norm, impl, x, mask):
+    """Forward alone, modules in eval mode (timed under torch.inference_mode)."""
     C = x.shape[1] if norm.endswith("-NCL") else x.shape[-1]
     forward, _ = cases.make(norm, impl, x, mask, C, training=False)
     with torch.inference_mode():
         forward(x)  # warm up
-        return {"fwd": median_seconds(lambda: forward(x), min_run_time)}
+    return {"fwd": lambda: forward(x)}, {}
+
+
+def time_in_rounds(calls, min_run_time, inference):
+    """Median seconds of each call, {name: {mode: s}}: the calls of a case
+    (every implementation, and the copy reference) timed in turn, ROUNDS
+    times, each for min_run_time / ROUNDS; the median of the rounds. A slow
+    spell of a shared machine then lands on all of them, not on one."""
+    times = {name: {mode: [] for mode in modes} for name, modes in calls.items()}
+    context = torch.inference_mode if inference else contextlib.nullcontext
+    for _ in range(ROUNDS):
+        for name, modes in calls.items():
+            with context():
+                for mode, fn in modes.items():
+                    times[name][mode].append(median_seconds(fn, min_run_time / ROUNDS))
+    return {name: {mode: statistics.median(t) for mode, t in modes.items()} for name, modes in times.items()}
 
 
 def run(shapes, min_run_time, compile_composites, only=None, device="cpu"):
@@ -179,29 +189,43 @@ def run(shapes, min_run_time, compile_composites, only=None, device="cpu"):
 
     torch._functorch.config.donated_buffer = False
 
-    jobs = []
+    groups = {}  # (shape, norm): its implementations, timed together
     for shape in shapes:
         for norm in shape.norms:
             stock_only = shape.inference or shape.small
             for impl in cases.implementations(norm, shape.padding > 0, compile_composites, stock_only):
                 if only is None or only in f"{shape.name} {norm} {impl}":
-                    jobs.append((shape, norm, impl))
-    results, copy_bw, inputs = [], {}, {}
-    for shape, norm, impl in tqdm(jobs, desc="benchmark", unit="case"):
+                    groups.setdefault((shape, norm), []).append(impl)
+    results, copy_seconds, inputs = [], {}, {}
+    for (shape, norm), impls in tqdm(groups.items(), desc="benchmark", unit="case"):
         if shape.name not in inputs:
             inputs[shape.name] = cases.make_input(shape, device=device)
-            copy_bw[shape.name] = copy_bandwidth(inputs[shape.name][0], min_run_time)
         x, mask = inputs[shape.name]
+        prepare = prepare_inference_case if shape.inference else prepare_case
+        calls, memory = {}, {}
+        for impl in impls:
+            calls[impl], memory[impl] = prepare(norm, impl, cases.layout_input(norm, impl, x, mask), mask)
+        # The copy reference: torch.clone of the whole tensor (read + write, all threads).
+        calls[COPY] = {"copy": lambda: torch.clone(x)}
+        times = time_in_rounds(calls, min_run_time, shape.inference)
+        copy_seconds.setdefault(shape.name, []).append(times.pop(COPY)["copy"])
+        for impl in impls:
+            results.append({"shape": shape.name, "large": shape.large, "inference": shape.inference,
+                            "small": shape.small, "norm": norm, "impl": impl, **times[impl], **memory[impl]})
+        del calls
+    # Effective bandwidth, against the median copy bandwidth of each shape.
+    copy_bw = {}
+    for name, seconds in copy_seconds.items():
+        x = inputs[name][0]
+        copy_bw[name] = 2 * x.numel() * x.element_size() / statistics.median(seconds)
+    for r in results:
+        x, mask = inputs[r["shape"]]
         useful = cases.useful_elements(x, mask) * x.element_size()
-        case = run_inference_case if shape.inference else run_case
-        r = case(norm, impl, cases.layout_input(norm, impl, x, mask), mask, min_run_time)
         for mode in (m for m in MODES if m in r):
             r[f"{mode}_gbps"] = PASSES[mode] * useful / r[mode] / 1e9
-            r[f"{mode}_pct_copy"] = 100 * PASSES[mode] * useful / r[mode] / copy_bw[shape.name]
-            if norm.startswith("bn-"):
-                r[f"{mode}_pct_copy_bn_min"] = 100 * BN_MIN_PASSES[mode] * useful / r[mode] / copy_bw[shape.name]
-        results.append({"shape": shape.name, "large": shape.large, "inference": shape.inference,
-                        "small": shape.small, "norm": norm, "impl": impl, **r})
+            r[f"{mode}_pct_copy"] = 100 * PASSES[mode] * useful / r[mode] / copy_bw[r["shape"]]
+            if r["norm"].startswith("bn-"):
+                r[f"{mode}_pct_copy_bn_min"] = 100 * BN_MIN_PASSES[mode] * useful / r[mode] / copy_bw[r["shape"]]
     return results, {k: v / 1e9 for k, v in copy_bw.items()}
 
 
