@@ -587,12 +587,20 @@ void affine_per_channel(
       return;
     }
     at::parallel_for(0, g.N * C, row_grain(L), [&](int64_t begin, int64_t end) {
+      // The arguments as locals: captured by reference, each was reloaded
+      // through the capture after every row's stores (which may alias).
+      const auto* row_lanes = lanes;
+      const opmath_t *row_mean = mean, *row_a = a, *row_b = b, *row_k = k;
+      const scalar_t *row_dy = dy, *row_x = x;
+      scalar_t* row_out = out;
+      const int64_t row_C = C, row_L = L;
       // plane = n * C + c, stepped without a division per plane (rows may be short)
-      for (int64_t plane = begin, n = begin / C, c = begin % C; plane < end; ++plane, ++c) {
-        if (c == C) { c = 0; ++n; }
+      for (int64_t plane = begin, n = begin / row_C, c = begin % row_C; plane < end; ++plane, ++c) {
+        if (c == row_C) { c = 0; ++n; }
         affine_plane_row<kTerms, kStream>(
-            lanes, n, L, channel_coefficients<kTerms>(mean, a, b, k, c), kReadsDy ? dy + plane * L : nullptr,
-            kReadsX ? x + plane * L : nullptr, out + plane * L);
+            row_lanes, n, row_L, channel_coefficients<kTerms>(row_mean, row_a, row_b, row_k, c),
+            kReadsDy ? row_dy + plane * row_L : nullptr, kReadsX ? row_x + plane * row_L : nullptr,
+            row_out + plane * row_L);
       }
       if constexpr (kStream) stream_fence();
     });

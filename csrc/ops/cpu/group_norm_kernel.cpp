@@ -245,12 +245,16 @@ void forward_by_blocks(
   with_streaming<scalar_t>(N * g.C * L, [&](auto streaming) {
     constexpr bool kStream = decltype(streaming)::value;
     at::parallel_for(0, N * G, row_grain(D * L), [&](int64_t begin, int64_t end) {
+      // Locals, not reloaded through the captures after every row's stores (as affine_per_channel).
+      const MaskLanes<opmath_t>* block_lanes = lanes;
+      const scalar_t* block_x = x;
+      scalar_t* block_out = out;
       for (int64_t block = begin; block < end; ++block) {
         const int64_t n = block / G, c0 = (block % G) * D;
-        const int64_t count = lanes ? lanes->valid[n] : L;
-        const scalar_t* xb = x + block * D * L;
+        const int64_t count = block_lanes ? block_lanes->valid[n] : L;
+        const scalar_t* xb = block_x + block * D * L;
         Moments<MergeT> acc;
-        for (int64_t c = 0; c < D; ++c) acc.merge(plane_segment_moments(xb + c * L, lanes, n, 0, L, count, L));
+        for (int64_t c = 0; c < D; ++c) acc.merge(plane_segment_moments(xb + c * L, block_lanes, n, 0, L, count, L));
         group[block] = acc;
         group_statistics(acc, a.eps, mean[block], rstd[block]);
         // Affine folded per channel: out = (x - mean) * (rstd * w) + bias
@@ -259,7 +263,7 @@ void forward_by_blocks(
           const ChannelCoefficients<opmath_t> coef{
               mu, fVec(0), fVec(w ? rstd[block] * w[c0 + c] : rstd[block]), fVec(bias ? bias[c0 + c] : opmath_t(0))};
           affine_plane_row<ChannelAffine::kNormalize, kStream>(
-              lanes, n, L, coef, static_cast<const scalar_t*>(nullptr), xb + c * L, out + (block * D + c) * L);
+              block_lanes, n, L, coef, static_cast<const scalar_t*>(nullptr), xb + c * L, block_out + (block * D + c) * L);
         }
       }
       if constexpr (kStream) stream_fence();
@@ -289,25 +293,29 @@ void backward_by_blocks(
     constexpr bool kStream = decltype(streaming)::value;
     at::parallel_for(0, N * G, row_grain(D * L), [&](int64_t begin, int64_t end) {
       SampleCoefficients<opmath_t> k(D);
+      // Locals, not reloaded through the captures after every row's stores (as affine_per_channel).
+      const MaskLanes<opmath_t>* block_lanes = lanes;
+      const scalar_t *block_dy = dy, *block_x = x;
+      scalar_t* block_dx = dx;
       for (int64_t block = begin; block < end; ++block) {
         const int64_t n = block / G, c0 = (block % G) * D, offset = block * D * L;
         const fVec mu(mean[block]);
         for (int64_t c = 0; c < D; ++c) {
           fVec v1(0), v2(0);
-          plane_segment_grad_sums(dy + offset + c * L, x + offset + c * L, lanes, n, 0, L, L, mu, v1, v2);
+          plane_segment_grad_sums(block_dy + offset + c * L, block_x + offset + c * L, block_lanes, n, 0, L, L, mu, v1, v2);
           s1[n * C + c0 + c] = sum_lanes(v1);
           s2[n * C + c0 + c] = sum_lanes(v2);
         }
-        if (!dx) continue;
-        const int64_t valid = lanes ? lanes->valid[n] : L;
+        if (!block_dx) continue;
+        const int64_t valid = block_lanes ? block_lanes->valid[n] : L;
         group_gradient_coefficients(
             s1.data() + n * C + c0, s2.data() + n * C + c0, w ? w + c0 : nullptr, D, mean[block], rstd[block],
             opmath_t(valid * D), k.mean.data(), k.a.data(), k.b.data(), k.k0.data());
         for (int64_t c = 0; c < D; ++c) {
           affine_plane_row<ChannelAffine::kGradientSum, kStream>(
-              lanes, n, L,
+              block_lanes, n, L,
               channel_coefficients<ChannelAffine::kGradientSum>(k.mean.data(), k.a.data(), k.b.data(), k.k0.data(), c),
-              dy + offset + c * L, x + offset + c * L, dx + offset + c * L);
+              block_dy + offset + c * L, block_x + offset + c * L, block_dx + offset + c * L);
         }
       }
       if constexpr (kStream) stream_fence();
