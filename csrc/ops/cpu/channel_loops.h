@@ -207,18 +207,38 @@ constexpr int64_t kPlaneChunk = 4096;
 
 inline int64_t plane_segments(int64_t L) { return std::max<int64_t>(1, (L + kPlaneSegment - 1) / kPlaneSegment); }
 
-// The parts of the channels-first per-channel sums (statistics, gradient
-// sums): a part takes a chunk of one channel's rows (consecutive n, about
-// kPlaneChunk positions; short rows then share their horizontal sums and
-// index math), or a segment of one long row. Parts are numbered channel by
-// channel, so a channel's parts are [c * per_channel, (c + 1) * per_channel),
-// to be merged in order: the same result for any thread count.
-struct PlaneChunks {
-  int64_t N, C, L, S, seg_len, chunk_rows, per_channel;
+// Rows at least this long, of inputs of at least kPlaneStreamBytes, are
+// parts of their own in the channels-first gradient sums, visited in memory
+// order (PlaneChunks::kRowsInMemoryOrder). Smaller inputs stay in cache,
+// where a part per row costs more in horizontal sums than it saves.
+constexpr int64_t kPlaneRowMin = 128;
+constexpr int64_t kPlaneStreamBytes = int64_t(4) << 20;
 
-  PlaneChunks(int64_t N, int64_t C, int64_t L)
+// The parts of the channels-first per-channel sums (statistics, gradient
+// sums), each summed on its own and merged per channel in a fixed order
+// (channel_parts), so the result is the same for any thread count:
+//  - kChannelChunks: a part takes a chunk of one channel's rows (consecutive
+//    n, about kPlaneChunk positions; short rows then share their horizontal
+//    sums and index math), or a segment of one long row; parts are numbered
+//    channel by channel.
+//  - kRowsInMemoryOrder, for rows of kPlaneRowMin positions and more in
+//    inputs of kPlaneStreamBytes and more (`bytes`, that of one input): a part
+//    per row segment, numbered in memory order, so that each thread reads
+//    its inputs as one stream. A channel's rows lie C * L apart: visited
+//    channel by channel, the gradient sums' two inputs made dozens of short
+//    streams, each row restarting the hardware prefetch. (The statistics
+//    read one input and merge a row's moments at a higher cost per part:
+//    they keep channel chunks.)
+struct PlaneChunks {
+  enum Order { kChannelChunks, kRowsInMemoryOrder };
+  int64_t N, C, L, S, seg_len;
+  bool by_row;  // kRowsInMemoryOrder taken
+  int64_t chunk_rows, per_channel;
+
+  PlaneChunks(int64_t N, int64_t C, int64_t L, Order order = kChannelChunks, int64_t bytes = 0)
       : N(N), C(C), L(L), S(plane_segments(L)), seg_len(std::min(L, kPlaneSegment)),
-        chunk_rows(S > 1 ? 1 : std::clamp<int64_t>(kPlaneChunk / std::max<int64_t>(L, 1), 1, std::max<int64_t>(N, 1))),
+        by_row(order == kRowsInMemoryOrder && L >= kPlaneRowMin && bytes >= kPlaneStreamBytes),
+        chunk_rows(by_row || S > 1 ? 1 : std::clamp<int64_t>(kPlaneChunk / std::max<int64_t>(L, 1), 1, std::max<int64_t>(N, 1))),
         per_channel((N + chunk_rows - 1) / chunk_rows * S) {}
 
   int64_t parts() const { return C * per_channel; }
@@ -229,11 +249,28 @@ struct PlaneChunks {
   void parallel(const Body& body) const {
     at::parallel_for(0, parts(), row_grain(chunk_rows * seg_len), [&](int64_t begin, int64_t end) {
       for (int64_t part = begin; part < end; ++part) {
-        const int64_t c = part / per_channel, chunk = (part % per_channel) / S, s = part % S;
-        const int64_t l0 = s * seg_len, n0 = chunk * chunk_rows;
-        body(part, c, n0, std::min(N, n0 + chunk_rows), s, l0, std::min(seg_len, L - l0));
+        const int64_t s = part % S, l0 = s * seg_len, len = std::min(seg_len, L - l0);
+        if (by_row) {  // part = (n * C + c) * S + s
+          const int64_t row = part / S, n = row / C;
+          body(part, row - n * C, n, n + 1, s, l0, len);
+        } else {  // part = (c * chunks + chunk) * S + s
+          const int64_t c = part / per_channel, n0 = (part % per_channel) / S * chunk_rows;
+          body(part, c, n0, std::min(N, n0 + chunk_rows), s, l0, len);
+        }
       }
     });
+  }
+
+  // Calls merge(part) for each of channel c's parts, in order (n, segment).
+  template <typename Merge>
+  void channel_parts(int64_t c, const Merge& merge) const {
+    if (by_row) {
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t s = 0; s < S; ++s) merge((n * C + c) * S + s);
+      }
+    } else {
+      for (int64_t q = c * per_channel; q < (c + 1) * per_channel; ++q) merge(q);
+    }
   }
 };
 
@@ -323,7 +360,7 @@ void moments_channels_first(
   });
   for (int64_t c = 0; c < C; ++c) {
     Moments<MergeT> acc;
-    for (int64_t q = c * chunks.per_channel; q < (c + 1) * chunks.per_channel; ++q) acc.merge(parts[q]);
+    chunks.channel_parts(c, [&](int64_t q) { acc.merge(parts[q]); });
     mean_out[c] = opmath_t(acc.mean);
     m2_out[c] = opmath_t(acc.m2);
   }
@@ -333,7 +370,11 @@ void moments_channels_first(
 
 // Adds to the vector sums s1 and s2 a plane row's dy (dyr) and dy * (x - m)
 // (xr, m: its channel's mean) over the valid positions of sample n within
-// [l0, l0 + len) (for_valid_spans).
+// [l0, l0 + len) (for_valid_spans). A span of kPlaneRowMin positions or
+// more goes through four pairs of accumulators, folded into s1 and s2 at its
+// end: four independent add and FMA chains in flight (with one pair, each
+// vector waited for the previous one's add). Shorter spans add to s1 and s2
+// directly: the fold would cost more than the chains save.
 template <typename scalar_t>
 C10_ALWAYS_INLINE void plane_segment_grad_sums(
     const scalar_t* dyr, const scalar_t* xr, const MaskLanes<at::opmath_type<scalar_t>>* lanes, int64_t n,
@@ -344,15 +385,42 @@ C10_ALWAYS_INLINE void plane_segment_grad_sums(
   using fVec = typename IO::fVec;
   constexpr int64_t V = IO::size();
   if (lanes && lanes->valid[n] == 0) return;
-  const fVec zero(0);
   for_valid_spans(lanes, n, l0, l0 + len, [&](int64_t b, int64_t e, const opmath_t* keep, int64_t) {
-    vec_loop<V>(e - b, [&](int64_t i, int64_t k) {
-      // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
-      const int64_t l = b + i;
+    // Scalar math: if valid: s1 += dy; s2 += dy * (x - mean)
+    // (in the chains both factors are cleared at padding: 0 * NaN is not 0)
+    const auto step = [&](fVec& a1, fVec& a2, int64_t l, int64_t k) C10_ALWAYS_INLINE_ATTRIBUTE {
       fVec d = load_first(dyr + l, k, L - l);
-      fVec dxm = d * (load_first(xr + l, k, L - l) - m);
+      fVec xm = load_first(xr + l, k, L - l) - m;
       if (keep) {
         const fVec kv = fVec::loadu(keep + l, k);
+        d = d & kv;
+        xm = xm & kv;
+      } else if (k < V) {
+        xm = fVec::set(fVec(0), xm, k);  // tail lanes hold 0 - mean
+      }
+      a1 += d;
+      a2 = at::vec::fmadd(d, xm, a2);
+    };
+    int64_t l = b;
+    if (e - b >= kPlaneRowMin) {
+      fVec a10(0), a11(0), a12(0), a13(0), a20(0), a21(0), a22(0), a23(0);
+      for (; l + 4 * V <= e; l += 4 * V) {
+        step(a10, a20, l, V);
+        step(a11, a21, l + V, V);
+        step(a12, a22, l + 2 * V, V);
+        step(a13, a23, l + 3 * V, V);
+      }
+      s1 += (a10 + a11) + (a12 + a13);
+      s2 += (a20 + a21) + (a22 + a23);
+    }
+    // The rest (a short span: all of it), vector by vector on s1 and s2.
+    const fVec zero(0);
+    vec_loop<V>(e - l, [&](int64_t i, int64_t k) {
+      const int64_t p = l + i;
+      fVec d = load_first(dyr + p, k, L - p);
+      fVec dxm = d * (load_first(xr + p, k, L - p) - m);
+      if (keep) {
+        const fVec kv = fVec::loadu(keep + p, k);
         d = d & kv;
         dxm = dxm & kv;
       } else if (k < V) {
@@ -396,7 +464,7 @@ void grad_sums(
   }
   // Channels first: one set of vector sums per part (PlaneChunks), added per
   // channel in order.
-  const PlaneChunks chunks(g.N, C, g.L);
+  const PlaneChunks chunks(g.N, C, g.L, PlaneChunks::kRowsInMemoryOrder, g.positions() * C * int64_t(sizeof(scalar_t)));
   const int64_t L = g.L;
   std::vector<opmath_t> parts(static_cast<size_t>(chunks.parts() * 2), opmath_t(0));
   chunks.parallel([&](int64_t part, int64_t c, int64_t n0, int64_t n1, int64_t, int64_t l0, int64_t len) {
@@ -410,10 +478,10 @@ void grad_sums(
   });
   for (int64_t c = 0; c < C; ++c) {
     opmath_t s1 = 0, s2 = 0;
-    for (int64_t q = c * chunks.per_channel; q < (c + 1) * chunks.per_channel; ++q) {
+    chunks.channel_parts(c, [&](int64_t q) {
       s1 += parts[q * 2];
       s2 += parts[q * 2 + 1];
-    }
+    });
     sum_dy[c] = s1;
     sum_dy_xmu[c] = s2;
   }
