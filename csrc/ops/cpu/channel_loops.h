@@ -413,7 +413,8 @@ C10_ALWAYS_INLINE void plane_segment_grad_sums(
       s1 += (a10 + a11) + (a12 + a13);
       s2 += (a20 + a21) + (a22 + a23);
     }
-    // The rest (a short span: all of it), vector by vector on s1 and s2.
+    // The rest (a short span: all of it), vector by vector on s1 and s2, in
+    // the loop's first form (through `step`, short rows ran slower).
     const fVec zero(0);
     vec_loop<V>(e - l, [&](int64_t i, int64_t k) {
       const int64_t p = l + i;
