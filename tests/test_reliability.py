@@ -240,8 +240,9 @@ def test_bitwise_deterministic_across_processes(threads):
 def test_statistics_exact_at_every_thread_count(n, layout, threads):
     """Rows whose mean drifts (each 64-row chunk has its own mean): the merged
     mean and M2 equal float64 statistics at every thread count. Dropping the
-    between-chunk (or between-thread) term of Chan's merge is off by far more
-    than the tolerance, however the rows are split."""
+    between-chunk (or between-thread) term of Chan's merge (channels first), or
+    the shift's correction of M2 (channels last), is off by far more than the
+    tolerance, however the rows are split."""
     threads(n)
     gen = torch.Generator().manual_seed(n)
     rows, C = 20_000, 5
@@ -258,6 +259,33 @@ def test_statistics_exact_at_every_thread_count(n, layout, threads):
     packed = x64.float().double()[~mask]
     assert int(count) == packed.shape[0]
     torch.testing.assert_close(mean.double(), packed.mean(0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(m2.double(), ((packed - packed.mean(0)) ** 2).sum(0), rtol=1e-6, atol=0)
+
+
+
+@pytest.mark.parametrize("layout", ["NC", "NLC"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_statistics_when_the_first_rows_are_off(n, layout, threads):
+    """Channels-last statistics sum deviations from the mean of the first 64
+    rows from the first valid one. Here those rows sit 100 standard deviations
+    from the rest (a batch sorted by some feature), so that the shift would
+    cancel about 8 bits of M2 in float: the second pass, from the mean the first
+    gives, keeps M2 as exact as float64 statistics of the same values."""
+    threads(n)
+    gen = torch.Generator().manual_seed(7)
+    rows, C = 20_000, 5
+    x64 = 1e4 + torch.randn(rows, C, generator=gen, dtype=torch.float64)
+    x64[:70] += 100
+    mask = torch.rand(rows, generator=gen) < 0.25
+    mask[:3] = True  # the first valid row is not row 0
+    x = x64.float()
+    if layout == "NC":
+        mean, m2, count = ops.batch_norm_stats(x, mask, False)
+    else:
+        mean, m2, count = ops.batch_norm_stats(x.view(40, 500, C), mask.view(40, 500), True)
+    packed = x.double()[~mask]
+    assert int(count) == packed.shape[0]
+    torch.testing.assert_close(mean.double(), packed.mean(0), rtol=1e-7, atol=0)  # float rounding
     torch.testing.assert_close(m2.double(), ((packed - packed.mean(0)) ** 2).sum(0), rtol=1e-6, atol=0)
 
 

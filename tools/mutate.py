@@ -7,7 +7,7 @@ the last table).
     python tools/mutate.py                         # every mutant, the whole tests/ (-x -q)
     python tools/mutate.py --list                  # the mutants and the bug each models
     python tools/mutate.py --check                 # only check that every snippet still applies
-    python tools/mutate.py --only chan_merge_chunk --threads 1,2,8,16
+    python tools/mutate.py --only shift_no_second_pass --threads 1,2,8,16
     python tools/mutate.py --tests tests/test_batch_norm.py tests/test_gradcheck.py
 
 MUTANTS is a curated list: each replaces one exact snippet of a file under
@@ -62,9 +62,12 @@ class Mutant:
 
 MUTANTS: List[Mutant] = [
     # ---------------------------------------------------------------- CPU kernels
-    Mutant("chan_merge_chunk", "csrc/ops/cpu/channel_loops.h",
-           "nf = MergeT(n) * f;", "nf = MergeT(0) * f;",
-           "BN chunk merge drops the between-chunk variance term (Chan)"),
+    Mutant("shift_uncorrected", "csrc/ops/cpu/channel_loops.h",
+           "m2_out[c] = out_t(std::max(d2[c] - ds[c] * ds[c] / k, MergeT(0)));", "m2_out[c] = out_t(d2[c]);",
+           "channels-last moments drop the shift's correction of M2 (sum d^2 taken as M2)"),
+    Mutant("shift_no_second_pass", "csrc/ops/cpu/channel_loops.h",
+           "if (shift_holds || pass == 1) break;", "break;",
+           "channels-last moments keep a shift far out in the spread (no second pass)"),
     Mutant("chan_merge_moments", "csrc/ops/cpu/norm_utils.h",
            "m2 += part_m2 + delta * delta * nf;", "m2 += part_m2;",
            "chan_merge (chunks, threads, rows, parts) drops the between-group variance term"),
@@ -107,20 +110,20 @@ MUTANTS: List[Mutant] = [
            "if (centered) v = v - masked_mean(g);", "(void)centered;",
            "double-backward composite drops dx's mean(g) term"),
     Mutant("autograd_bias_grad", "csrc/ops/autograd/norm_autograd.cpp",
-           "channels_last;\n    save_output_mask(ctx, input, weight, bias);",
-           "channels_last;\n    save_output_mask(ctx, input, weight, weight);",
-           "BN autograd asks for the bias gradient when the weight needs one"),
+           "any |= output_mask[i] = task_should_compute_output(i);",
+           "any |= output_mask[i] = task_should_compute_output(i == 2 ? 1 : i);",
+           "norm autograd asks for the bias gradient when the weight needs one"),
     # ---------------------------------------------------------------- Python
     Mutant("fake_2d_channels_last", "python/masknorm/_ops.py",
            "        C = input.shape[1]\n    else:",
            "        C = input.shape[2] if channels_last else input.shape[1]\n    else:",
            "fake kernel: channel count of 2-D input with channels_last=True read from dim 2"),
     Mutant("module_eval_batch_stats", "python/masknorm/modules.py",
-           "use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)",
+           "use_batch_stats = training or (running_mean is None and running_var is None)",
            "use_batch_stats = True",
            "masked batch norms normalize with batch statistics in eval"),
     Mutant("module_num_batches", "python/masknorm/modules.py",
-           "num_batches_tracked=module.num_batches_tracked if track else None,",
+           "num_batches_tracked=_state(module, \"num_batches_tracked\") if training and track_running_stats else None,",
            "num_batches_tracked=None,",
            "masked batch norms never count batches (num_batches_tracked stays 0)"),
     Mutant("sync_count_input_dtype", "python/masknorm/distributed.py",

@@ -8,8 +8,10 @@
 //    (layouts NC and NLC).
 //  - "channels first": (N, C, L) planes; the mask (N, L) selects positions
 //    inside each contiguous row of L (layout NCL).
-// Statistics come from two-pass moments of L2-sized chunks of rows, or
-// corrected two-pass moments of each plane row, merged with Chan's formula;
+// Statistics come from one pass of sums of deviations from a shift near the
+// mean over the rows in memory order (channels last), or from chunks of a
+// channel's plane rows merged with Chan's formula (channels first), each
+// with a second pass where the shift is far out in the spread;
 // padded positions are skipped or cleared with a bit mask, never multiplied
 // by zero, so NaN/inf there cannot leak.
 // The loops themselves are in channel_loops.h (shared with group norm).

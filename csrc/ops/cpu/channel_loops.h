@@ -19,180 +19,137 @@ namespace masknorm::cpu {
 
 // ---------------------------------------------------------------- statistics
 
-// The two passes of moments_channels_last over one chunk's valid rows
-// [first, last), for a block of NV vectors of channels from c0 (the last
-// vector holding `last_lanes` lanes): accumulators stay in registers while
-// the rows go by (the chunk is in cache), and are stored once.
-template <typename scalar_t, int NV>
-struct ChunkColumns {
+// Per-channel pairs of sums over rows of C contiguous channels (channels
+// last): Terms (ShiftedTerms, GradTerms) gives a row's two terms per
+// channel. Each valid row is read whole, in memory order, kGroupRows rows
+// per pass over float sums of the C channels, which stay in L1; those are
+// flushed into the thread's MergeT sums every kFloatSumRows rows (float sums
+// of few terms), and the threads' sums are added in order into sum1 and
+// sum2 ([C] each). (Blocks of channels summed in registers while a chunk's
+// rows went by read each row in strips, a short stream per row: slower when
+// rows are long (C = 1024), faster only where valid rows are scattered and
+// come from memory, as the backward sums of a (N, C) batch with random
+// padded rows.)
+constexpr int64_t kFloatSumRows = 64;
+constexpr int kGroupRows = 8;
+
+template <typename scalar_t, typename Terms>
+void channel_row_sums(
+    const MaskByte* pad, int64_t begin, int64_t end, int64_t C, const Terms& terms, MergeT* sum1, MergeT* sum2) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
-  static constexpr int64_t V = IO::size();
-
-  static C10_ALWAYS_INLINE fVec load(const scalar_t* p, int j, int64_t last_lanes) {
-    return j + 1 < NV ? IO::load(p + j * V) : IO::load(p + j * V, last_lanes);
-  }
-  static C10_ALWAYS_INLINE void store(opmath_t* p, const fVec& v, int j, int64_t last_lanes) {
-    v.store(p + j * V, j + 1 < NV ? V : last_lanes);
-  }
-
-  // sum[c] = sum of x over the valid rows.
-  static void sums(
-      const scalar_t* x, const MaskByte* pad, int64_t first, int64_t last, int64_t C, int64_t c0,
-      int64_t last_lanes, opmath_t* sum) {
-    fVec s[NV];
-    for (int j = 0; j < NV; ++j) s[j] = fVec(0);
-    for (int64_t r = first; r < last; ++r) {
-      if (pad && pad[r] != 0) continue;
-      const scalar_t* xr = x + r * C + c0;
-      for (int j = 0; j < NV; ++j) s[j] += load(xr, j, last_lanes);
-    }
-    for (int j = 0; j < NV; ++j) store(sum + c0, s[j], j, last_lanes);
-  }
-
-  // With d = x - mean over the valid rows: dsum[c] = sum d, m2[c] = sum d^2.
-  static void deviations(
-      const scalar_t* x, const MaskByte* pad, int64_t first, int64_t last, int64_t C, int64_t c0,
-      int64_t last_lanes, const opmath_t* mean, opmath_t* dsum, opmath_t* m2) {
-    fVec m[NV], ds[NV], d2[NV];
-    for (int j = 0; j < NV; ++j) {
-      m[j] = j + 1 < NV ? fVec::loadu(mean + c0 + j * V) : fVec::loadu(mean + c0 + j * V, last_lanes);
-      ds[j] = fVec(0);
-      d2[j] = fVec(0);
-    }
-    for (int64_t r = first; r < last; ++r) {
-      if (pad && pad[r] != 0) continue;
-      const scalar_t* xr = x + r * C + c0;
-      for (int j = 0; j < NV; ++j) {
-        // Scalar math: d = x - mean; dsum += d; m2 += d * d   (tail lanes: 0 - 0)
-        const fVec d = load(xr, j, last_lanes) - m[j];
-        ds[j] += d;
-        d2[j] = at::vec::fmadd(d, d, d2[j]);
+  constexpr int64_t V = IO::size();
+  PerThreadBuffers<opmath_t> partial(C, 2);
+  PerThreadBuffers<MergeT> total(C, 2);
+  at::parallel_for(begin, end, row_grain(C), [&](int64_t first, int64_t last) {
+    opmath_t* p1 = partial.local(0);
+    opmath_t* p2 = partial.local(1);
+    MergeT* t1 = total.local(0);
+    MergeT* t2 = total.local(1);
+    int64_t rows[kGroupRows];
+    int64_t grouped = 0, in_partial = 0;
+    // Adds rows[from, from + kRows).
+    const auto add_rows = [&](auto group, int64_t from) C10_ALWAYS_INLINE_ATTRIBUTE {
+      constexpr int kRows = decltype(group)::value;
+      vec_loop<V>(C, [&](int64_t c, int64_t w) C10_ALWAYS_INLINE_ATTRIBUTE {
+        const fVec coef = terms.coefficients(c, w);
+        fVec a = fVec::loadu(p1 + c, w), b = fVec::loadu(p2 + c, w);
+        for (int j = 0; j < kRows; ++j) terms.add(rows[from + j], c, w, coef, a, b);
+        a.store(p1 + c, w);
+        b.store(p2 + c, w);
+      });
+      in_partial += kRows;
+    };
+    const auto flush = [&] {
+      for (int64_t c = 0; c < C; ++c) {
+        t1[c] += MergeT(p1[c]);
+        t2[c] += MergeT(p2[c]);
+        p1[c] = p2[c] = 0;
       }
-    }
-    for (int j = 0; j < NV; ++j) {
-      store(dsum + c0, ds[j], j, last_lanes);
-      store(m2 + c0, d2[j], j, last_lanes);
-    }
-  }
-};
-
-// The backward reduction over one chunk's valid rows [first, last), for the
-// same blocks of channels: s1[c] += sum dy, s2[c] += sum dy * (x - mean),
-// accumulated in registers and added to the thread's sums once.
-template <typename scalar_t, int NV>
-struct ChunkGradColumns : ChunkColumns<scalar_t, NV> {
-  using Base = ChunkColumns<scalar_t, NV>;
-  using typename Base::fVec;
-  using typename Base::opmath_t;
-  using Base::V;
-
-  static void sums(
-      const scalar_t* dy, const scalar_t* x, const MaskByte* pad, int64_t first, int64_t last, int64_t C,
-      int64_t c0, int64_t last_lanes, const opmath_t* mean, opmath_t* s1, opmath_t* s2) {
-    fVec m[NV], a1[NV], a2[NV];
-    for (int j = 0; j < NV; ++j) {
-      const int64_t w = j + 1 < NV ? V : last_lanes;
-      m[j] = fVec::loadu(mean + c0 + j * V, w);
-      a1[j] = fVec::loadu(s1 + c0 + j * V, w);
-      a2[j] = fVec::loadu(s2 + c0 + j * V, w);
-    }
+      in_partial = 0;
+    };
     for (int64_t r = first; r < last; ++r) {
       if (pad && pad[r] != 0) continue;
-      for (int j = 0; j < NV; ++j) {
-        // Scalar math: s1 += dy; s2 += dy * (x - mean)   (tail lanes: 0 * (0 - 0))
-        const fVec d = Base::load(dy + r * C + c0, j, last_lanes);
-        a1[j] += d;
-        a2[j] = at::vec::fmadd(d, Base::load(x + r * C + c0, j, last_lanes) - m[j], a2[j]);
-      }
+      rows[grouped++] = r;
+      if (grouped < kGroupRows) continue;
+      add_rows(std::integral_constant<int, kGroupRows>{}, 0);
+      grouped = 0;
+      if (in_partial >= kFloatSumRows) flush();
     }
-    for (int j = 0; j < NV; ++j) {
-      Base::store(s1 + c0, a1[j], j, last_lanes);
-      Base::store(s2 + c0, a2[j], j, last_lanes);
+    int64_t from = 0;  // the last rows: 4, 2 and 1 at a time
+    if (grouped - from >= 4) add_rows(std::integral_constant<int, 4>{}, from), from += 4;
+    if (grouped - from >= 2) add_rows(std::integral_constant<int, 2>{}, from), from += 2;
+    if (grouped - from >= 1) add_rows(std::integral_constant<int, 1>{}, from);
+    flush();
+  });
+  std::fill(sum1, sum1 + C, MergeT(0));
+  std::fill(sum2, sum2 + C, MergeT(0));
+  for (int64_t t = 0; t < total.threads(); ++t) {  // in order: the same result for a given thread count
+    for (int64_t c = 0; c < C; ++c) {
+      sum1[c] += total.of_thread(t, 0)[c];
+      sum2[c] += total.of_thread(t, 1)[c];
     }
   }
-};
-
-// Runs block(std::integral_constant<int, NV>, c0, last_lanes) over the C
-// channels in blocks of 4, 2 and 1 vectors (independent accumulators, more
-// in flight), the last one partial.
-template <int64_t V, typename Block>
-C10_ALWAYS_INLINE void column_blocks(int64_t C, const Block& block) {
-  int64_t c = 0;
-  for (; c + 4 * V <= C; c += 4 * V) block(std::integral_constant<int, 4>{}, c, V);
-  for (; c + 2 * V <= C; c += 2 * V) block(std::integral_constant<int, 2>{}, c, V);
-  for (; c < C; c += V) block(std::integral_constant<int, 1>{}, c, std::min(V, C - c));
 }
 
-// Per-channel moments of rows of C channels. Rows are taken in chunks small
-// enough to stay in L2: a corrected two-pass over each chunk, vectorized over
-// channels in the accumulation type (the chunk's mean, then the deviations
-// from it and their squares: M2 = sum d^2 - (sum d)^2 / k, so the first
-// pass's rounding leaves no bias), merged into the thread's running moments
-// in MergeT with Chan's formula. Far fewer operations per element than a
-// per-row Welford update, and as accurate as the float mean allows on data
-// with a large offset. (Half
-// types convert in both passes: a float copy of the chunk for the second
-// pass costs more traffic than it saves conversions.)
+// The terms of moments_channels_last: d = x - shift and d^2.
+template <typename scalar_t>
+struct ShiftedTerms {
+  using IO = VecIO<scalar_t>;
+  using fVec = typename IO::fVec;
+  const scalar_t* x;
+  int64_t C;
+  const typename IO::opmath_t* shift;
+
+  C10_ALWAYS_INLINE fVec coefficients(int64_t c, int64_t w) const { return fVec::loadu(shift + c, w); }
+  C10_ALWAYS_INLINE void add(int64_t r, int64_t c, int64_t w, const fVec& s, fVec& ds, fVec& d2) const {
+    // Scalar math: d = x - shift; ds += d; d2 += d * d   (tail lanes: 0 - 0)
+    const fVec d = IO::load(x + r * C + c, w) - s;
+    ds += d;
+    d2 = at::vec::fmadd(d, d, d2);
+  }
+};
+
+// Per-channel moments of rows of C channels, in one pass of sums of
+// d = x - shift (channel_row_sums): M2 = sum d^2 - (sum d)^2 / k, with the
+// shift the mean of the first kFloatSumRows rows from the first valid one,
+// so the subtraction cancels little and data with a large offset keeps its
+// variance. Where the shift is far out in the spread (more than 3 bits
+// would cancel, as visited_moments' estimate), a second pass from the mean
+// the first gives: the corrected two-pass algorithm.
 // (out_t: the accumulation type, or MergeT for callers that merge the
 // channels' moments further, as group norm does.)
 template <typename scalar_t, typename out_t = at::opmath_type<scalar_t>>
 void moments_channels_last(
     const scalar_t* x, const MaskByte* pad, int64_t rows, int64_t C, out_t* mean_out, out_t* m2_out) {
-  using IO = VecIO<scalar_t>;
-  using opmath_t = typename IO::opmath_t;
-  using fVec = typename IO::fVec;
-  constexpr int64_t V = IO::size();
-  if (C == 0) return;  // nothing to compute (and no chunk size: it divides by C)
-  // Chunks of at most 64 rows: float sums of at most 64 terms (their rounding
-  // error grows with the count), merged in MergeT; and small enough to stay in L2.
-  const int64_t chunk_rows = std::clamp<int64_t>((256 * 1024) / (C * int64_t(sizeof(scalar_t))), 1, 64);
-  // Per thread: the current chunk's mean, sum of deviations and of their squares;
-  // the thread's running mean and M2 (MergeT).
-  PerThreadBuffers<opmath_t> chunk(C, 3);
-  PerThreadBuffers<MergeT> running(C, 2);
-  std::vector<int64_t> seen(chunk.threads(), 0);
-  at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
-    opmath_t* chunk_mean = chunk.local(0);
-    opmath_t* chunk_dsum = chunk.local(1);
-    opmath_t* chunk_m2 = chunk.local(2);
-    MergeT* mean = running.local(0);
-    MergeT* m2 = running.local(1);
-    int64_t& n = seen[at::get_thread_num()];
-    for (int64_t first = begin; first < end; first += chunk_rows) {
-      const int64_t last = std::min(end, first + chunk_rows);
-      const int64_t k = pad ? count_valid(pad + first, last - first) : last - first;
-      if (k == 0) continue;
-      column_blocks<V>(C, [&](auto nv, int64_t c0, int64_t lanes) {
-        ChunkColumns<scalar_t, decltype(nv)::value>::sums(x, pad, first, last, C, c0, lanes, chunk_mean);
-      });
-      const fVec inv_k(opmath_t(1) / opmath_t(k));
-      vec_loop<V>(C, [&](int64_t c, int64_t w) { (fVec::loadu(chunk_mean + c, w) * inv_k).store(chunk_mean + c, w); });
-      column_blocks<V>(C, [&](auto nv, int64_t c0, int64_t lanes) {
-        ChunkColumns<scalar_t, decltype(nv)::value>::deviations(
-            x, pad, first, last, C, c0, lanes, chunk_mean, chunk_dsum, chunk_m2);
-      });
-      // Scalar math (MergeT): the chunk's corrected moments
-      //   cm = chunk_mean + dsum / k; cm2 = chunk_m2 - dsum^2 / k
-      // merged into the thread's (chan_merge, f = k / (n + k))
-      const MergeT kd = MergeT(k), f = kd / MergeT(n + k), nf = MergeT(n) * f;
-      for (int64_t c = 0; c < C; ++c) {
-        const MergeT ds = chunk_dsum[c];
-        const MergeT cm = MergeT(chunk_mean[c]) + ds / kd;
-        const MergeT cm2 = std::max(MergeT(chunk_m2[c]) - ds * ds / kd, MergeT(0));
-        chan_merge(mean[c], m2[c], cm, cm2, f, nf);
-      }
-      n += k;
-    }
-  });
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (C == 0) return;
+  const int64_t count = count_valid(pad, rows);
+  if (count == 0) {
+    std::fill(mean_out, mean_out + C, out_t(0));
+    std::fill(m2_out, m2_out + C, out_t(0));
+    return;
+  }
+  int64_t first = 0;
+  while (pad && pad[first] != 0) ++first;
+  const int64_t first_end = std::min(rows, first + kFloatSumRows);
+  std::vector<opmath_t> shift(static_cast<size_t>(C), opmath_t(0));
+  std::vector<MergeT> ds(static_cast<size_t>(C)), d2(static_cast<size_t>(C));
+  channel_row_sums<scalar_t>(pad, first, first_end, C, ShiftedTerms<scalar_t>{x, C, shift.data()}, ds.data(), d2.data());
+  const MergeT first_count = MergeT(count_valid(pad ? pad + first : nullptr, first_end - first));
+  for (int64_t c = 0; c < C; ++c) shift[c] = opmath_t(ds[c] / first_count);
+  const MergeT k = MergeT(count);
+  for (int pass = 0; pass < 2; ++pass) {
+    channel_row_sums<scalar_t>(pad, 0, rows, C, ShiftedTerms<scalar_t>{x, C, shift.data()}, ds.data(), d2.data());
+    bool shift_holds = true;
+    for (int64_t c = 0; c < C; ++c) shift_holds = shift_holds && ds[c] * ds[c] / k <= MergeT(0.875) * d2[c];
+    if (shift_holds || pass == 1) break;
+    for (int64_t c = 0; c < C; ++c) shift[c] = opmath_t(MergeT(shift[c]) + ds[c] / k);
+  }
   for (int64_t c = 0; c < C; ++c) {
-    Moments<MergeT> acc;  // threads in order: the same result for a given thread count
-    for (int64_t t = 0; t < chunk.threads(); ++t) {
-      acc.merge({seen[t], running.of_thread(t, 0)[c], running.of_thread(t, 1)[c]});
-    }
-    mean_out[c] = out_t(acc.mean);
-    m2_out[c] = out_t(acc.m2);
+    mean_out[c] = out_t(MergeT(shift[c]) + ds[c] / k);
+    m2_out[c] = out_t(std::max(d2[c] - ds[c] * ds[c] / k, MergeT(0)));
   }
 }
 
@@ -433,6 +390,24 @@ C10_ALWAYS_INLINE void plane_segment_grad_sums(
   });
 }
 
+// The terms of the channels-last gradient sums: dy and dy * (x - mean).
+template <typename scalar_t>
+struct GradTerms {
+  using IO = VecIO<scalar_t>;
+  using fVec = typename IO::fVec;
+  const scalar_t *dy, *x;
+  int64_t C;
+  const typename IO::opmath_t* mean;
+
+  C10_ALWAYS_INLINE fVec coefficients(int64_t c, int64_t w) const { return fVec::loadu(mean + c, w); }
+  C10_ALWAYS_INLINE void add(int64_t r, int64_t c, int64_t w, const fVec& m, fVec& s1, fVec& s2) const {
+    // Scalar math: s1 += dy; s2 += dy * (x - mean)   (tail lanes: 0 * (0 - 0))
+    const fVec d = IO::load(dy + r * C + c, w);
+    s1 += d;
+    s2 = at::vec::fmadd(d, IO::load(x + r * C + c, w) - m, s2);
+  }
+};
+
 // Per channel over valid positions: sum(dy) and sum(dy * (x - mean)).
 template <typename scalar_t>
 void grad_sums(
@@ -442,25 +417,14 @@ void grad_sums(
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using fVec = typename IO::fVec;
-  constexpr int64_t V = IO::size();
   const int64_t C = g.C;
   if (g.channels_last) {
-    // Chunks of rows whose dy and x stay in L2 while the blocks of channels
-    // go through them (as moments_channels_last).
-    const int64_t chunk_rows = std::clamp<int64_t>((128 * 1024) / std::max<int64_t>(1, C * int64_t(sizeof(scalar_t))), 1, 64);
-    PerThreadBuffers<opmath_t> partial(C, 2);
-    at::parallel_for(0, g.positions(), row_grain(C), [&](int64_t begin, int64_t end) {
-      opmath_t* s1 = partial.local(0);
-      opmath_t* s2 = partial.local(1);
-      for (int64_t first = begin; first < end; first += chunk_rows) {
-        const int64_t last = std::min(end, first + chunk_rows);
-        column_blocks<V>(C, [&](auto nv, int64_t c0, int64_t lanes) {
-          ChunkGradColumns<scalar_t, decltype(nv)::value>::sums(dy, x, pad, first, last, C, c0, lanes, mean, s1, s2);
-        });
-      }
-    });
-    partial.sum_into(sum_dy, 0);
-    partial.sum_into(sum_dy_xmu, 1);
+    std::vector<MergeT> s1(static_cast<size_t>(C)), s2(static_cast<size_t>(C));
+    channel_row_sums<scalar_t>(pad, 0, g.positions(), C, GradTerms<scalar_t>{dy, x, C, mean}, s1.data(), s2.data());
+    for (int64_t c = 0; c < C; ++c) {
+      sum_dy[c] = opmath_t(s1[c]);
+      sum_dy_xmu[c] = opmath_t(s2[c]);
+    }
     return;
   }
   // Channels first: one set of vector sums per part (PlaneChunks), added per
