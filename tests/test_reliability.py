@@ -262,7 +262,6 @@ def test_statistics_exact_at_every_thread_count(n, layout, threads):
     torch.testing.assert_close(m2.double(), ((packed - packed.mean(0)) ** 2).sum(0), rtol=1e-6, atol=0)
 
 
-
 @pytest.mark.parametrize("layout", ["NC", "NLC"])
 @pytest.mark.parametrize("n", [1, 2])
 def test_statistics_when_the_first_rows_are_off(n, layout, threads):
