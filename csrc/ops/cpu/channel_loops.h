@@ -115,9 +115,9 @@ struct ShiftedTerms {
 // d = x - shift (channel_row_sums): M2 = sum d^2 - (sum d)^2 / k, with the
 // shift the mean of the first kFloatSumRows rows from the first valid one,
 // so the subtraction cancels little and data with a large offset keeps its
-// variance. Where the shift is far out in the spread (more than 3 bits
-// would cancel, as visited_moments' estimate), a second pass from the mean
-// the first gives: the corrected two-pass algorithm.
+// variance. Where the shift is far out in the spread (shift_near_mean, as
+// visited_moments' estimate), a second pass from the mean the first gives:
+// the corrected two-pass algorithm.
 // (out_t: the accumulation type, or MergeT for callers that merge the
 // channels' moments further, as group norm does.)
 template <typename scalar_t, typename out_t = at::opmath_type<scalar_t>>
@@ -143,7 +143,7 @@ void moments_channels_last(
   for (int pass = 0; pass < 2; ++pass) {
     channel_row_sums<scalar_t>(pad, 0, rows, C, ShiftedTerms<scalar_t>{x, C, shift.data()}, ds.data(), d2.data());
     bool shift_holds = true;
-    for (int64_t c = 0; c < C; ++c) shift_holds = shift_holds && ds[c] * ds[c] / k <= MergeT(0.875) * d2[c];
+    for (int64_t c = 0; c < C; ++c) shift_holds = shift_holds && shift_near_mean(ds[c], d2[c], k);
     if (shift_holds || pass == 1) break;
     for (int64_t c = 0; c < C; ++c) shift[c] = opmath_t(MergeT(shift[c]) + ds[c] / k);
   }

@@ -310,6 +310,11 @@ class ShiftedSums {
   fVec ds0_ = fVec(0), ds1_ = fVec(0), d20_ = fVec(0), d21_ = fVec(0);
 };
 
+// Whether sums of d = x - shift over k values (ds = sum d, d2 = sum d^2)
+// came from a shift near enough to their mean: M2 = d2 - ds^2 / k then
+// multiplies the squares' relative rounding error by at most 8 (3 bits).
+inline bool shift_near_mean(MergeT ds, MergeT d2, MergeT k) { return ds * ds / k <= MergeT(0.875) * d2; }
+
 // Moments of the `count` valid elements of the spans that visit(add) adds
 // (add(x, keep, len, room), as ShiftedSums::add), visited once or, for the
 // second pass, three times. M2 = sum(d^2) - sum(d)^2 / count, with d = x -
@@ -331,11 +336,10 @@ Moments<MergeT> visited_moments(int64_t count, const Visit& visit) {
     ds = sums.sum();
     d2 = sums.sum_of_squares();
   }
-  // Cancellation multiplies the squares' relative rounding error: at most
-  // 8x, and only where they are normal floats (subnormal squares round to
-  // an absolute, not relative, step).
+  // The bound on cancellation holds only where the squares are normal
+  // floats (subnormal squares round to an absolute, not relative, step).
   const bool estimate_holds =
-      ds * ds / k <= MergeT(0.875) * d2 && d2 >= k * MergeT(std::numeric_limits<opmath_t>::min());
+      shift_near_mean(ds, d2, k) && d2 >= k * MergeT(std::numeric_limits<opmath_t>::min());
   if (kShift == RowShift::kMean || !estimate_holds) {
     ShiftedSums<scalar_t, false> total(0);
     visit([&](const scalar_t* x, const opmath_t* keep, int64_t len, int64_t room) { total.add(x, keep, len, room); });
