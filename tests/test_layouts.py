@@ -85,6 +85,26 @@ def test_batch_norm_2d_without_mask_is_torch():
     assert_close(m.running_var, r.running_var)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5), (0, 3, 2, 4, 5)])
+@pytest.mark.parametrize("mask_dims", ["none", "all", "time"])
+@pytest.mark.parametrize("module", ["spatial", "sync"])
+def test_batch_norm_nd_of_an_empty_batch(shape, mask_dims, module):
+    """N = 0, as torch's BatchNorm2d/3d take it: an empty output and input
+    gradient, the running statistics left alone."""
+    spatial = shape[2:]
+    mask = {"none": None, "all": torch.zeros((0, *spatial), dtype=torch.bool),
+            "time": torch.zeros(0, spatial[-1], dtype=torch.bool)}[mask_dims]
+    if module == "sync":  # no process group: the module normalizes this process's batch
+        m = masknorm.MaskedSyncBatchNorm(3)
+    else:
+        m = masknorm.MaskedBatchNorm2d(3) if len(shape) == 4 else masknorm.MaskedBatchNorm3d(3)
+    x = torch.randn(shape, requires_grad=True)
+    out = m(x, mask)
+    out.sum().backward()
+    assert out.shape == x.grad.shape == shape
+    assert torch.equal(m.running_mean, torch.zeros(3)) and torch.equal(m.running_var, torch.ones(3))
+
+
 def test_batch_norm_nd_mask_of_wrong_shape_names_both():
     m = masknorm.MaskedBatchNorm2d(3)
     with pytest.raises(RuntimeError, match=r"padding_mask of shape.*\(2, 4, 5\).*got \(2, 4\)"):

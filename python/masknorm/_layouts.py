@@ -17,6 +17,7 @@ Neighbours: functional.py (the callers), _ops.py (the ops' fake kernels).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -48,7 +49,7 @@ def _spatial_mask(mask: Optional[Tensor], N: int, spatial: torch.Size, what: str
             f"trailing spatial dims only (e.g. {(N, spatial[-1])}) for {what} input, but got {tuple(mask.shape)}"
         )
     view = (N,) + (1,) * (len(spatial) - k) + tuple(mask.shape[1:])
-    return mask.reshape(view).expand((N, *spatial)).reshape(N, -1)
+    return mask.reshape(view).expand((N, *spatial)).reshape(N, math.prod(spatial))
 
 
 def flatten_spatial(input: Tensor, padding_mask: Optional[Tensor], channels_last: bool, fn: str) -> OpLayout:
@@ -61,7 +62,7 @@ def flatten_spatial(input: Tensor, padding_mask: Optional[Tensor], channels_last
     if channels_last:
         spatial = shape[1:-1]
         mask = _spatial_mask(padding_mask, N, spatial, "(N, *spatial, C)", fn)
-        return OpLayout(input.reshape(N, -1, shape[-1]), mask, True, lambda out: out.view(shape))
+        return OpLayout(input.reshape(N, math.prod(spatial), shape[-1]), mask, True, lambda out: out.view(shape))
     spatial = shape[2:]
     mask = _spatial_mask(padding_mask, N, spatial, "(N, C, *spatial)", fn)
     memory_format = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
@@ -70,9 +71,11 @@ def flatten_spatial(input: Tensor, padding_mask: Optional[Tensor], channels_last
         moved = input.movedim(1, -1)
         moved_shape = moved.shape
         return OpLayout(
-            moved.reshape(N, -1, shape[1]), mask, True, lambda out: out.view(moved_shape).movedim(-1, 1)
+            moved.reshape(N, math.prod(spatial), shape[1]), mask, True,
+            lambda out: out.view(moved_shape).movedim(-1, 1),
         )
-    return OpLayout(input.reshape(N, shape[1], -1), mask, False, lambda out: out.view(shape))
+    # explicit sizes, not -1: an empty batch (N = 0) has no size to infer
+    return OpLayout(input.reshape(N, shape[1], math.prod(spatial)), mask, False, lambda out: out.view(shape))
 
 
 # ------------------------------------------------------------------- jagged
