@@ -349,8 +349,8 @@ def test_convert_model_converts_group_and_instance_norm():
     assert model[1].num_groups == 2 and model[2].affine and not model[2].track_running_stats
     kept = masknorm.convert_model(nn.Sequential(nn.GroupNorm(2, 8)), group_norm=False)
     assert type(kept[0]) is nn.GroupNorm
-    # conversion to synchronized batch norm touches 1-D batch norms only
+    # conversion to synchronized batch norm touches batch norms only
     synced = masknorm.MaskedSyncBatchNorm.convert_sync_batchnorm(
         nn.Sequential(nn.BatchNorm1d(8), nn.GroupNorm(2, 8), nn.InstanceNorm1d(8), nn.BatchNorm2d(8)))
     assert [type(m) for m in synced] == [masknorm.MaskedSyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
-                                         nn.BatchNorm2d]
+                                         masknorm.MaskedSyncBatchNorm]

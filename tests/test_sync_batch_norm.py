@@ -150,6 +150,37 @@ def _packed(x: torch.Tensor, mask: torch.Tensor, channels_last: bool) -> torch.T
     return x[~mask]
 
 
+# A rank's batch of 4-D or 5-D input: (N, spatial); its mask covers every
+# spatial dim ("all") or only the last ("time"; random lengths).
+SpatialSpec = Tuple[int, Tuple[int, ...]]
+
+
+def _spatial_batch(seed: int, rank: int, spec: SpatialSpec, C: int, mask_dims: str):
+    """(input (N, C, *spatial), padding_mask, grad_output), NaN at padding."""
+    N, spatial = spec
+    g = torch.Generator().manual_seed(1000 * seed + rank)
+    shape = (N, C, *spatial)
+    offset = torch.linspace(-3, 5, C, dtype=F64).view(1, C, *([1] * len(spatial)))
+    x = torch.randn(shape, generator=g, dtype=F64) * 2 + offset + rank
+    grad = torch.randn(shape, generator=g, dtype=F64)
+    T = spatial[-1]
+    if mask_dims == "time":
+        mask = torch.arange(T).view(1, T) >= torch.randint(1, T + 1, (N, 1), generator=g)
+        full = mask.view(N, *([1] * (len(spatial) - 1)), T).expand(N, *spatial)
+    else:
+        mask = full = torch.rand((N, *spatial), generator=g) < 0.3
+    x = x.masked_fill(full.unsqueeze(1), float("nan"))
+    grad = grad.masked_fill(full.unsqueeze(1), float("nan"))
+    return x, mask, grad
+
+
+def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """(N, C, *spatial) as a rank passes it: contiguous, in channels-last memory, or (N, *spatial, C)."""
+    if layout == "memory_format":
+        return t.to(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    return t.movedim(1, -1).contiguous() if layout == "channels_last" else t
+
+
 # --------------------------------------------------------------------------
 # worker processes
 # --------------------------------------------------------------------------
@@ -211,6 +242,35 @@ def train(ctx: _Ctx, C: int, plan: List[List[Spec]], seed: int = 0, group: Any =
 
 
 @_scenario
+def train_spatial(ctx: _Ctx, C: int, plan: List[List[SpatialSpec]], layout: str, mask_dims: str,
+                  seed: int = 0) -> Dict[str, Any]:
+    """Training steps of a MaskedSyncBatchNorm on 4-D/5-D input in ``layout``; outputs and
+    input gradients returned as (N, C, *spatial). Then an in-place ReLU on its output."""
+    bn = masknorm.MaskedSyncBatchNorm(C, channels_last=layout == "channels_last", dtype=F64)
+    _init_params(bn, seed)
+    out: Dict[str, Any] = {"y": [], "dx": [], "dw": [], "db": [], "strides_kept": []}
+    for step, specs in enumerate(plan):
+        x, m, g = _spatial_batch(seed + step, ctx.rank, specs[ctx.rank], C, mask_dims)
+        xin = _in_layout(x, layout).requires_grad_()
+        y = bn(xin, m)
+        y.backward(_in_layout(g, layout))
+        memory = torch.contiguous_format if layout != "memory_format" else (
+            torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        out["strides_kept"].append(y.is_contiguous(memory_format=memory) or y.numel() == 0)  # empty: any format
+        back = (lambda t: t.movedim(-1, 1)) if layout == "channels_last" else (lambda t: t)
+        out["y"].append(back(y.detach())), out["dx"].append(back(xin.grad))
+        out["dw"].append(bn.weight.grad.clone()), out["db"].append(bn.bias.grad.clone())
+        bn.zero_grad()
+    out["buffers"] = {k: v.clone() for k, v in bn.named_buffers()}
+    # an in-place op on the output (ReLU(inplace=True) after the norm, as conv nets have it)
+    x, m, _ = _spatial_batch(seed, ctx.rank, plan[0][ctx.rank], C, mask_dims)
+    xin = _in_layout(x, layout).requires_grad_()
+    torch.relu_(bn(xin, m)).sum().backward()
+    out["relu_grad_finite"] = bool(xin.grad.isfinite().all())
+    return out
+
+
+@_scenario
 def failing_forward(ctx: _Ctx, C: int, plan: List[List[Spec]], mismatch: str = "", seed: int = 0,
                     **kw) -> Dict[str, Any]:
     """A forward that must raise on every rank; then a good step, to show the ranks are still in step.
@@ -224,6 +284,10 @@ def failing_forward(ctx: _Ctx, C: int, plan: List[List[Spec]], mismatch: str = "
         m = torch.zeros(m.shape[0] + 1, *m.shape[1:], dtype=torch.bool)
     if mismatch == "channels" and ctx.rank == 1:
         x = x.narrow(1 if x.dim() == 2 or not cl else 2, 0, C - 1)
+    if mismatch == "spatial_mask":  # (N, C, 1, L) input; rank 1's time mask one position too long
+        x = x.unsqueeze(2)
+        if ctx.rank == 1:
+            m = torch.zeros(m.shape[0], m.shape[1] + 1, dtype=torch.bool)
     out: Dict[str, Any] = {"buffers_before": {k: v.clone() for k, v in bn.named_buffers()}, "hung": False}
     dist.barrier()
     start = time.monotonic()
@@ -313,6 +377,51 @@ def ddp_training(ctx: _Ctx, c_in: int, C: int, plan: List[List[Spec]], lr: float
     for step, specs in enumerate(plan):
         x, m, target = _batch(step, ctx.rank, specs[ctx.rank], c_in, False, fill=0.0)
         loss = (ddp(x, m) * target[:, :2]).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return {"losses": losses, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+class ConvNet2d(nn.Module):
+    """Conv2d -> BatchNorm2d (masked over time) -> ReLU(inplace) -> Conv2d, on (N, C, F, T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.head(self.relu(self.norm(self.conv(x), padding_mask=padding_mask)))
+
+
+def _convnet_2d() -> ConvNet2d:
+    torch.manual_seed(5)
+    return ConvNet2d().to(F64)
+
+
+def _conv_2d_batch(seed: int, rank: int, N: int):
+    """(input (N, 2, 3, 6), time mask (N, 6), target (N, 2, 3, 6)), zeros at padding."""
+    g = torch.Generator().manual_seed(100 * seed + rank)
+    mask = torch.arange(6).view(1, 6) >= torch.randint(1, 7, (N, 1), generator=g)
+    x = (torch.randn(N, 2, 3, 6, generator=g, dtype=F64) + rank).masked_fill(mask.view(N, 1, 1, 6), 0.0)
+    return x, mask, torch.randn(N, 2, 3, 6, generator=g, dtype=F64)
+
+
+@_scenario
+def ddp_training_2d(ctx: _Ctx, sizes: List[List[int]], lr: float) -> Dict[str, Any]:
+    """SGD steps of DistributedDataParallel(convert_model(ConvNet2d, sync_batch_norm=True))."""
+    model = masknorm.convert_model(_convnet_2d(), sync_batch_norm=True)
+    assert type(model.norm) is masknorm.MaskedSyncBatchNorm
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=lr)
+    losses = []
+    for step, per_rank in enumerate(sizes):
+        x, m, target = _conv_2d_batch(step, ctx.rank, per_rank[ctx.rank])
+        loss = (ddp(x, m) * target).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -523,6 +632,78 @@ def test_uneven_ranks_match_the_concatenated_batch(pools, layout):
     _close(got, expected.detach())
 
 
+@MULTIPROCESS
+@pytest.mark.parametrize("layout,mask_dims,dims", [
+    ("contiguous", "all", 2), ("contiguous", "time", 2), ("memory_format", "time", 2), ("channels_last", "all", 2),
+    ("contiguous", "time", 3), ("memory_format", "all", 3),
+])
+def test_spatial_input_matches_masked_batch_norm_2d_3d_on_the_concatenated_batch(pools, layout, mask_dims, dims):
+    """(N, C, H, W) and (N, C, D, H, W) input, in either memory format or as (N, *spatial, C), with
+    masks over all or the trailing spatial dims, each rank with its own batch size and last spatial
+    size (its time axis): every rank's output and input gradient, the summed parameter gradients and
+    the running statistics are MaskedBatchNorm2d/3d's on the concatenated batch, padded along that
+    axis (MaskedBatchNorm2d/3d are checked against torch's in test_layouts.py); the output keeps
+    the input's memory format, and an in-place op on it works."""
+    C, lead = 5, ((4,) if dims == 2 else (2, 3))
+    plan = [[(3, (*lead, 6)), (2, (*lead, 4))], [(1, (*lead, 5)), (0, (*lead, 5))],
+            [(2, (*lead, 3)), (4, (*lead, 6))]]
+    results = pools(2).run("train_spatial", C=C, plan=plan, layout=layout, mask_dims=mask_dims)
+    ref = (masknorm.MaskedBatchNorm2d if dims == 2 else masknorm.MaskedBatchNorm3d)(C, dtype=F64)
+    _init_params(ref, 0)
+    for step, specs in enumerate(plan):
+        T = max(spec[1][-1] for spec in specs)
+        parts = []
+        for r in range(2):  # padded to T: NaN in x and dy, True in the mask
+            x, m, g = _spatial_batch(step, r, specs[r], C, mask_dims)
+            extra = T - x.shape[-1]
+            parts.append((torch.nn.functional.pad(x, (0, extra), value=float("nan")),
+                          torch.nn.functional.pad(m, (0, extra), value=True),
+                          torch.nn.functional.pad(g, (0, extra), value=float("nan"))))
+        x = torch.cat([p[0] for p in parts]).requires_grad_()
+        y = ref(x, torch.cat([p[1] for p in parts]))
+        y.backward(torch.cat([p[2] for p in parts]))
+        for r in range(2):
+            rows = slice(sum(s[0] for s in specs[:r]), sum(s[0] for s in specs[:r + 1]))
+            T_r = specs[r][1][-1]
+            for key, expected in (("y", y.detach()[rows, ..., :T_r]), ("dx", x.grad[rows, ..., :T_r])):
+                got = results[r][key][step]
+                assert not got.isnan().any(), (r, key, step)
+                _close(got, expected, msg=lambda m: f"rank {r} {key} step {step}: {m}")
+            assert results[r]["strides_kept"][step]
+        _close(sum(res["dw"][step] for res in results), ref.weight.grad)
+        _close(sum(res["db"][step] for res in results), ref.bias.grad)
+        ref.zero_grad()
+    for res in results:
+        for name, value in ref.named_buffers():
+            _close(res["buffers"][name], value, msg=lambda m: f"{name}: {m}")
+        assert res["relu_grad_finite"]
+
+
+@MULTIPROCESS
+def test_ddp_training_of_a_conv_net_with_batch_norm_2d(pools):
+    """A Conv2d -> BatchNorm2d -> ReLU(inplace) model, convert_model(sync_batch_norm=True) and
+    DistributedDataParallel on 2 ranks, time-masked (N, C, F, T) batches: three SGD steps give
+    the parameters, running statistics and losses of one process training MaskedBatchNorm2d on
+    the concatenated batches (loss / 2: DDP averages the ranks' gradients)."""
+    sizes, lr = [[3, 2], [1, 4], [2, 0]], 0.05
+    results = pools(2).run("ddp_training_2d", sizes=sizes, lr=lr)
+    model = masknorm.convert_model(_convnet_2d())
+    assert type(model.norm) is masknorm.MaskedBatchNorm2d
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for step, per_rank in enumerate(sizes):
+        parts = [_conv_2d_batch(step, r, n) for r, n in enumerate(per_rank)]
+        x, m, target = (torch.cat([p[i] for p in parts]) for i in range(3))
+        loss = (model(x, m) * target).sum()
+        opt.zero_grad()
+        (loss / 2).backward()
+        opt.step()
+        _close(results[0]["losses"][step] + results[1]["losses"][step], loss.detach())
+    for r in range(2):
+        assert results[r]["state"].keys() == model.state_dict().keys()
+        for name, value in model.state_dict().items():
+            _close(results[r]["state"][name], value, msg=lambda m: f"rank {r} {name}: {m}")
+
+
 def _mask_of(rank: int, spec: Spec, C: int, channels_last: bool, seed: int = 0) -> torch.Tensor:
     x, m, _ = _batch(seed, rank, spec, C, channels_last)
     return _mask_or_false(x, m, spec)
@@ -706,12 +887,14 @@ def test_num_features_mismatch_raises_on_every_rank(pools):
 
 
 @MULTIPROCESS
-@pytest.mark.parametrize("mismatch", ["mask", "channels"])
+@pytest.mark.parametrize("mismatch", ["mask", "channels", "spatial_mask"])
 def test_a_bad_input_on_one_rank_raises_on_every_rank(pools, mismatch):
-    """Rank 1's input is wrong: it raises its own error, the others a RuntimeError naming it, no hang."""
+    """Rank 1's input is wrong: it raises its own error, the others a RuntimeError naming it, no hang
+    (spatial_mask: 4-D input, whose mask is checked before the op, while flattening it)."""
     pool = pools(3)
     results = pool.run("failing_forward", C=4, plan=[[(3, 5, "lengths")] * 3], mismatch=mismatch)
-    own = ("RuntimeError", "padding_mask") if mismatch == "mask" else ("ValueError", "expected input with 4 channels")
+    own = {"mask": ("RuntimeError", "padding_mask"), "channels": ("ValueError", "expected input with 4 channels"),
+           "spatial_mask": ("RuntimeError", "expected padding_mask of shape (N, *spatial) = (3, 1, 5)")}[mismatch]
     _check_errors(results, lambda r: own if r == 1 else ("RuntimeError", "failed on rank(s) [1]"), pool)
 
 
@@ -831,10 +1014,10 @@ def test_module_signature_and_repr():
 
 
 def test_convert_sync_batchnorm_keeps_state():
-    """nn.BatchNorm1d, nn.SyncBatchNorm, MaskedBatchNorm1d (channels_last kept) and
-    MaskedSyncBatchNorm become MaskedSyncBatchNorm on the given group with the same
-    Parameter and buffer objects and mode; other norms and subclasses with their
-    own forward stay."""
+    """nn.BatchNorm1d, nn.SyncBatchNorm, MaskedBatchNorm1d (channels_last kept),
+    MaskedSyncBatchNorm and nn.BatchNorm2d become MaskedSyncBatchNorm on the given
+    group with the same Parameter and buffer objects and mode; other norms and
+    subclasses with their own forward stay."""
 
     class Custom(nn.BatchNorm1d):
         def forward(self, input):  # noqa: D401
@@ -851,7 +1034,7 @@ def test_convert_sync_batchnorm_keeps_state():
     group = object()  # any value: conversion only stores it
     converted = masknorm.MaskedSyncBatchNorm.convert_sync_batchnorm(model, group)
     assert converted is model
-    for i in (1, 2, 3, 4):
+    for i in (1, 2, 3, 4, 5):
         m = model[i]
         assert type(m) is masknorm.MaskedSyncBatchNorm and m.process_group is group, i
         params, buffers, training = before[i]
@@ -861,7 +1044,7 @@ def test_convert_sync_batchnorm_keeps_state():
         assert m.training == training
     assert model[1].momentum is None and model[2].eps == 1e-3 and model[2].bias is None and model[2].weight is not None
     assert model[3].channels_last and not model[1].channels_last and not model[4].affine
-    assert type(model[5]) is nn.BatchNorm2d and type(model[6]) is Custom and type(model[7]) is nn.LayerNorm
+    assert type(model[6]) is Custom and type(model[7]) is nn.LayerNorm and not model[5].channels_last
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
     single = masknorm.MaskedSyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(2))
     assert type(single) is masknorm.MaskedSyncBatchNorm and single.process_group is None
@@ -949,9 +1132,11 @@ def test_a_one_rank_group_does_not_communicate(one_rank_world, group):
 
 
 def test_convert_model_sync_batch_norm():
-    model = nn.Sequential(nn.BatchNorm1d(4), masknorm.MaskedBatchNorm1d(4), nn.LayerNorm(4), nn.SyncBatchNorm(4))
+    model = nn.Sequential(nn.BatchNorm1d(4), masknorm.MaskedBatchNorm1d(4), nn.LayerNorm(4), nn.SyncBatchNorm(4),
+                          nn.BatchNorm2d(4), masknorm.MaskedBatchNorm3d(4))
     masknorm.convert_model(model, sync_batch_norm=True, layer_norm=False)
     assert [type(m) for m in model] == [masknorm.MaskedSyncBatchNorm, masknorm.MaskedSyncBatchNorm, nn.LayerNorm,
+                                        masknorm.MaskedSyncBatchNorm, masknorm.MaskedSyncBatchNorm,
                                         masknorm.MaskedSyncBatchNorm]
     plain = masknorm.convert_model(nn.Sequential(nn.BatchNorm1d(4), nn.SyncBatchNorm(4)))
     assert [type(m) for m in plain] == [masknorm.MaskedBatchNorm1d, nn.SyncBatchNorm]

@@ -51,7 +51,7 @@ def _masked_counterpart(
     without_bias = {} if getattr(module, "bias", None) is not None or not getattr(module, "affine", True) else {
         "bias": False}
     for torch_bn, masked_bn in ((nn.BatchNorm2d, MaskedBatchNorm2d), (nn.BatchNorm3d, MaskedBatchNorm3d)):
-        if batch_norm and not sync and uses_forward_of(module, torch_bn):
+        if batch_norm and uses_forward_of(module, torch_bn):
             return masked_bn(
                 module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                 **without_bias,
@@ -103,11 +103,9 @@ def convert_model(
             :class:`MaskedInstanceNorm1d` (channels first, as before).
         sync_batch_norm: convert batch norms to :class:`MaskedSyncBatchNorm`
             (statistics shared by the ranks of ``process_group``) instead:
-            ``nn.BatchNorm1d``, ``nn.SyncBatchNorm`` and
-            :class:`MaskedBatchNorm1d`, as
-            :meth:`MaskedSyncBatchNorm.convert_sync_batchnorm` does; 2-D and
-            3-D batch norms are then left as they are. Needs
-            ``batch_norm=True``.
+            ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` and the masked
+            batch norms, as :meth:`MaskedSyncBatchNorm.convert_sync_batchnorm`
+            does. Needs ``batch_norm=True``.
         process_group: the group for ``sync_batch_norm`` (default: the world).
         convolutions: hook ``nn.Conv1d`` and ``nn.ConvTranspose1d`` for
             :func:`masknorm.padding` (a forward pre-hook that carries lengths

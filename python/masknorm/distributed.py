@@ -1,6 +1,8 @@
-"""MaskedSyncBatchNorm: MaskedBatchNorm1d with its batch statistics computed
+"""MaskedSyncBatchNorm: masked batch norm with its batch statistics computed
 over every rank of a process group (torch.distributed), as nn.SyncBatchNorm
-does for nn.BatchNorm1d, skipping padding.
+does for nn.BatchNorm1d/2d/3d, skipping padding. Input of higher rank is
+flattened to (N, C, L) or (N, L, C) first (_layouts.flatten_spatial, as the
+functional batch norm does), outside the autograd Function.
 
 Built from the batch-norm stage ops (csrc/ops/batch_norm.cpp), in the shape of
 torch's own SyncBatchNorm (torch/nn/modules/_functions.py):
@@ -26,10 +28,11 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from . import _layouts
 from . import padding_context as _padding
 from ._ops import _opmath_dtype
 from ._replace import replace_modules, uses_forward_of
-from .modules import MaskedBatchNorm1d
+from .modules import MaskedBatchNorm1d, MaskedBatchNorm2d, MaskedBatchNorm3d
 
 try:  # torch builds without distributed support have no ProcessGroup
     from torch.distributed import ProcessGroup
@@ -77,16 +80,20 @@ class _MaskedSyncBatchNormFunction(torch.autograd.Function):
         num_features: int,
         group: ProcessGroup,
         world_size: int,
+        input_error: Optional[Exception],
     ) -> Tensor:
         C = num_features
-        # Local statistics. An error here (bad input on this rank) must not
-        # leave the other ranks waiting in the all_gather: this rank sends a
-        # count of -1 instead, raises its own error after the exchange, and
-        # the others raise too (below).
+        # Local statistics. An error here (bad input on this rank), or one
+        # found before (`input_error`: flattening the input and its mask),
+        # must not leave the other ranks waiting in the all_gather: this rank
+        # sends a count of -1 instead, raises its own error after the
+        # exchange, and the others raise too (below).
         error: Optional[Exception] = None
         try:
+            if input_error is not None:
+                raise input_error
             if input.dim() not in (2, 3):
-                raise ValueError(f"{_NAME}: expected 2D or 3D input (got {input.dim()}D input)")
+                raise ValueError(f"{_NAME}: expected 2D or 3D input after flattening (got {input.dim()}D input)")
             channels = input.shape[-1] if channels_last and input.dim() == 3 else input.shape[1]
             if channels != C:
                 raise ValueError(
@@ -159,19 +166,23 @@ class _MaskedSyncBatchNormFunction(torch.autograd.Function):
                     grad_output, input, padding_mask, weight, mean, invstd, sum_dy, sum_dy_xhat, total,
                     ctx.channels_last,
                 )
-        return (grad_input, grad_weight, grad_bias) + (None,) * 10
+        return (grad_input, grad_weight, grad_bias) + (None,) * 11
 
 
 class MaskedSyncBatchNorm(MaskedBatchNorm1d):
-    """MaskedBatchNorm1d whose batch statistics cover every rank of a process
-    group: padding-aware ``nn.SyncBatchNorm`` for (N, C) and (N, C, L) input,
-    or (N, L, C) with ``channels_last=True``.
+    """Masked batch norm whose batch statistics cover every rank of a process
+    group: padding-aware ``nn.SyncBatchNorm`` for (N, C) and (N, C, *spatial)
+    input (in either memory format, as :class:`MaskedBatchNorm2d` and
+    :class:`MaskedBatchNorm3d` take it), or (N, *spatial, C) with
+    ``channels_last=True``.
 
     In training, every rank's outputs, input gradients and running statistics
-    are those of :class:`MaskedBatchNorm1d` applied to the concatenation of
-    every rank's batch (valid positions only; ranks may have different batch
-    sizes and lengths, all padding, or ``N = 0``). Weight and bias gradients
-    are each rank's share of that batch's gradients; DDP's gradient averaging
+    are those of :class:`MaskedBatchNorm1d` (:class:`MaskedBatchNorm2d`,
+    :class:`MaskedBatchNorm3d` for 4-D and 5-D input) applied to the
+    concatenation of every rank's batch (valid positions only; ranks may have
+    different batch sizes and lengths, all padding, or ``N = 0``; 4-D and 5-D
+    ranks share C and may differ in every spatial size). Weight and bias
+    gradients are each rank's share of that batch's gradients; DDP's gradient averaging
     then gives the concatenated batch's gradients divided by the world size,
     as with ``nn.SyncBatchNorm``. When every rank is all padding, the output
     is zeros, the parameter gradients are zero and the running statistics are
@@ -244,6 +255,11 @@ class MaskedSyncBatchNorm(MaskedBatchNorm1d):
             )
         return (group, world_size) if world_size > 1 else None
 
+    def _check_input_dim(self, input: Tensor) -> None:
+        """Any rank from 2 on, as nn.SyncBatchNorm takes."""
+        if input.dim() < 2:
+            raise ValueError(f"{_NAME}: expected at least 2D input (got {input.dim()}D input)")
+
     def _check_num_features(self, group: ProcessGroup, world_size: int, device: torch.device) -> None:
         """Once per group: every rank's num_features, gathered, must agree."""
         if self._checked_group == id(group):
@@ -261,45 +277,60 @@ class MaskedSyncBatchNorm(MaskedBatchNorm1d):
         """Normalizes ``input`` with the statistics of the valid positions of
         every rank's batch (training) or with the running statistics (eval);
         ``padding_mask`` (bool, True at padding) is (N,) for (N, C) input and
-        (N, L) for 3-D input. Padded outputs are 0."""
+        (N, *spatial) for higher ranks, or covers only the trailing spatial
+        dims (an (N, T) time mask of (N, C, F, T) input), broadcast. Padded
+        outputs are 0."""
         padding_mask = _padding.mask_for(self, input, padding_mask)
         sync = self._sync_group()
         if sync is None:
             return super().forward(input, padding_mask)
         group, world_size = sync
         self._check_num_features(group, world_size, input.device)
+        # (N, C, *spatial) as (N, C, L) or, in channels-last memory, (N, L, C):
+        # views whose gradients autograd carries back. A bad mask shape raises
+        # after the statistics exchange, inside the Function, as its other
+        # input errors do.
+        input_error: Optional[Exception] = None
+        try:
+            self._check_input_dim(input)
+            layout = _layouts.flatten_spatial(input, padding_mask, self.channels_last, "batch_norm")
+        except Exception as e:  # noqa: BLE001  (raised after the exchange)
+            input_error = e
+            layout = _layouts.OpLayout(input, padding_mask, self.channels_last, lambda out: out)
         track = self.track_running_stats
-        return _MaskedSyncBatchNormFunction.apply(
-            input,
+        return layout.restore(_MaskedSyncBatchNormFunction.apply(
+            layout.input,
             self.weight,
             self.bias,
-            padding_mask,
+            layout.padding_mask,
             self.running_mean if track else None,
             self.running_var if track else None,
             self.num_batches_tracked if track else None,
             self.momentum,
             self.eps,
-            self.channels_last,
+            layout.channels_last,
             self.num_features,
             group,
             world_size,
-        )
+            input_error,
+        ))
 
     @classmethod
     def convert_sync_batchnorm(
         cls, module: torch.nn.Module, process_group: Optional[ProcessGroup] = None
     ) -> torch.nn.Module:
-        """Replaces every 1-D batch norm in ``module`` with a
+        """Replaces every batch norm in ``module`` with a
         :class:`MaskedSyncBatchNorm` on ``process_group``, as
         ``nn.SyncBatchNorm.convert_sync_batchnorm`` does.
 
-        Converted: ``nn.BatchNorm1d`` (to ``channels_last=False``, the same
-        (N, C) / (N, C, L) input), ``nn.SyncBatchNorm`` (which must take
-        (N, C) or (N, C, L) input: other ranks raise at forward),
-        :class:`MaskedBatchNorm1d` (keeping ``channels_last``) and
-        ``MaskedSyncBatchNorm`` (moved to ``process_group``). Other batch
-        norms (2-D, 3-D), subclasses with their own ``forward`` and modules
-        parametrized with ``torch.nn.utils.parametrize`` are left alone.
+        Converted: ``nn.BatchNorm1d``, ``nn.BatchNorm2d``, ``nn.BatchNorm3d``
+        and ``nn.SyncBatchNorm`` (to ``channels_last=False``: the same
+        channels-first input, in either memory format),
+        :class:`MaskedBatchNorm1d` (keeping ``channels_last``),
+        :class:`MaskedBatchNorm2d`, :class:`MaskedBatchNorm3d` and
+        ``MaskedSyncBatchNorm`` (moved to ``process_group``). Subclasses with
+        their own ``forward`` and modules parametrized with
+        ``torch.nn.utils.parametrize`` are left alone.
 
         As :func:`masknorm.convert_model`, the new modules take over the old
         ones' ``Parameter`` objects (an optimizer built before keeps training
@@ -313,8 +344,11 @@ class MaskedSyncBatchNorm(MaskedBatchNorm1d):
 def sync_counterpart(module: torch.nn.Module, process_group: Optional[ProcessGroup]) -> Optional[MaskedSyncBatchNorm]:
     """The MaskedSyncBatchNorm that replaces ``module`` (with its
     hyperparameters and ``channels_last``), or None when ``module`` is not a
-    1-D batch norm that convert_sync_batchnorm converts."""
-    bases = (torch.nn.BatchNorm1d, torch.nn.SyncBatchNorm, MaskedBatchNorm1d, MaskedSyncBatchNorm)
+    batch norm that convert_sync_batchnorm converts."""
+    bases = (
+        torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
+        MaskedBatchNorm1d, MaskedBatchNorm2d, MaskedBatchNorm3d, MaskedSyncBatchNorm,
+    )
     if not uses_forward_of(module, *bases):
         return None
     return MaskedSyncBatchNorm(
