@@ -140,6 +140,14 @@ MUTANTS: List[Mutant] = [
            "            error = e\n            packed = torch.zeros(",
            "            raise\n            packed = torch.zeros(",
            "a rank whose input is wrong raises before the statistics exchange: the others hang"),
+    Mutant("sync_flatten_skips_exchange", "python/masknorm/distributed.py",
+           "            input_error = e\n",
+           "            raise\n",
+           "a rank whose 4-D input's mask is wrong raises while flattening it, before the exchange: the others hang"),
+    Mutant("sync_spatial_layout_ignored", "python/masknorm/distributed.py",
+           "            layout.channels_last,\n",
+           "            self.channels_last,\n",
+           "MaskedSyncBatchNorm reads channels-last memory (N, C, H, W), flattened to (N, L, C), as (N, C, L)"),
 ]
 
 
