@@ -270,6 +270,34 @@ def train_spatial(ctx: _Ctx, C: int, plan: List[List[SpatialSpec]], layout: str,
     return out
 
 
+def _jagged_batch(seed: int, rank: int, lengths: Sequence[int], C: int):
+    """(jagged input (N, j, C), the tokens' grad_output (T, C)) of one rank."""
+    g = torch.Generator().manual_seed(1000 * seed + rank)
+    x = torch.nested.nested_tensor([torch.randn(n, C, generator=g, dtype=F64) * 2 + rank for n in lengths],
+                                   layout=torch.jagged)
+    return x, torch.randn(sum(lengths), C, generator=g, dtype=F64)
+
+
+@_scenario
+def train_jagged(ctx: _Ctx, C: int, plan: List[List[List[int]]], seed: int = 0) -> Dict[str, Any]:
+    """Training steps of a MaskedSyncBatchNorm on jagged (N, j, C) input; outputs and input
+    gradients as the tokens (T, C), and the offsets of the output."""
+    bn = masknorm.MaskedSyncBatchNorm(C, dtype=F64)
+    _init_params(bn, seed)
+    out: Dict[str, Any] = {"y": [], "dx": [], "offsets_kept": [], "dw": [], "db": []}
+    for step, lengths in enumerate(plan):
+        x, g = _jagged_batch(seed + step, ctx.rank, lengths[ctx.rank], C)
+        x.requires_grad_()
+        y = bn(x)
+        y.values().backward(g)
+        out["offsets_kept"].append(y.is_nested and torch.equal(y.offsets(), x.offsets()))
+        out["y"].append(y.values().detach()), out["dx"].append(x.grad.values())
+        out["dw"].append(bn.weight.grad.clone()), out["db"].append(bn.bias.grad.clone())
+        bn.zero_grad()
+    out["buffers"] = {k: v.clone() for k, v in bn.named_buffers()}
+    return out
+
+
 @_scenario
 def failing_forward(ctx: _Ctx, C: int, plan: List[List[Spec]], mismatch: str = "", seed: int = 0,
                     **kw) -> Dict[str, Any]:
@@ -702,6 +730,33 @@ def test_ddp_training_of_a_conv_net_with_batch_norm_2d(pools):
         assert results[r]["state"].keys() == model.state_dict().keys()
         for name, value in model.state_dict().items():
             _close(results[r]["state"][name], value, msg=lambda m: f"rank {r} {name}: {m}")
+
+
+@MULTIPROCESS
+def test_jagged_input_matches_batch_norm_of_every_rank_tokens(pools):
+    """Jagged (N, j, C) batches of other sizes and lengths per rank: outputs, input gradients,
+    summed parameter gradients and running statistics are MaskedBatchNorm1d's over the tokens of
+    every rank ((T, C), concatenated); the output keeps the input's structure."""
+    C, plan = 4, [[[3, 1, 4], [2, 2]], [[5], [1, 3, 2, 2]]]
+    results = pools(2).run("train_jagged", C=C, plan=plan)
+    ref = masknorm.MaskedBatchNorm1d(C, dtype=F64)
+    _init_params(ref, 0)
+    for step, lengths in enumerate(plan):
+        parts = [_jagged_batch(step, r, lengths[r], C) for r in range(2)]
+        x = torch.cat([p[0].values() for p in parts]).requires_grad_()
+        y = ref(x)
+        y.backward(torch.cat([p[1] for p in parts]))
+        split = [sum(n) for n in lengths]
+        for r in range(2):
+            assert results[r]["offsets_kept"][step]
+            _close(results[r]["y"][step], y.detach().split(split)[r])
+            _close(results[r]["dx"][step], x.grad.split(split)[r])
+        _close(sum(res["dw"][step] for res in results), ref.weight.grad)
+        _close(sum(res["db"][step] for res in results), ref.bias.grad)
+        ref.zero_grad()
+    for res in results:
+        for name, value in ref.named_buffers():
+            _close(res["buffers"][name], value, msg=lambda m: f"{name}: {m}")
 
 
 def _mask_of(rank: int, spec: Spec, C: int, channels_last: bool, seed: int = 0) -> torch.Tensor:

@@ -174,7 +174,8 @@ class MaskedSyncBatchNorm(MaskedBatchNorm1d):
     group: padding-aware ``nn.SyncBatchNorm`` for (N, C) and (N, C, *spatial)
     input (in either memory format, as :class:`MaskedBatchNorm2d` and
     :class:`MaskedBatchNorm3d` take it), or (N, *spatial, C) with
-    ``channels_last=True``.
+    ``channels_last=True``, or a jagged NestedTensor (N, j, C) (statistics
+    over every rank's tokens).
 
     In training, every rank's outputs, input gradients and running statistics
     are those of :class:`MaskedBatchNorm1d` (:class:`MaskedBatchNorm2d`,
@@ -286,14 +287,19 @@ class MaskedSyncBatchNorm(MaskedBatchNorm1d):
             return super().forward(input, padding_mask)
         group, world_size = sync
         self._check_num_features(group, world_size, input.device)
-        # (N, C, *spatial) as (N, C, L) or, in channels-last memory, (N, L, C):
-        # views whose gradients autograd carries back. A bad mask shape raises
-        # after the statistics exchange, inside the Function, as its other
-        # input errors do.
+        # (N, C, *spatial) as (N, C, L) or, in channels-last memory, (N, L, C),
+        # and a jagged (N, j, C) as its tokens (T, C): views whose gradients
+        # autograd carries back. A bad mask raises after the statistics
+        # exchange, inside the Function, as its other input errors do.
         input_error: Optional[Exception] = None
         try:
             self._check_input_dim(input)
-            layout = _layouts.flatten_spatial(input, padding_mask, self.channels_last, "batch_norm")
+            if _layouts.is_jagged(input):
+                _layouts.check_jagged(input, padding_mask, "batch_norm")
+                jagged = input
+                layout = _layouts.OpLayout(input.values(), None, False, lambda out: _layouts.like_jagged(out, jagged))
+            else:
+                layout = _layouts.flatten_spatial(input, padding_mask, self.channels_last, "batch_norm")
         except Exception as e:  # noqa: BLE001  (raised after the exchange)
             input_error = e
             layout = _layouts.OpLayout(input, padding_mask, self.channels_last, lambda out: out)
