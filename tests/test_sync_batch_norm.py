@@ -660,6 +660,19 @@ def test_uneven_ranks_match_the_concatenated_batch(pools, layout):
     _close(got, expected.detach())
 
 
+def _check_parameter_grads(results, ref: nn.Module, step: int) -> None:
+    """The ranks' weight and bias gradients of ``step``, summed, against the reference's; then clears those."""
+    _close(sum(res["dw"][step] for res in results), ref.weight.grad)
+    _close(sum(res["db"][step] for res in results), ref.bias.grad)
+    ref.zero_grad()
+
+
+def _check_buffers(results, ref: nn.Module) -> None:
+    for res in results:
+        for name, value in ref.named_buffers():
+            _close(res["buffers"][name], value, msg=lambda m: f"{name}: {m}")
+
+
 @MULTIPROCESS
 @pytest.mark.parametrize("layout,mask_dims,dims", [
     ("contiguous", "all", 2), ("contiguous", "time", 2), ("memory_format", "time", 2), ("channels_last", "all", 2),
@@ -698,13 +711,9 @@ def test_spatial_input_matches_masked_batch_norm_2d_3d_on_the_concatenated_batch
                 assert not got.isnan().any(), (r, key, step)
                 _close(got, expected, msg=lambda m: f"rank {r} {key} step {step}: {m}")
             assert results[r]["strides_kept"][step]
-        _close(sum(res["dw"][step] for res in results), ref.weight.grad)
-        _close(sum(res["db"][step] for res in results), ref.bias.grad)
-        ref.zero_grad()
-    for res in results:
-        for name, value in ref.named_buffers():
-            _close(res["buffers"][name], value, msg=lambda m: f"{name}: {m}")
-        assert res["relu_grad_finite"]
+        _check_parameter_grads(results, ref, step)
+    _check_buffers(results, ref)
+    assert all(res["relu_grad_finite"] for res in results)
 
 
 @MULTIPROCESS
@@ -751,12 +760,8 @@ def test_jagged_input_matches_batch_norm_of_every_rank_tokens(pools):
             assert results[r]["offsets_kept"][step]
             _close(results[r]["y"][step], y.detach().split(split)[r])
             _close(results[r]["dx"][step], x.grad.split(split)[r])
-        _close(sum(res["dw"][step] for res in results), ref.weight.grad)
-        _close(sum(res["db"][step] for res in results), ref.bias.grad)
-        ref.zero_grad()
-    for res in results:
-        for name, value in ref.named_buffers():
-            _close(res["buffers"][name], value, msg=lambda m: f"{name}: {m}")
+        _check_parameter_grads(results, ref, step)
+    _check_buffers(results, ref)
 
 
 def _mask_of(rank: int, spec: Spec, C: int, channels_last: bool, seed: int = 0) -> torch.Tensor:
