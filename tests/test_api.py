@@ -132,6 +132,7 @@ STATE_MODULES = {
     "MaskedBatchNorm2d": lambda: masknorm.MaskedBatchNorm2d(4),
     "MaskedGroupNorm": lambda: masknorm.MaskedGroupNorm(2, 4),
     "MaskedInstanceNorm1d": lambda: masknorm.MaskedInstanceNorm1d(4, affine=True, track_running_stats=True),
+    "MaskedInstanceNorm2d": lambda: masknorm.MaskedInstanceNorm2d(4, affine=True, track_running_stats=True),
     "MaskedLayerNorm": lambda: masknorm.MaskedLayerNorm(4),
     "MaskedRMSNorm": lambda: masknorm.MaskedRMSNorm(4),
 }
@@ -141,7 +142,7 @@ def _state_input(name):
     g = torch.Generator().manual_seed(0)
     if name in ("MaskedLayerNorm", "MaskedRMSNorm"):
         x, mask = torch.randn(2, 5, 4, generator=g), torch.zeros(2, 5, dtype=torch.bool)
-    elif name == "MaskedBatchNorm2d":
+    elif name in ("MaskedBatchNorm2d", "MaskedInstanceNorm2d"):
         x, mask = torch.randn(2, 4, 3, 5, generator=g), torch.zeros(2, 3, 5, dtype=torch.bool)
     else:
         x, mask = torch.randn(2, 4, 5, generator=g), torch.zeros(2, 5, dtype=torch.bool)

@@ -23,7 +23,8 @@ NORM_TYPES = {getattr(nn, name[len("Masked"):]): getattr(masknorm, name) for nam
 # constructor arguments and an input for each torch norm
 EXAMPLES = {nn.BatchNorm1d: ((5,), (4, 5)), nn.BatchNorm2d: ((5,), (2, 5, 3, 2)), nn.BatchNorm3d: ((5,), (2, 5, 2, 2, 2)),
             nn.LayerNorm: ((5,), (4, 5)), nn.RMSNorm: ((5,), (4, 5)), nn.GroupNorm: ((5, 5), (2, 5, 3)),
-            nn.InstanceNorm1d: ((5,), (2, 5, 3))}
+            nn.InstanceNorm1d: ((5,), (2, 5, 3)), nn.InstanceNorm2d: ((5,), (2, 5, 3, 2)),
+            nn.InstanceNorm3d: ((5,), (2, 5, 2, 2, 2))}
 
 
 class Model(nn.Module):
@@ -171,7 +172,7 @@ def test_top_level_norm_is_replaced(torch_cls):
     assert torch_cls in EXAMPLES, f"no example for {torch_cls.__name__}: add one to EXAMPLES"
     args, shape = EXAMPLES[torch_cls]
     module = torch_cls(*args).eval()
-    if torch_cls is nn.InstanceNorm1d:
+    if torch_cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
         module = torch_cls(*args, affine=True)
     converted = masknorm.convert_model(module)
     assert type(converted) is NORM_TYPES[torch_cls] and converted is not module

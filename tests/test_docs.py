@@ -159,6 +159,8 @@ def test_readme_stays_short():
                                       (masknorm.MaskedBatchNorm3d, "nn.BatchNorm3d"),
                                       (masknorm.MaskedGroupNorm, "nn.GroupNorm"),
                                       (masknorm.MaskedInstanceNorm1d, "nn.InstanceNorm1d"),
+                                      (masknorm.MaskedInstanceNorm2d, "nn.InstanceNorm2d"),
+                                      (masknorm.MaskedInstanceNorm3d, "nn.InstanceNorm3d"),
                                       (masknorm.MaskedLayerNorm, "nn.LayerNorm"),
                                       (masknorm.MaskedRMSNorm, "nn.RMSNorm")])
 def test_module_constructors_have_their_own_docstrings(cls, base):

@@ -244,6 +244,79 @@ def test_instance_norm_running_stats_match_torch_without_mask(momentum, device):
     assert_close(m(x), r(x.cpu()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank,mask_dims", [(4, "time"), (4, "all"), (5, "time")])
+@pytest.mark.parametrize("memory", ["contiguous", "channels_last"])
+def test_instance_norm_2d_3d_match_torch_on_cropped_samples(rank, mask_dims, memory, dtype, device):
+    """MaskedInstanceNorm2d/3d on (N, C, F, T) / (N, C, D, F, T) with time lengths: each sample's
+    output and input gradient are nn.InstanceNorm2d/3d's on the sample cropped to its length, the
+    parameter gradients their sum, the running statistics the average over samples."""
+    N, C, T = 4, 3, 7
+    lead = (5,) if rank == 4 else (2, 3)
+    lengths = [7, 0, 2, 5]
+    time_mask = make_lengths_mask(N, T, lengths, "cpu")
+    full = time_mask.view(N, *([1] * len(lead)), T).expand(N, *lead, T)
+    mask = (time_mask if mask_dims == "time" else full.clone()).to(device)
+    shape = (N, C, *lead, T)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(device, dtype)
+    if memory == "channels_last":
+        x = x.to(memory_format=torch.channels_last if rank == 4 else torch.channels_last_3d)
+    x.requires_grad_()
+    dy = torch.randn(shape, dtype=torch.float64).to(device, dtype)
+    masked_cls, torch_cls = ((masknorm.MaskedInstanceNorm2d, nn.InstanceNorm2d) if rank == 4
+                             else (masknorm.MaskedInstanceNorm3d, nn.InstanceNorm3d))
+    m = masked_cls(C, affine=True, track_running_stats=True).to(device, dtype)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.5, 0.5)
+    out = m(x, mask)
+    out.backward(dy)
+    r = torch_cls(C, affine=True).double()
+    r.load_state_dict({k: v.double().cpu() for k, v in m.state_dict().items() if k in ("weight", "bias")})
+    xd, dyd = x.detach().double().cpu(), dy.double().cpu()
+    ref_out, ref_dx = torch.zeros_like(xd), torch.zeros_like(xd)
+    for n, length in enumerate(lengths):
+        if length == 0:
+            continue
+        xn = xd[n:n + 1, ..., :length].clone().requires_grad_()
+        yn = r(xn)
+        yn.backward(dyd[n:n + 1, ..., :length])
+        ref_out[n:n + 1, ..., :length], ref_dx[n:n + 1, ..., :length] = yn.detach(), xn.grad
+    assert_close(out, ref_out)
+    assert_close(x.grad, ref_dx)
+    t = tol(dtype) if dtype != torch.bfloat16 else dict(rtol=5e-2, atol=5e-1)
+    assert_close(m.weight.grad, r.weight.grad, **t)
+    assert_close(m.bias.grad, r.bias.grad, **t)
+    crops = [xd[n, ..., :length].reshape(C, -1) for n, length in enumerate(lengths) if length >= 2]
+    running = dict(rtol=1e-5, atol=1e-6) if dtype != torch.bfloat16 else tol(dtype)
+    assert_close(m.running_mean, 0.1 * torch.stack([c.mean(1) for c in crops]).mean(0), **running)
+    assert_close(m.running_var, 0.9 + 0.1 * torch.stack([c.var(1) for c in crops]).mean(0), **running)
+    if memory == "channels_last":
+        assert out.stride() == x.stride()
+
+
+@pytest.mark.parametrize("cls,torch_cls,shape", [
+    (masknorm.MaskedInstanceNorm2d, nn.InstanceNorm2d, (3, 4, 5, 6)),
+    (masknorm.MaskedInstanceNorm3d, nn.InstanceNorm3d, (3, 4, 2, 5, 6)),
+])
+def test_instance_norm_2d_3d_without_mask_are_torch(cls, torch_cls, shape):
+    """No mask: torch's module, batched and unbatched, its running statistics over steps, eval,
+    constructor defaults and repr."""
+    m, r = cls(4, affine=True, track_running_stats=True).double(), torch_cls(4, affine=True,
+                                                                               track_running_stats=True).double()
+    assert repr(m) == repr(r).replace(torch_cls.__name__, cls.__name__)
+    assert repr(cls(4)) == repr(torch_cls(4)).replace(torch_cls.__name__, cls.__name__)
+    for step in range(3):
+        x = torch.randn(shape, dtype=torch.float64) + step
+        assert_close(m(x), r(x))
+        assert_close(m(x[0]), r(x[0]))
+    assert_close(m.running_mean, r.running_mean)
+    assert_close(m.running_var, r.running_var)
+    m.eval(), r.eval()
+    assert_close(m(x), r(x))
+    assert_close(m(x[0]), r(x[0]))
+
+
 def test_instance_norm_unbatched_input_matches_torch():
     x = torch.randn(4, 9, dtype=torch.float64)
     m = masknorm.MaskedInstanceNorm1d(4, affine=True).double()
@@ -299,16 +372,18 @@ def test_instance_norm_refuses_a_single_value():
 
 
 @pytest.mark.slow  # compiles; test_padding.py compiles in the quick loop
-@pytest.mark.parametrize("module", ["group", "instance"])
+@pytest.mark.parametrize("module", ["group", "instance", "instance2d"])
 def test_compile_fullgraph_matches_eager(module):
     if module == "group":
         m = masknorm.MaskedGroupNorm(2, 8, channels_last=True)
-    else:
+    elif module == "instance":
         m = masknorm.MaskedInstanceNorm1d(8, affine=True, track_running_stats=True, channels_last=True)
+    else:  # (N, C, F, T) with a time mask
+        m = masknorm.MaskedInstanceNorm2d(8, affine=True, track_running_stats=True)
     eager = copy.deepcopy(m)
     compiled = torch.compile(m, fullgraph=True, dynamic=True)
     for N, L in ((3, 10), (4, 7)):
-        x = torch.randn(N, L, 8, requires_grad=True)
+        x = torch.randn((N, 8, 3, L) if module == "instance2d" else (N, L, 8), requires_grad=True)
         mask = make_lengths_mask(N, L, [L, 3, 0, 5][:N], "cpu")
         out = compiled(x, mask)
         expected = eager(x, mask)
@@ -316,7 +391,7 @@ def test_compile_fullgraph_matches_eager(module):
         gx, = torch.autograd.grad(out.sum(), x)
         ex, = torch.autograd.grad(expected.sum(), x)
         assert_close(gx, ex)
-    if module == "instance":
+    if module != "group":
         assert_close(m.running_mean, eager.running_mean)
         assert_close(m.running_var, eager.running_var)
 
@@ -339,12 +414,17 @@ def test_export_matches_eager(module):
 
 def test_convert_model_converts_group_and_instance_norm():
     model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.GroupNorm(2, 8), nn.InstanceNorm1d(8, affine=True),
-                          nn.BatchNorm2d(8), nn.BatchNorm3d(8))
+                          nn.BatchNorm2d(8), nn.BatchNorm3d(8), nn.InstanceNorm2d(8, track_running_stats=True),
+                          nn.InstanceNorm3d(8, affine=True, bias=False))
     params = [p for p in model.parameters()]
     keys = list(model.state_dict())
     masknorm.convert_model(model)
     assert type(model[1]) is masknorm.MaskedGroupNorm and type(model[2]) is masknorm.MaskedInstanceNorm1d
     assert type(model[3]) is masknorm.MaskedBatchNorm2d and type(model[4]) is masknorm.MaskedBatchNorm3d
+    assert type(model[5]) is masknorm.MaskedInstanceNorm2d and type(model[6]) is masknorm.MaskedInstanceNorm3d
+    assert model[5].track_running_stats and not model[5].affine and model[6].affine and model[6].bias is None
+    kept = masknorm.convert_model(nn.Sequential(nn.InstanceNorm2d(8)), instance_norm=False)
+    assert type(kept[0]) is nn.InstanceNorm2d
     assert [p for p in model.parameters()] == params and list(model.state_dict()) == keys
     assert model[1].num_groups == 2 and model[2].affine and not model[2].track_running_stats
     kept = masknorm.convert_model(nn.Sequential(nn.GroupNorm(2, 8)), group_norm=False)

@@ -128,15 +128,17 @@ def test_layer_norm_rms_norm_and_channels_last_take_axis_1():
     assert torch.all(got[1, 4:] == 0) and torch.all(got[1, :4] != 0)
 
 
-def test_batch_norm_2d_takes_the_last_axis_as_time():
+@pytest.mark.parametrize("cls", [masknorm.MaskedBatchNorm2d, masknorm.MaskedInstanceNorm2d])
+def test_spatial_norms_take_the_last_axis_as_time(cls):
     torch.manual_seed(0)
-    bn = masknorm.MaskedBatchNorm2d(4)
+    norm = cls(4)
     x = torch.randn(3, 4, 5, 12)  # (N, C, F, T)
     lengths = torch.tensor([12, 3, 8])
     with masknorm.padding(lengths=lengths):
-        got = bn(x)
-    ref = masknorm.MaskedBatchNorm2d(4)
+        got = norm(x)
+    ref = cls(4)
     torch.testing.assert_close(got, ref(x, masknorm.padding_mask_from_lengths(lengths, 12)), rtol=0, atol=0)
+    assert torch.all(got[1, ..., 3:] == 0)
 
 
 def test_input_without_time_axis_runs_unmasked():

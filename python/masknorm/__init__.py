@@ -35,6 +35,8 @@ from .modules import (
     MaskedBatchNorm3d,
     MaskedGroupNorm,
     MaskedInstanceNorm1d,
+    MaskedInstanceNorm2d,
+    MaskedInstanceNorm3d,
     MaskedLayerNorm,
     MaskedRMSNorm,
 )
@@ -67,6 +69,8 @@ __all__ = [
     "MaskedBatchNorm3d",
     "MaskedGroupNorm",
     "MaskedInstanceNorm1d",
+    "MaskedInstanceNorm2d",
+    "MaskedInstanceNorm3d",
     "MaskedLayerNorm",
     "MaskedRMSNorm",
     "MaskedSyncBatchNorm",

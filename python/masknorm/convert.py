@@ -14,6 +14,8 @@ from .modules import (
     MaskedBatchNorm3d,
     MaskedGroupNorm,
     MaskedInstanceNorm1d,
+    MaskedInstanceNorm2d,
+    MaskedInstanceNorm3d,
     MaskedLayerNorm,
     MaskedRMSNorm,
 )
@@ -58,11 +60,13 @@ def _masked_counterpart(
             )
     if group_norm and uses_forward_of(module, nn.GroupNorm):
         return MaskedGroupNorm(module.num_groups, module.num_channels, module.eps, module.affine, **without_bias)
-    if instance_norm and uses_forward_of(module, nn.InstanceNorm1d):
-        return MaskedInstanceNorm1d(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-            **without_bias,
-        )
+    for torch_in, masked_in in ((nn.InstanceNorm1d, MaskedInstanceNorm1d), (nn.InstanceNorm2d, MaskedInstanceNorm2d),
+                                (nn.InstanceNorm3d, MaskedInstanceNorm3d)):
+        if instance_norm and uses_forward_of(module, torch_in):
+            return masked_in(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                **without_bias,
+            )
     if layer_norm and uses_forward_of(module, nn.LayerNorm):
         return MaskedLayerNorm(
             module.normalized_shape, module.eps, module.elementwise_affine, bias=module.bias is not None
@@ -85,7 +89,7 @@ def convert_model(
     convolutions: bool = True,
 ) -> nn.Module:
     """Replaces every ``nn.BatchNorm1d/2d/3d``, ``nn.LayerNorm``, ``nn.RMSNorm``,
-    ``nn.GroupNorm`` and ``nn.InstanceNorm1d`` in ``module`` with its masked
+    ``nn.GroupNorm`` and ``nn.InstanceNorm1d/2d/3d`` in ``module`` with its masked
     counterpart, as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does for
     SyncBatchNorm.
 
@@ -99,8 +103,9 @@ def convert_model(
         rms_norm: convert ``nn.RMSNorm`` to :class:`MaskedRMSNorm`.
         group_norm: convert ``nn.GroupNorm`` to :class:`MaskedGroupNorm`
             (channels first, as before).
-        instance_norm: convert ``nn.InstanceNorm1d`` to
-            :class:`MaskedInstanceNorm1d` (channels first, as before).
+        instance_norm: convert ``nn.InstanceNorm1d/2d/3d`` to
+            :class:`MaskedInstanceNorm1d`/``2d``/``3d`` (channels first, as
+            before).
         sync_batch_norm: convert batch norms to :class:`MaskedSyncBatchNorm`
             (statistics shared by the ranks of ``process_group``) instead:
             ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` and the masked

@@ -8,7 +8,7 @@ torch's own; only ``forward`` changes, taking an optional ``padding_mask``
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,8 @@ __all__ = [
     "MaskedBatchNorm3d",
     "MaskedGroupNorm",
     "MaskedInstanceNorm1d",
+    "MaskedInstanceNorm2d",
+    "MaskedInstanceNorm3d",
     "MaskedLayerNorm",
     "MaskedRMSNorm",
 ]
@@ -141,29 +143,30 @@ def _batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, 
     )
 
 
-def _spatial_batch_norm_init(torch_name: str):
-    """The constructor of a masked nn.BatchNorm2d/3d: torch's own, with
-    ``bias`` passed on only when False (older torch has no such argument)."""
+def _spatial_norm_init(torch_name: str, torch_init: Callable[..., None], batch: bool):
+    """The constructor of a masked nn.BatchNorm2d/3d (``batch``) or
+    nn.InstanceNorm2d/3d: torch's own (``torch_init``, with torch's
+    defaults), with ``bias`` passed on only when False (older torch has no
+    such argument)."""
 
     def __init__(
         self,
         num_features: int,
         eps: float = 1e-5,
         momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
+        affine: bool = batch,
+        track_running_stats: bool = batch,
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
         *,
         bias: bool = True,
     ) -> None:
         kwargs = {} if bias else {"bias": False}
-        nn.modules.batchnorm._BatchNorm.__init__(
-            self, num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
-        )
+        torch_init(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
 
+    momentum = "cumulative average" if batch else "running statistics are not updated, as torch's"
     __init__.__doc__ = f"""Same arguments as {torch_name}: ``num_features`` C; ``eps``;
-        ``momentum`` (None: cumulative average); ``affine``;
+        ``momentum`` (None: {momentum}); ``affine``;
         ``track_running_stats``; ``device``, ``dtype``; ``bias`` (False: a
         weight without bias, where torch's {torch_name} takes it)."""
     return __init__
@@ -184,7 +187,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     statistics are nn.BatchNorm2d's on the valid positions; padded positions
     output 0. Channels-last memory format runs without a copy."""
 
-    __init__ = _spatial_batch_norm_init("nn.BatchNorm2d")
+    __init__ = _spatial_norm_init("nn.BatchNorm2d", nn.modules.batchnorm._BatchNorm.__init__, batch=True)
     forward = _spatial_batch_norm_forward
 
 
@@ -192,7 +195,7 @@ class MaskedBatchNorm3d(nn.BatchNorm3d):
     """nn.BatchNorm3d whose statistics skip padding: (N, C, D, H, W) input,
     the mask (N, D, H, W) or over trailing dims only. See MaskedBatchNorm2d."""
 
-    __init__ = _spatial_batch_norm_init("nn.BatchNorm3d")
+    __init__ = _spatial_norm_init("nn.BatchNorm3d", nn.modules.batchnorm._BatchNorm.__init__, batch=True)
     forward = _spatial_batch_norm_forward
 
 
@@ -282,26 +285,62 @@ class MaskedInstanceNorm1d(nn.InstanceNorm1d):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Normalizes each sample and channel of ``input`` over its valid
         positions (True in ``padding_mask`` marks padding)."""
-        padding_mask = _padding.mask_for(self, input, padding_mask)
-        self._check_input_dim(input)
-        unbatched = not _layouts.is_jagged(input) and input.dim() == self._get_no_batch_dim()
-        if unbatched:
-            input = input.unsqueeze(0)
-            padding_mask = None if padding_mask is None else padding_mask.unsqueeze(0)
-        _check_channels_first(input, self.num_features, self.channels_last, type(self).__name__)
-        out = F.instance_norm(
-            input,
-            _state(self, "running_mean"),
-            _state(self, "running_var"),
-            _state(self, "weight"),
-            _state(self, "bias"),
-            self.training or not self.track_running_stats,
-            self.momentum if self.momentum is not None else 0.0,
-            self.eps,
-            padding_mask=padding_mask,
-            channels_last=self.channels_last,
-        )
-        return out.squeeze(0) if unbatched else out
+        return _instance_norm_forward(self, input, padding_mask, self.channels_last)
+
+
+def _instance_norm_forward(
+    module: nn.modules.instancenorm._InstanceNorm, input: Tensor, padding_mask: Optional[Tensor], channels_last: bool
+) -> Tensor:
+    """The forward of the masked instance norms: torch's, with a mask
+    (unbatched input as a batch of one)."""
+    padding_mask = _padding.mask_for(module, input, padding_mask)
+    module._check_input_dim(input)
+    unbatched = not _layouts.is_jagged(input) and input.dim() == module._get_no_batch_dim()
+    if unbatched:
+        input = input.unsqueeze(0)
+        padding_mask = None if padding_mask is None else padding_mask.unsqueeze(0)
+    _check_channels_first(input, module.num_features, channels_last, type(module).__name__)
+    out = F.instance_norm(
+        input,
+        _state(module, "running_mean"),
+        _state(module, "running_var"),
+        _state(module, "weight"),
+        _state(module, "bias"),
+        module.training or not module.track_running_stats,
+        module.momentum if module.momentum is not None else 0.0,
+        module.eps,
+        padding_mask=padding_mask,
+        channels_last=channels_last,
+    )
+    return out.squeeze(0) if unbatched else out
+
+
+def _spatial_instance_norm_forward(self, input: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+    """Normalizes each sample and channel of ``input`` over its valid
+    positions (True in ``padding_mask`` marks padding)."""
+    return _instance_norm_forward(self, input, padding_mask, False)
+
+
+class MaskedInstanceNorm2d(nn.InstanceNorm2d):
+    """nn.InstanceNorm2d whose statistics come from each sample's valid
+    positions: (N, C, H, W) input (or unbatched (C, H, W)), the mask
+    (N, H, W) or over trailing dims only ((N, W): padding in time for
+    (N, C, F, T) spectrograms). Each sample's output and gradients are
+    nn.InstanceNorm2d's on its valid positions; padded positions output 0;
+    running statistics as :class:`MaskedInstanceNorm1d`'s. Channels-last
+    memory format runs without a copy."""
+
+    __init__ = _spatial_norm_init("nn.InstanceNorm2d", nn.modules.instancenorm._InstanceNorm.__init__, batch=False)
+    forward = _spatial_instance_norm_forward
+
+
+class MaskedInstanceNorm3d(nn.InstanceNorm3d):
+    """nn.InstanceNorm3d whose statistics come from each sample's valid
+    positions: (N, C, D, H, W) input (or unbatched), the mask (N, D, H, W)
+    or over trailing dims only. See MaskedInstanceNorm2d."""
+
+    __init__ = _spatial_norm_init("nn.InstanceNorm3d", nn.modules.instancenorm._InstanceNorm.__init__, batch=False)
+    forward = _spatial_instance_norm_forward
 
 
 class MaskedLayerNorm(nn.LayerNorm):
