@@ -1,5 +1,5 @@
 """Drop-in masked versions of nn.BatchNorm1d/2d/3d, nn.LayerNorm, nn.RMSNorm,
-nn.GroupNorm and nn.InstanceNorm1d.
+nn.GroupNorm and nn.InstanceNorm1d/2d/3d.
 
 Each subclasses the torch module it replaces, so parameters, buffers,
 state_dict keys, initialisation, ``repr`` and ``isinstance`` checks are
