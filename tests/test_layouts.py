@@ -105,6 +105,22 @@ def test_batch_norm_nd_of_an_empty_batch(shape, mask_dims, module):
     assert torch.equal(m.running_mean, torch.zeros(3)) and torch.equal(m.running_var, torch.ones(3))
 
 
+@pytest.mark.slow  # compiles
+def test_batch_norm_2d_compile_fullgraph_with_changing_shapes():
+    """Flattening (N, C, F, T) with symbolic sizes, in both memory formats: compiled = eager."""
+    m = masknorm.MaskedBatchNorm2d(4)
+    eager = copy.deepcopy(m)
+    compiled = torch.compile(m, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    for N, T, memory in ((3, 10, torch.contiguous_format), (2, 7, torch.contiguous_format), (2, 9, torch.channels_last)):
+        x = torch.randn(N, 4, 5, T, generator=g).to(memory_format=memory).requires_grad_()
+        mask = torch.arange(T) >= torch.randint(1, T + 1, (N, 1), generator=g)
+        out, expected = compiled(x, mask), eager(x, mask)
+        assert_close(out, expected)
+        assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0])
+    assert_close(m.running_var, eager.running_var)
+
+
 def test_batch_norm_nd_mask_of_wrong_shape_names_both():
     m = masknorm.MaskedBatchNorm2d(3)
     with pytest.raises(RuntimeError, match=r"padding_mask of shape.*\(2, 4, 5\).*got \(2, 4\)"):
