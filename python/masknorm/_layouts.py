@@ -33,7 +33,7 @@ class OpLayout(NamedTuple):
     restore: Callable[[Tensor], Tensor]
 
 
-def _identity(t: Tensor) -> Tensor:
+def identity(t: Tensor) -> Tensor:
     return t
 
 
@@ -56,7 +56,7 @@ def flatten_spatial(input: Tensor, padding_mask: Optional[Tensor], channels_last
     """``input`` of rank 2 or 3 as it is; of higher rank, (N, C, *spatial)
     (or (N, *spatial, C) with ``channels_last``) as (N, C, L) or (N, L, C)."""
     if input.dim() <= 3:
-        return OpLayout(input, padding_mask, channels_last, _identity)
+        return OpLayout(input, padding_mask, channels_last, identity)
     N = input.shape[0]
     shape = input.shape
     if channels_last:
@@ -142,11 +142,18 @@ def padded_to_jagged(padded: Tensor, like: Tensor, rows: Tensor) -> Tensor:
     return like_jagged(padded.reshape(-1, padded.shape[-1]).index_select(0, rows), like)
 
 
+def jagged_tokens(input: Tensor, padding_mask: Optional[Tensor], fn: str) -> OpLayout:
+    """A jagged (N, j, C) tensor as its tokens (T, C) (``values()``, a view),
+    the output shaped back into a jagged tensor of input's structure."""
+    check_jagged(input, padding_mask, fn)
+    return OpLayout(input.values(), None, False, lambda out: like_jagged(out, input))
+
+
 def on_values(input: Tensor, padding_mask: Optional[Tensor], fn: str, norm: Callable[[Tensor], Tensor]) -> Tensor:
     """A norm of the tokens alone (batch norm over all of them, layer/RMS norm
     of each): ``norm(values)`` (T, C), as a jagged tensor of input's structure."""
-    check_jagged(input, padding_mask, fn)
-    return like_jagged(norm(input.values()), input)
+    tokens = jagged_tokens(input, padding_mask, fn)
+    return tokens.restore(norm(tokens.input))
 
 
 def per_sequence(

@@ -52,21 +52,20 @@ def _masked_counterpart(
     # bias=False is passed only for a weight without bias (older torch has no such argument)
     without_bias = {} if getattr(module, "bias", None) is not None or not getattr(module, "affine", True) else {
         "bias": False}
-    for torch_bn, masked_bn in ((nn.BatchNorm2d, MaskedBatchNorm2d), (nn.BatchNorm3d, MaskedBatchNorm3d)):
-        if batch_norm and uses_forward_of(module, torch_bn):
-            return masked_bn(
+    # the norms whose constructors take torch's (num_features, eps, momentum, affine, track_running_stats)
+    for wanted, torch_cls, masked_cls in (
+        (batch_norm, nn.BatchNorm2d, MaskedBatchNorm2d), (batch_norm, nn.BatchNorm3d, MaskedBatchNorm3d),
+        (instance_norm, nn.InstanceNorm1d, MaskedInstanceNorm1d),
+        (instance_norm, nn.InstanceNorm2d, MaskedInstanceNorm2d),
+        (instance_norm, nn.InstanceNorm3d, MaskedInstanceNorm3d),
+    ):
+        if wanted and uses_forward_of(module, torch_cls):
+            return masked_cls(
                 module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                 **without_bias,
             )
     if group_norm and uses_forward_of(module, nn.GroupNorm):
         return MaskedGroupNorm(module.num_groups, module.num_channels, module.eps, module.affine, **without_bias)
-    for torch_in, masked_in in ((nn.InstanceNorm1d, MaskedInstanceNorm1d), (nn.InstanceNorm2d, MaskedInstanceNorm2d),
-                                (nn.InstanceNorm3d, MaskedInstanceNorm3d)):
-        if instance_norm and uses_forward_of(module, torch_in):
-            return masked_in(
-                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                **without_bias,
-            )
     if layer_norm and uses_forward_of(module, nn.LayerNorm):
         return MaskedLayerNorm(
             module.normalized_shape, module.eps, module.elementwise_affine, bias=module.bias is not None

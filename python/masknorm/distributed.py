@@ -183,9 +183,9 @@ class MaskedSyncBatchNorm(MaskedBatchNorm1d):
     concatenation of every rank's batch (valid positions only; ranks may have
     different batch sizes and lengths, all padding, or ``N = 0``; 4-D and 5-D
     ranks share C and may differ in every spatial size). Weight and bias
-    gradients are each rank's share of that batch's gradients; DDP's gradient averaging
-    then gives the concatenated batch's gradients divided by the world size,
-    as with ``nn.SyncBatchNorm``. When every rank is all padding, the output
+    gradients are each rank's share of that batch's gradients; DDP's gradient
+    averaging then gives the concatenated batch's gradients divided by the
+    world size, as with ``nn.SyncBatchNorm``. When every rank is all padding, the output
     is zeros, the parameter gradients are zero and the running statistics are
     left alone (``num_batches_tracked`` still counts the batch). A global
     count of one valid value raises the same ``ValueError`` on every rank.
@@ -295,14 +295,12 @@ class MaskedSyncBatchNorm(MaskedBatchNorm1d):
         try:
             self._check_input_dim(input)
             if _layouts.is_jagged(input):
-                _layouts.check_jagged(input, padding_mask, "batch_norm")
-                jagged = input
-                layout = _layouts.OpLayout(input.values(), None, False, lambda out: _layouts.like_jagged(out, jagged))
+                layout = _layouts.jagged_tokens(input, padding_mask, "batch_norm")
             else:
                 layout = _layouts.flatten_spatial(input, padding_mask, self.channels_last, "batch_norm")
         except Exception as e:  # noqa: BLE001  (raised after the exchange)
             input_error = e
-            layout = _layouts.OpLayout(input, padding_mask, self.channels_last, lambda out: out)
+            layout = _layouts.OpLayout(input, padding_mask, self.channels_last, _layouts.identity)
         track = self.track_running_stats
         return layout.restore(_MaskedSyncBatchNormFunction.apply(
             layout.input,

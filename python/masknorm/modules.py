@@ -164,9 +164,9 @@ def _spatial_norm_init(torch_name: str, torch_init: Callable[..., None], batch: 
         kwargs = {} if bias else {"bias": False}
         torch_init(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
 
-    momentum = "cumulative average" if batch else "running statistics are not updated, as torch's"
+    momentum_none = "cumulative average" if batch else "running statistics are not updated, as torch's"
     __init__.__doc__ = f"""Same arguments as {torch_name}: ``num_features`` C; ``eps``;
-        ``momentum`` (None: {momentum}); ``affine``;
+        ``momentum`` (None: {momentum_none}); ``affine``;
         ``track_running_stats``; ``device``, ``dtype``; ``bias`` (False: a
         weight without bias, where torch's {torch_name} takes it)."""
     return __init__
